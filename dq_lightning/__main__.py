@@ -1,0 +1,46 @@
+"""`python -m dq_lightning <command>`.
+
+`fit`, `validate`, `test` and `predict` are the LightningCLI subcommands; the other commands are small
+tools, each a module with a `main(argv) -> int`. Tools are imported lazily so that `size --help` does not
+pay for importing Lightning and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TOOLS = {
+    "size": ("dq_lightning.size", "model size and compression ratio for a W-E-A setting and depth"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def usage() -> str:
+    lines = ["usage: python -m dq_lightning <command> [args]", "", "Lightning commands:"]
+    lines += [f"  {name:<10} (LightningCLI; --help for its options)" for name in LIGHTNING_COMMANDS]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in TOOLS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in TOOLS:
+        module = importlib.import_module(TOOLS[command][0])
+        return module.main(rest)
+    if command in LIGHTNING_COMMANDS or command.startswith("-"):
+        from dq_lightning.cli import main as cli_main
+
+        return cli_main(argv)
+    print(f"error: unknown command {command!r}; choose from {', '.join([*LIGHTNING_COMMANDS, *TOOLS])}",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
