@@ -1,0 +1,253 @@
+"""One LightningDataModule per benchmark, all sharing `Seq2SeqDataModule`.
+
+Raw text comes from the Hub dataset by default or from local `{train,validation,test}.jsonl` files
+(`data_dir`). It is tokenized once with `datasets.map`, whose cache makes the second run (and every DDP rank
+after the first) skip the work, and batched by `DataCollatorForSeq2Seq` with labels padded by -100 so that
+padding never counts in the loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from dq_lightning.data.jsonl import check_jsonl, get_field
+from dq_lightning.data.tasks import TaskSpec, get_task
+from dq_lightning.errors import UserError
+from dq_lightning.models.tokenizer import cached_bpe_tokenizer, load_tokenizer
+
+SPLITS = ("train", "validation", "test")
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
+                "predict": ("test",)}
+DEFAULT_CACHE_DIR = ".cache/dq_lightning"
+
+
+def column_values(batch: dict, column: str) -> list[str]:
+    top, _, rest = column.partition(".")
+    if not rest:
+        return batch[top]
+    return [get_field(record, rest) for record in batch[top]]
+
+
+class Seq2SeqDataModule(pl.LightningDataModule):
+    """Source -> target text pairs of one benchmark, tokenized and batched for BART/mBART."""
+
+    task_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 8000,
+        max_source_length: int | None = None,
+        max_target_length: int | None = None,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+    ):
+        """
+        Args:
+            data_dir: directory of local `train.jsonl`, `validation.jsonl`, `test.jsonl` with the Hub
+                dataset's column names; unset loads the dataset from the Hugging Face Hub.
+            tokenizer: pretrained tokenizer (Hub id or directory); unset trains a byte-level BPE of
+                `vocab_size` tokens on the training split and keeps it under `cache_dir`.
+            vocab_size: size of the BPE trained when no `tokenizer` is given.
+            max_source_length: source tokens kept (truncation); unset uses the task's default.
+            max_target_length: target tokens kept; unset uses the task's default.
+            max_train_samples: use only the first N training rows (quick runs).
+            max_eval_samples: use only the first N validation and test rows.
+            batch_size: training batch size per device.
+            eval_batch_size: validation/test batch size per device (default: `batch_size`).
+            num_workers: DataLoader worker processes.
+            cache_dir: where tokenizers, datasets' caches and generated corpora are kept.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.task: TaskSpec = get_task(self.task_name)
+        for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
+                            ("batch_size", batch_size), ("max_source_length", max_source_length),
+                            ("max_target_length", max_target_length)):
+            if value is not None and value < 1:
+                raise UserError(f"data.{name}={value} must be a positive integer")
+        self.data_dir = data_dir
+        self.max_source_length = max_source_length or self.task.max_source_length
+        self.max_target_length = max_target_length or self.task.max_target_length
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict = {}
+
+    # -- raw text -------------------------------------------------------------------------------------
+    def local_data_dir(self) -> Path | None:
+        """Directory of local split files, or None for the Hub."""
+        if self.data_dir is None:
+            return None
+        path = Path(self.data_dir).expanduser()
+        if not path.is_dir():
+            raise UserError(f"data.data_dir={self.data_dir}: no such directory")
+        return path
+
+    def load_raw(self, splits: tuple[str, ...]):
+        import datasets
+
+        local = self.local_data_dir()
+        columns = (self.task.source_column, self.task.target_column)
+        if local is None:
+            raw = datasets.load_dataset(self.task.hub_path, self.task.hub_config,
+                                        cache_dir=str(self.cache_dir / "hub"))
+            return {split: raw[split] for split in splits}
+        files = {}
+        for split in splits:
+            path = local / f"{split}.jsonl"
+            if not path.exists():
+                raise UserError(f"data.data_dir={self.data_dir}: missing {split}.jsonl")
+            check_jsonl(path, columns)
+            files[split] = str(path)
+        raw = datasets.load_dataset("json", data_files=files, cache_dir=str(self.cache_dir / "json"))
+        return {split: raw[split] for split in splits}
+
+    def _limit(self, dataset, split: str):
+        limit = self.hparams.max_train_samples if split == "train" else self.hparams.max_eval_samples
+        return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+    # -- tokenizer ------------------------------------------------------------------------------------
+    def build_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.hparams.tokenizer:
+            tokenizer = load_tokenizer(self.hparams.tokenizer, flag="data.tokenizer")
+        else:
+            train = self._limit(self.load_raw(("train",))["train"], "train")
+
+            def texts():
+                for start in range(0, len(train), 1000):
+                    batch = train[start:start + 1000]
+                    yield from column_values(batch, self.task.source_column)
+                    yield from column_values(batch, self.task.target_column)
+
+            tokenizer = cached_bpe_tokenizer(texts, f"{self.task.name}-{train._fingerprint}",
+                                             self.hparams.vocab_size, self.cache_dir)
+        if self.task.source_lang and hasattr(tokenizer, "src_lang"):
+            tokenizer.src_lang, tokenizer.tgt_lang = self.task.source_lang, self.task.target_lang
+        return tokenizer
+
+    # -- tokenized splits -----------------------------------------------------------------------------
+    def tokenize(self, dataset, split: str):
+        tokenizer, task = self.tokenizer, self.task
+        max_source, max_target = self.max_source_length, self.max_target_length
+
+        def encode(batch):
+            features = tokenizer(column_values(batch, task.source_column), max_length=max_source,
+                                 truncation=True)
+            features["labels"] = tokenizer(text_target=column_values(batch, task.target_column),
+                                           max_length=max_target, truncation=True)["input_ids"]
+            return features
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names,
+                           desc=f"tokenizing {task.name} {split}")
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node first: the BPE training and `map` caches it leaves are reused by
+        # every rank's `setup`.
+        self._load_splits(self.available_splits())
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS
+        self._load_splits(splits)
+
+    def _load_splits(self, splits: tuple[str, ...]) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.build_tokenizer()
+        missing = tuple(split for split in splits if split not in self.datasets)
+        if not missing:
+            return
+        raw = self.load_raw(missing)
+        for split in missing:
+            self.datasets[split] = self.tokenize(self._limit(raw[split], split), split)
+
+    # -- loaders --------------------------------------------------------------------------------------
+    def collator(self) -> DataCollatorForSeq2Seq:
+        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self._load_splits((split,))
+        batch_size = self.hparams.batch_size if split == "train" else (
+            self.hparams.eval_batch_size or self.hparams.batch_size)
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=self.collator(), num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def available_splits(self) -> tuple[str, ...]:
+        """Splits to prepare ahead: all three, or those present locally (test.jsonl may come later)."""
+        local = self.local_data_dir()
+        if local is None:
+            return SPLITS
+        return tuple(split for split in SPLITS if (local / f"{split}.jsonl").exists()) or ("train",)
+
+    def references(self, split: str) -> list[str]:
+        """Target texts of a split, in loader order (what generation is scored against)."""
+        raw = self._limit(self.load_raw((split,))[split], split)
+        return column_values(raw[:], self.task.target_column)
+
+
+class XSumDataModule(Seq2SeqDataModule):
+    """XSum: BBC article (`document`) -> one-sentence summary (`summary`)."""
+
+    task_name = "xsum"
+
+
+class CNNDailyMailDataModule(Seq2SeqDataModule):
+    """CNN/DailyMail 3.0.0: news `article` -> bullet-point `highlights`."""
+
+    task_name = "cnn_dailymail"
+
+
+class ELI5DataModule(Seq2SeqDataModule):
+    """ELI5: Reddit `question` -> long-form `answer`."""
+
+    task_name = "eli5"
+
+
+class WMT16EnRoDataModule(Seq2SeqDataModule):
+    """WMT16 English -> Romanian translation (`translation.en` -> `translation.ro`)."""
+
+    task_name = "wmt16_en_ro"
+
+
+class DemoDataModule(Seq2SeqDataModule):
+    """Offline demo: a standard-library docstring body -> its first sentence (see `demo_corpus`)."""
+
+    task_name = "demo"
+
+    def local_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return super().local_data_dir()
+        from dq_lightning.data.demo_corpus import write_corpus
+
+        version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+        corpus_dir = self.cache_dir / "demo" / version
+        if not (corpus_dir / "test.jsonl").exists():
+            write_corpus(corpus_dir)
+        return corpus_dir
+
+
+DATAMODULES = {cls.task_name: cls for cls in (XSumDataModule, CNNDailyMailDataModule, ELI5DataModule,
+                                              WMT16EnRoDataModule, DemoDataModule)}

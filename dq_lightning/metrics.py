@@ -1,0 +1,73 @@
+"""Generation metrics: ROUGE-1/2/L/Lsum and SacreBLEU from torchmetrics, as percentages.
+
+ROUGE-Lsum scores the longest common subsequence sentence by sentence, so it needs a sentence splitter.
+torchmetrics uses NLTK's `punkt_tab` model, which it downloads on first use; that download fails offline
+(and on locked-down clusters). `pysbd`, a rule-based splitter with no data files, replaces it here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.functional.text import rouge as _torchmetrics_rouge
+from torchmetrics.text import ROUGEScore, SacreBLEUScore
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@functools.lru_cache(maxsize=1)
+def _segmenter():
+    import pysbd
+
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`, found offline."""
+    text = text.replace("<n>", " ")  # PEGASUS-style newline marker, as torchmetrics strips it
+    return [sentence.strip() for sentence in _segmenter().segment(text) if sentence.strip()]
+
+
+if not hasattr(_torchmetrics_rouge, "_split_sentence"):
+    raise ImportError("this torchmetrics version no longer has rouge._split_sentence; dq_lightning's offline "
+                      "ROUGE-Lsum must be adapted to it")
+_torchmetrics_rouge._split_sentence = split_sentences
+
+
+class GenerationMetrics(nn.Module):
+    """Scores generated texts against references; `compute()` gives percentages keyed by metric name.
+
+    Every state is a torchmetrics state, so values are reduced across DDP ranks before they are read.
+    """
+
+    def __init__(self, translation: bool = False):
+        super().__init__()
+        self.translation = translation
+        if translation:
+            self.bleu = SacreBLEUScore(tokenize="13a")
+        else:
+            self.rouge = ROUGEScore(use_stemmer=True, rouge_keys=ROUGE_KEYS)
+        self.gen_len = MeanMetric()
+
+    def update(self, predictions: list[str], references: list[str], lengths: torch.Tensor) -> None:
+        if self.translation:
+            self.bleu.update(predictions, [[reference] for reference in references])
+        else:
+            self.rouge.update(predictions, references)
+        self.gen_len.update(lengths.float())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        if self.translation:
+            scores = {"bleu": self.bleu.compute() * 100}
+        else:
+            rouge = self.rouge.compute()
+            scores = {key: rouge[f"{key}_fmeasure"] * 100 for key in ROUGE_KEYS}
+        scores["gen_len"] = self.gen_len.compute()
+        return scores
+
+    def reset(self) -> None:
+        for metric in self.children():
+            metric.reset()

@@ -1,0 +1,83 @@
+"""Tokenizers: a pretrained one by name or directory, or a byte-level BPE trained on the task's text.
+
+A trained BPE is written as `vocab.json` + `merges.txt` and loaded back through `BartTokenizer`, so it is a
+real BART tokenizer (same special tokens, same `<s> ... </s>` wrapping) that only has a smaller vocabulary;
+`save_pretrained` then stores it beside every model trained with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from transformers import AutoTokenizer, BartTokenizer, PreTrainedTokenizerBase
+
+from dq_lightning.errors import UserError
+
+BART_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, BART's order for the first four
+
+
+def load_tokenizer(name_or_dir: str, flag: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory or the Hugging Face Hub.
+
+    A directory holding only `vocab.json` and `merges.txt` (the original BART release files) is read as a
+    BART tokenizer; in transformers 5 `BartTokenizerFast(vocab_file=..., merges_file=...)` would silently
+    ignore those files, so `from_pretrained` on the directory is the way that works.
+    """
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        has_full = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+        if has_full:
+            return AutoTokenizer.from_pretrained(str(path))
+        if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+            return BartTokenizer.from_pretrained(str(path))
+        raise UserError(f"{flag}={name_or_dir}: directory has no tokenizer files "
+                        "(tokenizer.json, tokenizer_config.json, or vocab.json + merges.txt)")
+    if path.suffix or name_or_dir.startswith((".", "/", "~")):
+        raise UserError(f"{flag}={name_or_dir}: no such directory")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_dir)
+    except OSError as error:
+        raise UserError(f"{flag}={name_or_dir}: not a local directory and not loadable from the Hugging Face "
+                        f"Hub ({str(error).splitlines()[0]})") from None
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
+                        min_frequency: int = 2) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE on `texts`, save it as a BART tokenizer in `out_dir` and return it."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    if vocab_size < 300:
+        raise UserError(f"vocab_size={vocab_size} is too small for a byte-level BPE (needs at least 300)")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=BART_SPECIAL_TOKENS, show_progress=False)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so a crash never leaves a half-written tokenizer to be reused.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        bpe.save_model(str(staging))
+        tokenizer = BartTokenizer.from_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_tokenizer(str(out_dir))
+
+
+def cached_bpe_tokenizer(texts_factory, fingerprint: str, vocab_size: int,
+                         cache_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Train once per (data fingerprint, vocabulary size); later calls (other ranks, `test`) load it."""
+    key = hashlib.sha256(f"{fingerprint}-{vocab_size}".encode()).hexdigest()[:16]
+    out_dir = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key}"
+    if (out_dir / "tokenizer_config.json").exists():
+        return load_tokenizer(str(out_dir))
+    texts: Iterator[str] = texts_factory()
+    return train_bpe_tokenizer(texts, vocab_size, out_dir)

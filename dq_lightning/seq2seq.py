@@ -1,0 +1,194 @@
+"""What the teacher and the student share: the task loss, generation, scoring and the optimizer.
+
+The model is built in `configure_model`, once the DataModule has its tokenizer (a trained BPE decides the
+vocabulary size); Lightning calls it before restoring a checkpoint, so `--ckpt_path` works for every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import get_linear_schedule_with_warmup
+
+from dq_lightning.data.tasks import TaskSpec
+from dq_lightning.errors import UserError
+from dq_lightning.metrics import GenerationMetrics
+
+NO_DECAY = ("bias", "layer_norm", "layernorm", "LayerNorm")
+
+
+def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over target positions; label -100 (padding) does not count."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                           ignore_index=-100, label_smoothing=smoothing)
+
+
+def save_hf_directory(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+                      info: dict[str, Any]) -> Path:
+    """Write model + tokenizer as a Hugging Face directory, replacing `out_dir` only once complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "dq_lightning.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        previous = out_dir.with_name(f".{out_dir.name}.previous")
+        if out_dir.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            out_dir.rename(previous)
+        staging.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+class Seq2SeqModule(pl.LightningModule):
+    """Base LightningModule for a seq2seq model trained on a `Seq2SeqDataModule`.
+
+    Subclasses build `self.model` in `build_model()` and may extend `_step`.
+    """
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
+                 label_smoothing: float = 0.1, generation: dict[str, Any] | None = None,
+                 generate_on_validation: bool = True):
+        super().__init__()
+        if lr <= 0:
+            raise UserError(f"model.lr={lr} must be positive")
+        if not 0 <= warmup_ratio < 1:
+            raise UserError(f"model.warmup_ratio={warmup_ratio} must be in [0, 1)")
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.task: TaskSpec | None = None
+        self.val_metrics: GenerationMetrics | None = None
+        self.test_metrics: GenerationMetrics | None = None
+
+    # -- building ---------------------------------------------------------------------------------------
+    def build_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        raise NotImplementedError
+
+    def attach(self, tokenizer: PreTrainedTokenizerBase, task: TaskSpec) -> None:
+        """Build the model for this tokenizer and task (idempotent)."""
+        if self.model is not None:
+            return
+        self.tokenizer, self.task = tokenizer, task
+        self.model = self.build_model(tokenizer)
+        self.model.generation_config = self.generation_config()
+        self.val_metrics = GenerationMetrics(translation=task.is_translation)
+        self.test_metrics = GenerationMetrics(translation=task.is_translation)
+
+    def configure_model(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or getattr(datamodule, "tokenizer", None) is None:
+            raise UserError("this model needs a dq_lightning DataModule (the `data:` section of the config)")
+        self.attach(datamodule.tokenizer, datamodule.task)
+        positions = self.model.config.max_position_embeddings
+        for flag, length in (("data.max_source_length", datamodule.max_source_length),
+                             ("data.max_target_length", datamodule.max_target_length)):
+            if length > positions:
+                raise UserError(f"{flag}={length} exceeds the model's {positions} positions "
+                                "(max_position_embeddings)")
+
+    def generation_config(self) -> GenerationConfig:
+        settings = {**self.task.generation, **(self.hparams.generation or {})}
+        known = GenerationConfig().to_dict()
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise UserError(f"model.generation: unknown generation setting(s) {', '.join(unknown)}")
+        base = self.model.generation_config.to_dict() if self.model is not None else {}
+        for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id",
+                    "forced_eos_token_id", "forced_bos_token_id"):
+            if base.get(key) is not None:
+                settings.setdefault(key, base[key])
+        return GenerationConfig(**settings)
+
+    # -- training -------------------------------------------------------------------------------------
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        labels = batch["labels"]
+        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
+        loss = label_smoothed_loss(outputs.logits, labels,
+                                   self.hparams.label_smoothing if stage == "train" else 0.0)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=labels.size(0), sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, "train")
+        # Logged here rather than by LearningRateMonitor, which refuses to run with --trainer.logger=false.
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["labels"].size(0))
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   generation_config=self.model.generation_config)
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        token_ids = torch.where(token_ids < 0, self.tokenizer.pad_token_id, token_ids)
+        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    def _evaluate(self, batch, stage: str) -> None:
+        self._step(batch, stage)
+        if stage == "val" and not self.hparams.generate_on_validation:
+            return
+        generated = self.generate(batch)
+        lengths = (generated != self.tokenizer.pad_token_id).sum(dim=1) - 1  # minus the start token
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(self.decode(generated), self.decode(batch["labels"]), lengths)
+
+    def _log_generation_metrics(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if stage == "val" and not self.hparams.generate_on_validation:
+            return
+        scores = metrics.compute()
+        self.log_dict({f"{stage}/{key}": value for key, value in scores.items()},
+                      prog_bar=stage == "val")
+        metrics.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_generation_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_generation_metrics("test")
+
+    def predict_step(self, batch, batch_idx):
+        return self.decode(self.generate(batch))
+
+    # -- optimization ---------------------------------------------------------------------------------
+    def trainable_named_parameters(self):
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, parameter in self.trainable_named_parameters():
+            (no_decay if any(marker in name for marker in NO_DECAY) else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total_steps),
+                                                    total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export -----------------------------------------------------------------------------------------
+    def save_hf(self, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
+        return save_hf_directory(self.model, self.tokenizer, out_dir,
+                                 {"task": self.task.name, "global_step": self.global_step, **(info or {})})
