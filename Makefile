@@ -1,0 +1,62 @@
+# dq_lightning: `make help` lists the targets. Every target installs the environment first if needed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+# Override for GPU machines, e.g. TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+TASK ?= demo
+SCALE ?= tiny
+DATA_DIR ?=
+GPUS ?=
+TASKS := demo xsum cnn_dailymail eli5 wmt16_en_ro
+RUNS := runs/$(TASK)
+
+# Passed to `python -m dq_lightning` when set.
+DATA_ARG := $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
+GPU_ARGS := $(if $(GPUS),--trainer.accelerator=gpu --trainer.devices=$(GPUS) --trainer.strategy=ddp)
+
+.PHONY: help install test test-all teacher check-task clean
+
+help: ## List the targets
+	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n]"
+	@echo "tasks: $(TASKS); scales: tiny (CPU), paper (bart-base / mbart-large-cc25 on GPUs)"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv with torch ($(TORCH)) first, then the package and its dev extras
+
+# torch is installed alone first and then pinned, so that no later requirement replaces the build chosen
+# with TORCH (the CPU wheel here, a CUDA one on a cluster).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	touch $@
+
+test: $(STAMP) ## Fast offline test suite
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) ## All tests, including those marked slow
+	$(PY) -m pytest -q -m ""
+
+check-task:
+	@case " $(TASKS) " in *" $(TASK) "*) ;; *) echo "error: unknown TASK=$(TASK); choose from $(TASKS)" >&2; exit 2;; esac
+	@case "$(SCALE)" in tiny|paper) ;; *) echo "error: unknown SCALE=$(SCALE); choose tiny or paper" >&2; exit 2;; esac
+	@if [ -n "$(DATA_DIR)" ] && [ ! -d "$(DATA_DIR)" ]; then echo "error: DATA_DIR=$(DATA_DIR) is not a directory" >&2; exit 2; fi
+
+teacher: check-task $(STAMP) ## Train the teacher of TASK at SCALE (skipped when runs/TASK/teacher-SCALE/hf exists)
+	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
+
+$(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
+	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS)
+	$(PY) -m dq_lightning test --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) \
+		--model.model=$(RUNS)/teacher-$(SCALE)/hf --data.tokenizer=$(RUNS)/teacher-$(SCALE)/hf
+
+clean: ## Remove runs/, caches and the virtual environment
+	rm -rf runs wandb lightning_logs .cache $(VENV)

@@ -1,0 +1,97 @@
+"""The command line as users run it: fresh processes, real files, real exit codes."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM
+
+from tests.conftest import run_cli, write_jsonl
+
+XSUM_TINY = "experiments/xsum/teacher-tiny.yaml"
+QUICK = ["--model.model=micro", "--data.vocab_size=500", "--data.max_train_samples=16", "--data.max_eval_samples=4",
+         "--data.max_source_length=64", "--data.max_target_length=16", "--data.batch_size=4",
+         "--model.generation={num_beams: 2, max_length: 12, min_length: 2}", "--trainer.max_epochs=2",
+         "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def test_fit_then_test_end_to_end(shared_data, cache_dir, tmp_path):
+    root = tmp_path / "teacher"
+    common = [f"--data.data_dir={shared_data / 'xsum'}", f"--data.cache_dir={cache_dir}",
+              f"--trainer.default_root_dir={root}", *QUICK]
+    fit = run_cli("fit", "--config", XSUM_TINY, *common)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    hf_dir = root / "hf"
+    info = json.loads((hf_dir / "dq_lightning.json").read_text())
+    assert info["task"] == "xsum" and "val/rougeL" in info
+
+    # The exported teacher is a standard Hugging Face directory that generates.
+    model = AutoModelForSeq2SeqLM.from_pretrained(hf_dir)
+    assert model.config.encoder_layers == 2
+    assert model.generation_config.num_beams == 2
+    out = model.generate(torch.tensor([[0, 100, 200, 2]]), max_length=6)
+    assert out.shape[0] == 1
+
+    # A second run in the same directory must not fail on the saved config.yaml.
+    again = run_cli("fit", "--config", XSUM_TINY, *common, "--trainer.max_epochs=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    test = run_cli("test", "--config", XSUM_TINY, *common, f"--model.model={hf_dir}", f"--data.tokenizer={hf_dir}")
+    assert test.returncode == 0, test.stderr[-3000:]
+    for key in ("test/rouge1", "test/rouge2", "test/rougeL", "test/rougeLsum", "test/loss"):
+        assert key in test.stdout, test.stdout
+
+
+def test_override_and_print_config():
+    result = run_cli("fit", "--config", XSUM_TINY, "--model.lr=3e-5", "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "lr: 3.0e-05" in result.stdout
+
+
+@pytest.mark.timeout(900)
+def test_ddp_two_processes_on_cpu(shared_data, cache_dir, tmp_path):
+    root = tmp_path / "ddp"
+    result = run_cli("fit", "--config", XSUM_TINY, f"--data.data_dir={shared_data / 'xsum'}",
+                     f"--data.cache_dir={cache_dir}", f"--trainer.default_root_dir={root}", *QUICK,
+                     "--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.strategy=ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    assert (root / "checkpoints" / "last.ckpt").exists()
+    assert (root / "hf" / "model.safetensors").exists()
+
+
+def test_bad_inputs_give_one_clear_line(shared_data, cache_dir, tmp_path):
+    good = {"id": "1", "document": "A document. It has text.", "summary": "A summary."}
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [good] * 4)
+    write_jsonl(data / "validation.jsonl", [good, '{"id": 2, '])
+    base = ["fit", "--config", XSUM_TINY, f"--data.cache_dir={cache_dir}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *QUICK]
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    cases = [
+        (["--data.data_dir=" + str(tmp_path / "missing")], ["data.data_dir=", "no such directory"]),
+        ([f"--data.data_dir={data}"], ["validation.jsonl:2", "malformed JSON"]),
+        ([f"--data.data_dir={shared_data / 'xsum'}", "--model.model=gigantic"], ["model.model=gigantic"]),
+        ([f"--data.data_dir={shared_data / 'xsum'}", f"--model.model={not_a_model}"],
+         ["model.model=", "no config.json"]),
+        ([f"--data.data_dir={shared_data / 'xsum'}", "--data.max_source_length=4096"],
+         ["data.max_source_length=4096"]),
+    ]
+    for extra, fragments in cases:
+        assert_one_line_error(run_cli(*base, *extra), *fragments)
+
+
+def test_unknown_command():
+    result = run_cli("train")
+    assert result.returncode == 2 and "unknown command 'train'" in result.stderr

@@ -1,0 +1,29 @@
+"""Every shipped config is a test case: it parses, and every class and argument in it exists."""
+
+from pathlib import Path
+
+import pytest
+
+from dq_lightning.__main__ import main
+from tests.conftest import PROJECT_ROOT
+
+CONFIGS = sorted((PROJECT_ROOT / "experiments").glob("*/*.yaml"))
+
+
+def test_every_task_has_tiny_and_paper_teacher():
+    tasks = {path.parent.name for path in CONFIGS}
+    assert tasks >= {"demo", "xsum", "cnn_dailymail", "eli5", "wmt16_en_ro"}
+    for task in tasks:
+        assert (PROJECT_ROOT / "experiments" / task / "teacher-tiny.yaml").exists()
+        assert (PROJECT_ROOT / "experiments" / task / "teacher-paper.yaml").exists()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_parses(config: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: dq_lightning." in printed
+    assert f"runs/{config.parent.name}/" in printed  # interpolated run paths resolved
+    assert "${" not in printed
