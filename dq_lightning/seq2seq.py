@@ -111,6 +111,11 @@ class Seq2SeqModule(pl.LightningModule):
                     "forced_eos_token_id", "forced_bos_token_id"):
             if base.get(key) is not None:
                 settings.setdefault(key, base[key])
+        # mBART generates after the target-language code (en-ro: ro_RO) instead of </s>.
+        if self.task.target_lang and self.tokenizer is not None:
+            lang_id = self.tokenizer.convert_tokens_to_ids(self.task.target_lang)
+            if lang_id is not None and lang_id != self.tokenizer.unk_token_id:
+                settings["decoder_start_token_id"] = lang_id
         return GenerationConfig(**settings)
 
     # -- training -------------------------------------------------------------------------------------
