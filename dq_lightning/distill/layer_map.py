@@ -1,0 +1,48 @@
+"""Which teacher layers a shallower student copies (and is distilled against)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dq_lightning.errors import UserError
+
+STRATEGIES = ("max_spacing", "uniform", "first", "last")
+
+
+def layer_map(teacher_layers: int, student_layers: int, strategy: str | Sequence[int] = "max_spacing",
+              flag: str = "model.layer_map") -> list[int]:
+    """Teacher layer index for each student layer, in order.
+
+    - `max_spacing` (the paper's default): spread from the first to the last layer, i * (T-1) // (S-1);
+      a 6-layer teacher gives [0, 2, 5] for 3 layers and [0, 5] for 2; one layer takes the last.
+    - `uniform`: the last layer of each of S equal blocks, e.g. [1, 3, 5] for 6 -> 3.
+    - `first` / `last`: the first or last S layers.
+    - an explicit list of S increasing teacher indices.
+    """
+    if teacher_layers < 1:
+        raise UserError(f"{flag}: the teacher has no layers")
+    if not 1 <= student_layers <= teacher_layers:
+        raise UserError(f"{flag}: a student of {student_layers} layers cannot be copied from a teacher of "
+                        f"{teacher_layers} (the student may not be deeper than the teacher)")
+    if isinstance(strategy, str):
+        if strategy == "max_spacing":
+            if student_layers == 1:
+                return [teacher_layers - 1]
+            return [i * (teacher_layers - 1) // (student_layers - 1) for i in range(student_layers)]
+        if strategy == "uniform":
+            return [(i + 1) * teacher_layers // student_layers - 1 for i in range(student_layers)]
+        if strategy == "first":
+            return list(range(student_layers))
+        if strategy == "last":
+            return list(range(teacher_layers - student_layers, teacher_layers))
+        raise UserError(f"{flag}={strategy!r} is not a strategy ({', '.join(STRATEGIES)}) or a list of layers")
+    indices = [int(i) for i in strategy]
+    if len(indices) != student_layers:
+        raise UserError(f"{flag}={indices} has {len(indices)} entries but the student has {student_layers} layers")
+    for index in indices:
+        if not 0 <= index < teacher_layers:
+            raise UserError(f"{flag}={indices}: layer {index} is outside the teacher's {teacher_layers} layers "
+                            f"(0..{teacher_layers - 1})")
+    if any(b <= a for a, b in zip(indices, indices[1:])):
+        raise UserError(f"{flag}={indices} must be strictly increasing")
+    return indices

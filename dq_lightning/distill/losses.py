@@ -1,0 +1,62 @@
+"""Distillation losses between student and teacher outputs (pure functions, padding masked out).
+
+Masks are 1 for real tokens and 0 for padding: the encoder's attention mask for encoder positions and
+`labels != -100` for decoder positions. Every mean is over real positions only, so batch padding never
+changes a loss (the reference implementation averages over padding too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` (batch, positions, ...) over positions where `mask` (batch, positions) is 1."""
+    mask = mask.to(values.dtype)
+    per_position = values.reshape(*values.shape[:2], -1).mean(dim=-1)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def logits_loss(student: Tensor, teacher: Tensor, mask: Tensor, kind: str = "mse",
+                temperature: float = 1.0) -> Tensor:
+    """`mse` (the paper's): squared logit difference averaged over the vocabulary and real positions.
+    `kl`: temperature^2 * KL(teacher || student) of the softened distributions, averaged over real positions.
+    """
+    if kind == "mse":
+        return _masked_mean((student.float() - teacher.float()) ** 2, mask)
+    if kind == "kl":
+        log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+        log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1, keepdim=True)
+        return _masked_mean(kl, mask) * temperature ** 2
+    raise ValueError(f"logits loss kind {kind!r} is not 'mse' or 'kl'")
+
+
+def hidden_states_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
+                       mask: Tensor) -> Tensor:
+    """Sum over student layers of the MSE to the teacher layer each was copied from.
+
+    `student`/`teacher` are HF `*_hidden_states`: index 0 is the embedding output and index i + 1 the
+    output of layer i; the embedding outputs are matched too.
+    """
+    pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+    return sum(_masked_mean((student[s].float() - teacher[t].float()) ** 2, mask) for s, t in pairs)
+
+
+def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
+                   query_mask: Tensor, key_mask: Tensor) -> Tensor:
+    """Sum over student layers of the MSE between attention maps (batch, heads, queries, keys) and those of
+    the teacher layer each was copied from, over real (query, key) pairs only."""
+    # SDPA attention returns no maps (empty tuples in transformers 5): fail rather than distill nothing.
+    if len(student) < len(layer_map) or len(teacher) <= max(layer_map) or any(a is None for a in student):
+        raise ValueError("attention maps are missing: load teacher and student with attn_implementation='eager'")
+    pair_mask = (query_mask[:, :, None] * key_mask[:, None, :]).float()  # batch, queries, keys
+    total = 0.0
+    for s, t in enumerate(layer_map):
+        squared = ((student[s].float() - teacher[t].float()) ** 2).mean(dim=1)  # mean over heads
+        total = total + (squared * pair_mask).sum() / pair_mask.sum().clamp(min=1)
+    return total
