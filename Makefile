@@ -20,14 +20,14 @@ RUNS := runs/$(TASK)
 DATA_ARG := $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
 GPU_ARGS := $(if $(GPUS),--trainer.accelerator=gpu --trainer.devices=$(GPUS) --trainer.strategy=ddp)
 
-.PHONY: help install test test-all teacher check-task clean
+.PHONY: help install test test-all teacher sweep report check-task clean
 
 help: ## List the targets
 	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n]"
 	@echo "tasks: $(TASKS); scales: tiny (CPU), paper (bart-base / mbart-large-cc25 on GPUs)"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## Create .venv with torch ($(TORCH)) first, then the package and its dev extras
+install: $(STAMP) ## Create .venv: torch first (TORCH=torch==2.13.0 by default), then the package + dev extras
 
 # torch is installed alone first and then pinned, so that no later requirement replaces the build chosen
 # with TORCH (the CPU wheel here, a CUDA one on a cluster).
@@ -57,6 +57,15 @@ $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS)
 	$(PY) -m dq_lightning test --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) \
 		--model.model=$(RUNS)/teacher-$(SCALE)/hf --data.tokenizer=$(RUNS)/teacher-$(SCALE)/hf
+
+SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS))
+
+sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; results in runs/TASK/sweep/
+	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
+	$(PY) -m dq_lightning sweep $(SWEEP_ARGS)
+
+report: check-task $(STAMP) ## Rebuild results.csv, tradeoff.png and the table from finished runs
+	$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --report-only
 
 clean: ## Remove runs/, caches and the virtual environment
 	rm -rf runs wandb lightning_logs .cache $(VENV)

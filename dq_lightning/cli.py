@@ -19,8 +19,21 @@ from dq_lightning.errors import UserError
 
 class DQLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
-        # A run directory may not exist yet for the logger and the saved config.
         trainer_config = self.config.get(self.subcommand, self.config).get("trainer", {})
+        sweep_dir, run_id = os.environ.get("DQ_SWEEP_DIR"), os.environ.get("WANDB_RUN_ID")
+        if sweep_dir and run_id and os.environ.get("WANDB_SWEEP_ID"):
+            # Launched by `wandb agent`: each run gets its own directory and logs into the agent's run.
+            old_root, new_root = str(trainer_config.get("default_root_dir") or ""), os.path.join(sweep_dir, run_id)
+            trainer_config["default_root_dir"] = new_root
+            for callback in trainer_config.get("callbacks") or []:
+                dirpath = str(callback.get("init_args", {}).get("dirpath") or "")
+                if old_root and dirpath.startswith(old_root):
+                    callback["init_args"]["dirpath"] = new_root + dirpath[len(old_root):]
+            logger = trainer_config.get("logger")
+            if logger and "init_args" in logger:
+                logger["init_args"]["id"] = run_id
+                logger["init_args"]["save_dir"] = trainer_config["default_root_dir"]
+        # A run directory may not exist yet for the logger and the saved config.
         root = trainer_config.get("default_root_dir")
         if root:
             os.makedirs(root, exist_ok=True)
@@ -40,7 +53,21 @@ def main(argv: list[str]) -> int:
             # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
             args=None if argv == sys.argv[1:] else argv,
         )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - only user errors are caught; the rest is re-raised
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The `UserError` behind `error`: jsonargparse re-raises errors from a class's __init__ as its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -6,5 +6,8 @@ its traceback.
 """
 
 
-class UserError(ValueError):
+class UserError(Exception):
     """Bad user input; the message names the file, field or flag at fault."""
+
+# Not a ValueError on purpose: jsonargparse turns ValueErrors raised while it instantiates a class into a
+# multi-line "does not validate against" report that buries the message.

@@ -48,7 +48,7 @@ class WandbLogger(LightningWandbLogger):
 
     def __init__(self, project: str = "dq-lightning", name: str | None = None, save_dir: str = "runs",
                  group: str | None = None, tags: list[str] | None = None, mode: str = "auto",
-                 log_model: bool = False):
+                 log_model: bool = False, id: str | None = None):
         """
         Args:
             project: W&B project.
@@ -58,9 +58,11 @@ class WandbLogger(LightningWandbLogger):
             tags: W&B tags.
             mode: auto (online if logged in, else offline), online, offline or disabled; WANDB_MODE wins.
             log_model: upload checkpoints as W&B artifacts.
+            id: W&B run id; a second process with the same id (test after fit, a resumed fit) continues
+                that run instead of starting another.
         """
         resolved = resolve_wandb_mode(mode)
         os.makedirs(save_dir, exist_ok=True)
-        super().__init__(project=project, name=name, save_dir=save_dir, group=group, tags=tags,
+        super().__init__(project=project, name=name, save_dir=save_dir, group=group, tags=tags, id=id,
                          offline=resolved == "offline", mode=resolved,
                          log_model=log_model and resolved == "online")

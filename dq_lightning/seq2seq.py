@@ -79,11 +79,12 @@ class Seq2SeqModule(pl.LightningModule):
         raise NotImplementedError
 
     def attach(self, tokenizer: PreTrainedTokenizerBase, task: TaskSpec) -> None:
-        """Build the model for this tokenizer and task (idempotent)."""
-        if self.model is not None:
+        """Bind the tokenizer and task, building the model if it does not exist yet (idempotent)."""
+        if self.tokenizer is not None:
             return
         self.tokenizer, self.task = tokenizer, task
-        self.model = self.build_model(tokenizer)
+        if self.model is None:
+            self.model = self.build_model(tokenizer)
         self.model.generation_config = self.generation_config()
         self.val_metrics = GenerationMetrics(translation=task.is_translation)
         self.test_metrics = GenerationMetrics(translation=task.is_translation)

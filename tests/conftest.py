@@ -35,6 +35,24 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dq_cache")
 
 
+@pytest.fixture(scope="session")
+def teacher_dir(shared_data, cache_dir, tmp_path_factory) -> Path:
+    """A micro 4+4-layer XSum teacher (random weights) with its BPE tokenizer, as a Hugging Face directory."""
+    import torch
+
+    from dq_lightning.data.datamodule import XSumDataModule
+    from dq_lightning.models.loading import load_or_build_model
+
+    data = XSumDataModule(data_dir=str(shared_data / "xsum"), vocab_size=500, cache_dir=str(cache_dir))
+    tokenizer = data.build_tokenizer()
+    torch.manual_seed(0)
+    model = load_or_build_model("micro", tokenizer, encoder_layers=4, decoder_layers=4, dropout=0.0)
+    out = tmp_path_factory.mktemp("teacher") / "hf"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m dq_lightning ...` in a fresh process, as a user would type it."""

@@ -10,12 +10,12 @@ from tests.conftest import PROJECT_ROOT
 CONFIGS = sorted((PROJECT_ROOT / "experiments").glob("*/*.yaml"))
 
 
-def test_every_task_has_tiny_and_paper_teacher():
+def test_every_task_has_tiny_and_paper_configs():
     tasks = {path.parent.name for path in CONFIGS}
     assert tasks >= {"demo", "xsum", "cnn_dailymail", "eli5", "wmt16_en_ro"}
     for task in tasks:
-        assert (PROJECT_ROOT / "experiments" / task / "teacher-tiny.yaml").exists()
-        assert (PROJECT_ROOT / "experiments" / task / "teacher-paper.yaml").exists()
+        for stage in ("teacher-tiny", "teacher-paper", "dq-tiny", "dq-paper"):
+            assert (PROJECT_ROOT / "experiments" / task / f"{stage}.yaml").exists(), (task, stage)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

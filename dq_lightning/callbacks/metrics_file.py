@@ -1,0 +1,95 @@
+"""Leave each stage's final metrics in the run directory as JSON, for sweeps and reports to read.
+
+`fit_metrics.json` holds the validation metrics of the best epoch (by `monitor`), the best checkpoint's
+path and the wall time; `test_metrics.json` the test metrics. Files are written atomically (write, then
+rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(descriptor, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True, default=str)
+        out.write("\n")
+    os.replace(staging, path)
+
+
+def _plain(metrics: dict) -> dict[str, float]:
+    return {key: float(value.item() if isinstance(value, torch.Tensor) else value) for key, value in metrics.items()}
+
+
+class MetricsFile(pl.Callback):
+    """Write `fit_metrics.json` / `test_metrics.json` under `dirpath` (default: trainer.default_root_dir)."""
+
+    def __init__(self, monitor: str = "val/rougeL", mode: str = "max", dirpath: str | None = None):
+        """
+        Args:
+            monitor: metric that picks the best validation epoch.
+            mode: "max" or "min".
+            dirpath: where to write; default the trainer's default_root_dir.
+        """
+        self.monitor, self.mode, self.dirpath = monitor, mode, dirpath
+        self.best: float | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.started = time.time()
+        self.elapsed_before = 0.0  # wall time of earlier, interrupted attempts (restored on resume)
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or trainer.default_root_dir)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.started = time.time()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = _plain(trainer.callback_metrics)
+        value = metrics.get(self.monitor)
+        if value is None or math.isnan(value):
+            return
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best = value
+            self.best_metrics = {k: v for k, v in metrics.items() if k.startswith("val/")}
+            self.best_metrics["epoch"] = trainer.current_epoch
+            self.best_metrics["step"] = trainer.global_step
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        checkpoint = trainer.checkpoint_callback
+        write_json_atomic(self._dir(trainer) / "fit_metrics.json", {
+            "monitor": self.monitor, "best": self.best, "metrics": self.best_metrics,
+            "best_model_path": getattr(checkpoint, "best_model_path", "") or "",
+            "last_model_path": getattr(checkpoint, "last_model_path", "") or "",
+            "global_step": trainer.global_step, "wall_time_s": round(self.wall_time(), 1),
+            "summary": pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}})
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: v for k, v in _plain(trainer.callback_metrics).items() if k.startswith("test/")}
+        write_json_atomic(self._dir(trainer) / "test_metrics.json", {"metrics": metrics})
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_metrics": self.best_metrics, "elapsed": self.wall_time()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+        self.best_metrics = state_dict.get("best_metrics", {})
+        self.elapsed_before = state_dict.get("elapsed", 0.0)

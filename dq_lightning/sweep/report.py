@@ -1,0 +1,192 @@
+"""Sweep results: `results.csv`, the compression vs quality trade-off plot, a markdown table, a W&B summary.
+
+Everything is rebuilt from the run directories (`<sweep_dir>/<run_id>/{status,fit_metrics,test_metrics}.json`),
+so `make report` after a partial or resumed sweep shows exactly what has finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dq_lightning.sweep.spec import SweepPoint
+
+FIXED_COLUMNS = ["run_id", "status", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
+                 "decoder_layers", "size_mb", "compression", "size_mb_strict", "compression_strict"]
+TAIL_COLUMNS = ["wall_time_s", "error"]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _split(value: str | None, parts: int) -> list[int | None]:
+    try:
+        numbers = [int(p) for p in str(value).split("-")]
+        return numbers if len(numbers) == parts else [None] * parts
+    except ValueError:
+        return [None] * parts
+
+
+def run_row(run_dir: Path, point: SweepPoint | None = None) -> dict[str, Any]:
+    status = read_json(run_dir / "status.json")
+    fit = read_json(run_dir / "fit_metrics.json")
+    test = read_json(run_dir / "test_metrics.json").get("metrics", {})
+    summary = fit.get("summary", {})
+    params = point.params if point else {}
+    mode = summary.get("mode") or params.get("model.mode", "")
+    bits = summary.get("bits") or params.get("model.bits", "")
+    depth = (f"{summary['encoder_layers']}-{summary['decoder_layers']}" if "encoder_layers" in summary
+             else params.get("model.depth"))
+    w, e, a = _split(bits, 3)
+    encoder_layers, decoder_layers = _split(depth, 2)
+    row: dict[str, Any] = {"run_id": run_dir.name, "status": status.get("status", "pending"), "mode": mode,
+                           "bits": bits, "w_bits": w, "e_bits": e, "a_bits": a,
+                           "encoder_layers": encoder_layers, "decoder_layers": decoder_layers}
+    val = fit.get("metrics", {})
+    for key in ("size_mb", "compression", "size_mb_strict", "compression_strict"):
+        row[key] = test.get(f"test/{key}", val.get(f"val/{key}"))
+    row.update({k: v for k, v in val.items() if k.startswith("val/")})
+    row.update(test)
+    row["wall_time_s"] = status.get("wall_time_s")
+    row["error"] = status.get("error", "")
+    return row
+
+
+def teacher_row(teacher_dir: Path) -> dict[str, Any] | None:
+    """The teacher as a reference point (compression 1), from its own test/fit metrics files."""
+    test = read_json(teacher_dir / "test_metrics.json").get("metrics", {})
+    fit = read_json(teacher_dir / "fit_metrics.json")
+    if not test and not fit:
+        return None
+    row = {"run_id": "teacher", "status": "finished", "mode": "teacher", "bits": "32-32-32", "w_bits": 32,
+           "e_bits": 32, "a_bits": 32, "compression": 1.0, "compression_strict": 1.0,
+           "wall_time_s": fit.get("wall_time_s"), "error": ""}
+    row.update({k: v for k, v in fit.get("metrics", {}).items() if k.startswith("val/")})
+    row.update(test)
+    return row
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    metric_keys = sorted({k for row in rows for k in row if k.startswith(("val/", "test/"))})
+    return FIXED_COLUMNS + metric_keys + TAIL_COLUMNS
+
+
+def write_csv_atomic(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns_of(rows), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(descriptor, "w", newline="") as out:
+        out.write(buffer.getvalue())
+    os.replace(staging, path)
+
+
+def score_of(row: dict, metric: str) -> float | None:
+    for key in (f"test/{metric}", f"val/{metric}"):
+        if row.get(key) not in (None, ""):
+            return float(row[key])
+    return None
+
+
+def label_of(row: dict) -> str:
+    if row.get("mode") == "teacher":
+        return "teacher"
+    depth = f"{row.get('encoder_layers')}-{row.get('decoder_layers')}"
+    prefix = "" if row.get("mode") in ("dq", "") else f"{row['mode']} "
+    return f"{prefix}{row.get('bits')} {depth}"
+
+
+def pareto_front(points: list[tuple[float, float, dict]]) -> list[tuple[float, float, dict]]:
+    """Points no other point beats on both compression (x) and quality (y), by increasing x."""
+    front, best = [], float("-inf")
+    for x, y, row in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y, row))
+            best = y
+    return sorted(front, key=lambda p: p[0])
+
+
+def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(float(r["compression"]), score_of(r, metric), r) for r in rows
+              if r.get("compression") not in (None, "") and score_of(r, metric) is not None]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    markers = {"dq": ("o", "tab:blue"), "quant_only": ("s", "tab:orange"), "distill_only": ("^", "tab:green"),
+               "teacher": ("*", "black")}
+    for mode, (marker, color) in markers.items():
+        chosen = [(x, y) for x, y, r in points if r.get("mode") == mode]
+        if chosen:
+            ax.scatter(*zip(*chosen), marker=marker, color=color, s=140 if mode == "teacher" else 60,
+                       label=mode, zorder=3)
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", alpha=0.7,
+                label="Pareto front", zorder=2)
+    for x, y, row in points:
+        ax.annotate(label_of(row), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio vs FP32 teacher (DQ-BART accounting, log scale)")
+    source = "test" if any(r.get(f"test/{metric}") not in (None, "") for r in rows) else "val"
+    ax.set_ylabel(f"{source} {metric}")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(staging)
+    plt.close(fig)
+    os.replace(staging, path)
+    return path
+
+
+def markdown_table(rows: list[dict], metric: str) -> str:
+    keys = [f"test/{metric}", f"val/{metric}", "test/label_loyalty", "test/prob_loyalty"]
+    header = ["run", "mode", "W-E-A", "enc-dec", "size MiB", "compression", *keys, "wall s", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, digits=2):
+        if value in (None, ""):
+            return ""
+        return f"{float(value):.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+    for row in rows:
+        cells = [row["run_id"], row.get("mode", ""), row.get("bits", ""),
+                 f"{row.get('encoder_layers') or ''}-{row.get('decoder_layers') or ''}",
+                 fmt(row.get("size_mb"), 3), fmt(row.get("compression"), 1),
+                 *[fmt(row.get(k), 3 if "loyalty" in k else 2) for k in keys],
+                 fmt(row.get("wall_time_s"), 0), row.get("status", "")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def log_wandb_summary(rows: list[dict], metric: str, png: Path, name: str, save_dir: Path,
+                      mode: str) -> None:
+    """A W&B run holding the results table, a custom scatter chart and the plot."""
+    import wandb
+
+    columns = columns_of(rows)
+    table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    y = f"test/{metric}" if any(row.get(f"test/{metric}") not in (None, "") for row in rows) else f"val/{metric}"
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dq-lightning"), name=name, job_type="sweep-summary",
+                     dir=str(save_dir), mode=mode, reinit="finish_previous")
+    run.log({"results": table,
+             "tradeoff": wandb.plot.scatter(table, "compression", y, title=f"{name}: compression vs {metric}"),
+             "tradeoff_png": wandb.Image(str(png))})
+    run.finish()

@@ -1,0 +1,150 @@
+"""W&B sweep files: reading, validating, expanding the grid locally, and building each run's command.
+
+The files are in W&B's own format, so `wandb sweep sweeps/<task>.yaml` works as it is. Offline, the same
+file is expanded here: a grid is the Cartesian product of the parameters' values in file order (what
+W&B's grid search enumerates; W&B's local `sweeps` package is not used because it pins numpy<2), and
+each point's flags are formatted by W&B's own agent code, so an offline run gets exactly the command line
+an agent would give it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dq_lightning.errors import UserError
+
+SUPPORTED_LOCAL_METHODS = ("grid",)
+_ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the grid: its parameter values, a readable id, and its command-line flags."""
+
+    params: dict[str, Any]
+    run_id: str
+    flags: list[str]
+
+
+def load_sweep(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such sweep file")
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(sweep, dict):
+        raise UserError(f"{path}: a sweep file is a mapping with method, metric, parameters and command")
+    for key in ("method", "metric", "parameters", "command"):
+        if key not in sweep:
+            raise UserError(f"{path}: missing key {key!r}")
+    if not isinstance(sweep["metric"], dict) or "name" not in sweep["metric"]:
+        raise UserError(f"{path}: metric needs a name (the validation metric key as logged, e.g. val/rougeL)")
+    for name, spec in sweep["parameters"].items():
+        if not isinstance(spec, dict) or not ("values" in spec or "value" in spec):
+            raise UserError(f"{path}: parameter {name!r} needs 'values' (a list) or 'value'")
+        if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
+            raise UserError(f"{path}: parameter {name!r}: 'values' must be a non-empty list")
+    if "${args}" not in sweep["command"]:
+        raise UserError(f"{path}: command must contain ${{args}} (where the parameters go)")
+    return sweep
+
+
+def format_flags(params: dict[str, Any]) -> list[str]:
+    """`--key=value` flags exactly as a W&B agent formats them."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
+
+
+def run_id_of(params: dict[str, Any]) -> str:
+    """A readable, filesystem-safe id: the parameter values in file order ("dq_2-2-8_6-3")."""
+    text = "_".join(str(value) for value in params.values())
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text.replace(" ", "")).strip("-") or "run"
+
+
+def expand_grid(sweep: dict, path: str | Path = "sweep") -> list[SweepPoint]:
+    if sweep["method"] not in SUPPORTED_LOCAL_METHODS:
+        raise UserError(f"{path}: method {sweep['method']!r} cannot run offline; local sweeps support "
+                        f"{', '.join(SUPPORTED_LOCAL_METHODS)} (W&B online supports all)")
+    names = list(sweep["parameters"])
+    choices = [spec["values"] if "values" in spec else [spec["value"]] for spec in sweep["parameters"].values()]
+    points, seen = [], {}
+    for values in itertools.product(*choices):
+        params = dict(zip(names, values))
+        run_id = run_id_of(params)
+        if run_id in seen:
+            raise UserError(f"{path}: grid points {seen[run_id]} and {params} have the same run id {run_id!r}")
+        seen[run_id] = params
+        points.append(SweepPoint(params, run_id, format_flags(params)))
+    return points
+
+
+def command_for(sweep: dict, flags: list[str], python: str = sys.executable) -> list[str]:
+    """The sweep's `command` with W&B's macros filled in for a local run (`python` is this interpreter)."""
+    command = []
+    for item in sweep["command"]:
+        item = str(item)
+        if item == "${env}":
+            continue
+        if item in ("${interpreter}", "python", "python3"):
+            command.append(python)
+        elif item == "${args}":
+            command.extend(flags)
+        elif item == "${program}":
+            command.append(str(sweep.get("program", "")))
+        elif item.startswith("${") and item.endswith("}") and not _ENVVAR.search(item):
+            raise UserError(f"sweep command macro {item} is not supported offline")
+        else:
+            command.append(_ENVVAR.sub(lambda m: __import__("os").environ.get(m.group(1), ""), item))
+    return command
+
+
+def config_of(command: list[str]) -> str:
+    try:
+        return command[command.index("--config") + 1]
+    except (ValueError, IndexError):
+        raise UserError("sweep command has no --config <experiments/...yaml>") from None
+
+
+def check_parameters(sweep: dict, path: str | Path, points: list[SweepPoint]) -> None:
+    """Parse (never run) every parameter value with the CLI before any run starts.
+
+    Each value of each parameter is parsed at least once (max(len(values)) parses, not the whole grid), so an
+    unknown parameter or a value of the wrong type stops the sweep with the parser's message.
+    """
+    from dq_lightning.cli import main as cli_main
+
+    config = config_of(command_for(sweep, []))
+    names = list(sweep["parameters"])
+    choices = [spec["values"] if "values" in spec else [spec["value"]] for spec in sweep["parameters"].values()]
+    for i in range(max(len(c) for c in choices)):
+        params = {name: values[i % len(values)] for name, values in zip(names, choices)}
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = cli_main(["fit", "--config", config, *format_flags(params), "--print_config"])
+            except SystemExit as exit_:
+                code = exit_.code or 0
+        if code:
+            text = stderr.getvalue()
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            rejected = re.search(r"Option '([^']+)' is not accepted", text)
+            if rejected:
+                culprit = next((n for n in names if n.split(".")[-1] == rejected.group(1)), rejected.group(1))
+                raise UserError(f"{path}: unknown parameter {culprit!r}: {config} has no such option")
+            reason = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
+            culprit = next((name for name in names if name in text), None)
+            which = f"parameter {culprit!r}" if culprit else f"parameters {params}"
+            raise UserError(f"{path}: {which} is not accepted by {config} ({reason.removeprefix('error: ')})")

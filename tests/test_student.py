@@ -1,0 +1,121 @@
+"""DQStudentModule on a micro teacher built from scratch (never downloaded)."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from dq_lightning.data.datamodule import XSumDataModule
+from dq_lightning.distill.module import DQStudentModule
+from dq_lightning.errors import UserError
+from dq_lightning.quant import is_converted, is_prepared
+from tests.conftest import run_cli
+
+DQ_XSUM = "experiments/xsum/dq-tiny.yaml"
+
+
+def datamodule(shared_data, cache_dir, teacher_dir, **kwargs):
+    settings = dict(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=8,
+                    max_eval_samples=4, max_source_length=64, max_target_length=16, batch_size=4,
+                    cache_dir=str(cache_dir))
+    return XSumDataModule(**{**settings, **kwargs})
+
+
+def trainer(tmp_path, **kwargs):
+    settings = dict(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=1,
+                    num_sanity_val_steps=0)
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+QUICK_GENERATION = {"num_beams": 1, "max_length": 6, "min_length": 1}
+
+
+def test_full_depth_full_precision_student_is_the_teacher(teacher_dir, shared_data, cache_dir, tmp_path):
+    module = DQStudentModule(teacher=str(teacher_dir), mode="distill_only", generation=QUICK_GENERATION)
+    data = datamodule(shared_data, cache_dir, teacher_dir)
+    results = trainer(tmp_path).validate(module, datamodule=data)[0]
+    for term in ("logits", "hidden", "attention"):
+        assert results[f"val/loss_{term}"] == 0.0, term
+    assert results["val/label_loyalty"] == 1.0
+    assert results["val/prob_loyalty"] == pytest.approx(1.0, abs=1e-3)
+    assert results["val/compression"] == pytest.approx(1.0)
+
+
+def test_attention_and_hidden_losses_are_nonzero_for_a_quantized_shallow_student(teacher_dir, shared_data,
+                                                                                 cache_dir, tmp_path):
+    module = DQStudentModule(teacher=str(teacher_dir), mode="dq", w_bits=2, e_bits=2, a_bits=8,
+                             student_decoder_layers=2, generation=QUICK_GENERATION)
+    results = trainer(tmp_path).validate(module, datamodule=datamodule(shared_data, cache_dir, teacher_dir))[0]
+    assert module.decoder_map == [0, 3]
+    for term in ("logits", "hidden", "attention"):
+        assert results[f"val/loss_{term}"] > 0.0, term
+    assert results["val/label_loyalty"] < 1.0
+    assert results["val/compression"] > 4.0
+
+
+@pytest.mark.parametrize("mode", ["dq", "quant_only", "distill_only"])
+def test_fit_trains_the_student_only(mode, teacher_dir, shared_data, cache_dir, tmp_path):
+    module = DQStudentModule(teacher=str(teacher_dir), mode=mode, w_bits=2, e_bits=8, a_bits=8,
+                             student_encoder_layers=2, student_decoder_layers=1, lr=1e-2,
+                             generation=QUICK_GENERATION)
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    fit = trainer(tmp_path, max_steps=3, enable_checkpointing=True)
+    fit.fit(module, datamodule=datamodule(shared_data, cache_dir, teacher_dir))
+
+    teacher_after = module.teacher.state_dict()
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training
+    optimized = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in module.teacher.parameters()}
+    changed = [k for k, v in module.model.state_dict().items() if k in student_before
+               and v.dtype.is_floating_point and not torch.equal(v, student_before[k])]
+    assert changed, "the student did not learn"
+    assert is_prepared(module.model) == (mode != "distill_only")
+    assert is_converted(module.model) == (mode != "distill_only")  # converted when fit ends
+
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True, map_location="cpu")
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(key.startswith(("model.", "val_", "test_")) for key in keys)
+    assert not any(key.startswith(("teacher", "_teacher")) for key in keys)
+    assert not any(".layers.2." in key or ".layers.3." in key for key in keys)  # only 2 encoder layers kept
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"student_decoder_layers": 6}, "model.student_decoder_layers: a student of 6 layers"),
+    ({"decoder_layer_map": [0, 5], "student_decoder_layers": 2}, "layer 5 is outside the teacher's 4 layers"),
+    ({"encoder_layer_map": [0, 1, 2]}, "model.encoder_layer_map=[0, 1, 2] has 3 entries but the student has 4"),
+    ({"w_bits": 5}, "w_bits"),
+    ({"mode": "prune"}, "model.mode='prune'"),
+])
+def test_bad_student_settings_name_the_setting(settings, message, teacher_dir):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        DQStudentModule(teacher=str(teacher_dir), **settings)
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="model.teacher="):
+        DQStudentModule(teacher=str(tmp_path / "no_teacher"))
+
+
+def test_vocabulary_mismatch_is_a_clear_error(teacher_dir, shared_data, cache_dir, tmp_path):
+    module = DQStudentModule(teacher=str(teacher_dir), generation=QUICK_GENERATION)
+    data = datamodule(shared_data, cache_dir, teacher_dir, tokenizer=str(shared_data / "bart_tokenizer"))
+    with pytest.raises(UserError, match="data.tokenizer"):
+        trainer(tmp_path).validate(module, datamodule=data)
+
+
+@pytest.mark.timeout(900)
+def test_student_ddp_fit_two_processes(teacher_dir, shared_data, cache_dir, tmp_path):
+    root = tmp_path / "ddp"
+    result = run_cli("fit", "--config", DQ_XSUM, f"--model.teacher={teacher_dir}",
+                     f"--data.data_dir={shared_data / 'xsum'}", f"--data.cache_dir={cache_dir}",
+                     f"--trainer.default_root_dir={root}", "--model.student_decoder_layers=2",
+                     "--data.max_train_samples=16", "--data.max_eval_samples=4", "--data.max_source_length=64",
+                     "--data.max_target_length=16", "--data.batch_size=4", "--trainer.max_epochs=1",
+                     "--model.generation={num_beams: 1, max_length: 6}", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", "--trainer.devices=2", "--trainer.strategy=ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout
+    assert (root / "checkpoints" / "last.ckpt").exists()
