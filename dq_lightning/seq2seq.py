@@ -7,12 +7,14 @@ vocabulary size); Lightning calls it before restoring a checkpoint, so `--ckpt_p
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +23,10 @@ from transformers import get_linear_schedule_with_warmup
 from dq_lightning.data.tasks import TaskSpec
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import GenerationMetrics
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite."""
+
 
 NO_DECAY = ("bias", "layer_norm", "layernorm", "LayerNorm")
 
@@ -131,9 +137,45 @@ class Seq2SeqModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
+        self.check_finite(loss)
         # Logged here rather than by LearningRateMonitor, which refuses to run with --trainer.logger=false.
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["labels"].size(0))
         return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run on a NaN/inf loss, naming the step and the loss term that went bad.
+
+        All ranks agree first (one rank raising alone would leave the others waiting forever). The
+        checkpoints already written are the last good ones; nothing is saved from the bad step.
+        """
+        bad = not torch.isfinite(loss.detach()).all().item()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        terms = {name: value for name, value in getattr(self, "last_loss_terms", {}).items()
+                 if not torch.isfinite(value).all()}
+        culprit = ", ".join(f"train/loss_{name}={value.item()}" for name, value in terms.items())
+        raise NonFiniteLossError(f"non-finite loss at step {self.global_step} "
+                                 f"({culprit or f'train/loss={loss.item()}'}); training stopped, the last "
+                                 "good checkpoint is kept (lower model.lr or check the data, then resume with "
+                                 "--ckpt_path=last)")
+
+    # Global RNG states travel with the checkpoint, so dropout after a resume draws what an uninterrupted run
+    # would have drawn.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        # Plain lists, not numpy arrays: checkpoints must load with torch.load(weights_only=True).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": [kind, keys.tolist(), position, has_gauss, cached]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states and self.trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            kind, keys, position, has_gauss, cached = states["numpy"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()

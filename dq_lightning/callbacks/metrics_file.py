@@ -72,7 +72,9 @@ class MetricsFile(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        checkpoint = trainer.checkpoint_callback
+        # The callback ranking by this metric (a periodic last.ckpt saver may come first).
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == self.monitor),
+                          trainer.checkpoint_callback)
         write_json_atomic(self._dir(trainer) / "fit_metrics.json", {
             "monitor": self.monitor, "best": self.best, "metrics": self.best_metrics,
             "best_model_path": getattr(checkpoint, "best_model_path", "") or "",

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from dq_lightning.data.jsonl import check_jsonl, get_field
+from dq_lightning.data.loader import ResumableDataLoader
 from dq_lightning.data.tasks import TaskSpec, get_task
 from dq_lightning.errors import UserError
 from dq_lightning.models.tokenizer import cached_bpe_tokenizer, load_tokenizer
@@ -83,6 +85,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._pending_position: dict | None = None
 
     # -- raw text -------------------------------------------------------------------------------------
     def local_data_dir(self) -> Path | None:
@@ -179,12 +183,30 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             self._load_splits((split,))
         batch_size = self.hparams.batch_size if split == "train" else (
             self.hparams.eval_batch_size or self.hparams.batch_size)
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=self.collator(), num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+        loader_class = ResumableDataLoader if shuffle else DataLoader
+        # The shuffling generator is seeded from the run's seed (seed_everything), not the global RNG, so the
+        # order of batches is reproducible and can be restored mid-epoch.
+        generator = torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None
+        return loader_class(self.datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
+                            collate_fn=self.collator(), num_workers=self.hparams.num_workers,
+                            persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        self._train_loader = self._loader("train", shuffle=True)
+        if self._pending_position is not None:
+            self._train_loader.restore_position(self._pending_position)
+            self._pending_position = None
+        return self._train_loader
+
+    # Saved in every checkpoint: where the training loader stands, so `--ckpt_path` resumes mid-epoch.
+    def state_dict(self) -> dict:
+        return {"train_position": self._train_loader.position() if self._train_loader is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending_position = state_dict.get("train_position")
+        if self._pending_position is not None and self._train_loader is not None:
+            self._train_loader.restore_position(self._pending_position)
+            self._pending_position = None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)
