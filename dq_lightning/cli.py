@@ -12,9 +12,25 @@ import os
 import sys
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dq_lightning.errors import UserError
+
+
+class SaveConfigOnStart(SaveConfigCallback):
+    """Write `config.yaml` once the run has really started, not at setup.
+
+    A run that fails while setting up (bad data, unreadable teacher, ...) then leaves the `config.yaml` of
+    the run that produced the directory's checkpoints as it was.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = stage
+
+    def _save(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, self._stage)
+
+    on_train_start = on_validation_start = on_test_start = on_predict_start = _save
 
 
 class DQLightningCLI(LightningCLI):
@@ -48,6 +64,7 @@ def main(argv: list[str]) -> int:
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
+            save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "omegaconf+"},
             # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".

@@ -43,7 +43,10 @@ def load_pretrained(name: str, flag: str, attn_implementation: str = "eager",
         return AutoModelForSeq2SeqLM.from_pretrained(str(path) if path.is_dir() else name, config=config,
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as error:
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unreadable or truncated files surface as many error types
+        # (OSError, ValueError, safetensors' SafetensorError, ...); every one means "this model cannot be used".
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{flag}={name}: cannot load model ({first_line})") from None
 

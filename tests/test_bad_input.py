@@ -1,0 +1,113 @@
+"""Every user error ends in one line naming the culprit, a non-zero exit, no traceback, and nothing lost."""
+
+import hashlib
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT, run_cli, write_jsonl
+
+GOOD_ROW = {"id": "1", "document": "A document. It has text.", "summary": "A summary."}
+QUICK = ["--data.max_train_samples=8", "--data.max_eval_samples=2", "--data.max_source_length=64",
+         "--data.max_target_length=16", "--data.batch_size=4", "--trainer.max_steps=1", "--trainer.logger=false",
+         "--model.generation={num_beams: 1, max_length: 6}"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shared_data, cache_dir, teacher_dir):
+    """Bad data directories, a corrupt teacher, a bad sweep file, and a run directory with results to protect."""
+    root = tmp_path_factory.mktemp("bad_input")
+    data = {}
+    for name, train, validation in [
+        ("malformed", [GOOD_ROW] * 3, [GOOD_ROW, '{"id": "2", "document": "unterminated']),
+        ("no_column", [{"id": "1", "document": "text only"}] * 3, [GOOD_ROW]),
+        ("empty", [GOOD_ROW] * 3, []),
+    ]:
+        write_jsonl(root / name / "train.jsonl", train)
+        (root / name / "validation.jsonl").write_text("".join(
+            (r if isinstance(r, str) else yaml.safe_dump(r, default_flow_style=True).strip()) + "\n"
+            for r in validation))
+        data[name] = root / name
+    write_jsonl(root / "no_column" / "validation.jsonl", [GOOD_ROW])
+    write_jsonl(root / "malformed" / "validation.jsonl", [GOOD_ROW, '{"id": "2", "document": "unterminated'])
+    corrupt = root / "corrupt_teacher"
+    shutil.copytree(teacher_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes((teacher_dir / "model.safetensors").read_bytes()[:1000])
+    sweep = yaml.safe_load((PROJECT_ROOT / "sweeps" / "xsum-tiny.yaml").read_text())
+    sweep["parameters"]["model.w_bitz"] = {"values": [2]}
+    (root / "bad_sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+
+    run_dir = root / "runs" / "xsum" / "run"  # results and a checkpoint that no failure may touch
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint bytes")
+    (root / "runs" / "xsum" / "sweep").mkdir(parents=True)
+    (root / "runs" / "xsum" / "sweep" / "results.csv").write_text("run_id,status\nold,finished\n")
+    return {"root": root, "data": data, "corrupt": corrupt, "run_dir": run_dir, "shared": shared_data,
+            "cache": cache_dir, "teacher": teacher_dir}
+
+
+def teacher_fit(w, *extra):
+    return ["fit", "--config", "experiments/xsum/teacher-tiny.yaml", f"--data.cache_dir={w['cache']}",
+            f"--trainer.default_root_dir={w['run_dir']}", "--model.model=micro", "--data.vocab_size=300", *QUICK,
+            *extra]
+
+
+def student_fit(w, *extra):
+    return ["fit", "--config", "experiments/xsum/dq-tiny.yaml", f"--data.cache_dir={w['cache']}",
+            f"--data.data_dir={w['shared'] / 'xsum'}", f"--trainer.default_root_dir={w['run_dir']}",
+            f"--model.teacher={w['teacher']}", *QUICK, *extra]
+
+
+CASES = {
+    "unknown task": (lambda w: ["sweep", "--task", "nosuchtask", "--runs", str(w["root"] / "runs")],
+                     ["unknown task 'nosuchtask'"]),
+    "unknown scale": (lambda w: ["sweep", "--task", "xsum", "--scale", "huge", "--runs", str(w["root"] / "runs")],
+                      ["unknown scale 'huge'"]),
+    "unknown preset": (lambda w: teacher_fit(w, f"--data.data_dir={w['shared'] / 'xsum'}", "--model.model=gigantic"),
+                       ["model.model=gigantic"]),
+    "missing data_dir": (lambda w: teacher_fit(w, f"--data.data_dir={w['root'] / 'nowhere'}"),
+                         ["data.data_dir=", "no such directory"]),
+    "malformed JSONL line": (lambda w: teacher_fit(w, f"--data.data_dir={w['data']['malformed']}"),
+                             ["validation.jsonl:2", "malformed JSON"]),
+    "missing column": (lambda w: teacher_fit(w, f"--data.data_dir={w['data']['no_column']}"),
+                       ["train.jsonl:1", "missing column 'summary'"]),
+    "empty split": (lambda w: teacher_fit(w, f"--data.data_dir={w['data']['empty']}"),
+                    ["validation.jsonl", "split is empty"]),
+    "unsupported bits": (lambda w: student_fit(w, "--model.w_bits=5"), ["w_bits=5"]),
+    "unsupported W-E-A": (lambda w: student_fit(w, "--model.bits=2-2-7"), ["a_bits=7"]),
+    "student deeper than teacher": (lambda w: student_fit(w, "--model.depth=9-4"),
+                                    ["model.student_encoder_layers", "may not be deeper"]),
+    "map of wrong length": (lambda w: student_fit(w, "--model.depth=4-2", "--model.decoder_layer_map=[0,1,3]"),
+                            ["model.decoder_layer_map=[0, 1, 3]", "has 3 entries"]),
+    "missing teacher": (lambda w: student_fit(w, f"--model.teacher={w['root'] / 'no_teacher'}"),
+                        ["model.teacher=", "no such directory"]),
+    "corrupt teacher": (lambda w: student_fit(w, f"--model.teacher={w['corrupt']}"),
+                        ["model.teacher=", "cannot load model"]),
+    "vocabulary mismatch": (lambda w: student_fit(w, f"--data.tokenizer={w['shared'] / 'bart_tokenizer'}"),
+                            ["vocabulary", "data.tokenizer"]),
+    "unknown sweep parameter": (lambda w: ["sweep", "--task", "xsum", "--sweep-file", str(w["root"] / "bad_sweep.yaml"),
+                                           "--runs", str(w["root"] / "runs")],
+                                ["unknown parameter 'model.w_bitz'"]),
+}
+
+
+def digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error(case, world):
+    make_args, fragments = CASES[case]
+    protected = world["root"] / "runs"
+    before = digest(protected)
+    result = run_cli(*make_args(world))
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    after = {k: v for k, v in digest(protected).items() if k in before}
+    assert after == before, "a failed command altered an existing checkpoint or results file"
