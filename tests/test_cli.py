@@ -61,13 +61,20 @@ def test_override_and_print_config():
 @pytest.mark.timeout(900)
 def test_ddp_two_processes_on_cpu(shared_data, cache_dir, tmp_path):
     root = tmp_path / "ddp"
+    quick = [arg for arg in QUICK if arg != "--trainer.logger=false"]
     result = run_cli("fit", "--config", XSUM_TINY, f"--data.data_dir={shared_data / 'xsum'}",
-                     f"--data.cache_dir={cache_dir}", f"--trainer.default_root_dir={root}", *QUICK,
-                     "--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.strategy=ddp")
+                     f"--data.cache_dir={cache_dir}", f"--trainer.default_root_dir={root}", *quick,
+                     "--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.strategy=ddp",
+                     "--trainer.callbacks+=tests.ddp_probe.WeightsDigest",
+                     f"--trainer.callbacks.out_dir={root / 'digests'}", env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
-    assert (root / "checkpoints" / "last.ckpt").exists()
+    assert "MEMBER: 2/2" in result.stderr + result.stdout
+    # One W&B run (rank 0 only), one set of checkpoints, the same weights on both ranks.
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     assert (root / "hf" / "model.safetensors").exists()
+    digests = {p.name: p.read_text() for p in (root / "digests").iterdir()}
+    assert len(digests) == 2 and len(set(digests.values())) == 1
 
 
 def test_unknown_command():

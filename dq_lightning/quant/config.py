@@ -93,15 +93,16 @@ class QuantConfig:
 
     weight_clip: float | None = None
     """Weights (and the embedding) are clipped to [-weight_clip, weight_clip] before quantization, and get no
-    gradient outside. None, the default, uses each group's own min-max range: BART's weights lie well inside
-    the reference's fixed 2.5 (std 0.02 at initialisation, |w| < 1 after pre-training), so that clip never
-    binds and only costs a comparison."""
+    gradient outside. None, the default, uses each group's own min-max range: BART's weights are small
+    (std 0.02 at initialisation), far inside the reference's fixed 2.5, so that clip does not bind and would
+    only cost a comparison and a saved tensor per weight. LSQ learns its range and ignores this."""
 
     act_clip: float | None = 2.5
     """Activations are clipped to [-act_clip, act_clip] before quantization, and get no gradient outside.
-    The default is the reference's 2.5: with one dynamic scale per tensor, a single outlier (post-LayerNorm
-    BART activations reach tens) would otherwise coarsen the grid for the whole batch; the clip bounds the
-    step at 2.5 / 127 at 8 bits. None uses the tensor's own range."""
+    The default is the reference's 2.5, and clipping matters here unlike for weights: with one dynamic scale
+    per tensor, a few outlier features (common in pre-trained transformers) would otherwise coarsen the grid
+    for the whole batch; the clip bounds the step at 2.5 / 127 at 8 bits. None uses the tensor's own range.
+    LSQ learns its range and ignores this."""
 
     quantize_attention_inputs: bool = False
     """Also quantize the attention query, key, value and softmax probabilities at `a_bits`, as the reference

@@ -1,0 +1,235 @@
+"""Quantized building blocks of a BART/mBART student.
+
+Training time (after `prepare`): `QuantLinear` and `QuantEmbedding` are `nn.Linear` / `nn.Embedding`
+subclasses that keep the original full-precision `nn.Parameter` objects, the latent weights the optimizer
+updates, and fake-quantize them (and the Linear's input) on every forward.
+
+Deployment (after `convert`): `ConvertedLinear` and `ConvertedEmbedding` hold int8 codes and scales in a
+`PackedWeight` and dequantize on the fly; activations are still quantized dynamically.
+
+Attention inputs: `AttentionInputQuantizer` is attached to each attention module and applied by
+`quantized_eager_attention`, registered with transformers as the attention implementation
+`ATTENTION_IMPLEMENTATION`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dq_lightning.quant.config import QuantConfig
+from dq_lightning.quant.quantizers import (FakeQuantizer, activation_quantizer_for, make_activation_quantizer,
+                                          weight_quantizer_for)
+
+ATTENTION_IMPLEMENTATION = "dq_quant_eager"
+ATTENTION_QUANTIZER_ATTR = "attention_input_quantizer"
+
+
+class QuantLinear(nn.Linear):
+    """`nn.Linear` whose input and weight are fake-quantized on every forward.
+
+    `weight` and `bias` are the original module's parameters (same objects), so optimizers and state_dict
+    keys are unaffected. `quant_enabled = False` makes it a plain Linear (warm-up).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 weight_quantizer: FakeQuantizer | None = None, input_quantizer: FakeQuantizer | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.quant_enabled = True
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: QuantConfig,
+                   weight_quantizer: FakeQuantizer | None | str = "auto") -> QuantLinear:
+        """Wrap `linear`, reusing its parameters. `weight_quantizer="auto"` builds one at `config.w_bits`;
+        pass a quantizer (or None) to override, as `prepare` does for the tied LM head."""
+        if weight_quantizer == "auto":
+            weight_quantizer = weight_quantizer_for(config, linear.weight)
+        # Built on the meta device so that no throwaway weight is allocated before the real one is put in.
+        module = cls(linear.in_features, linear.out_features, bias=False, device="meta",
+                     weight_quantizer=place_like(weight_quantizer, linear.weight),
+                     input_quantizer=place_like(activation_quantizer_for(config), linear.weight))
+        module.weight, module.bias = linear.weight, linear.bias
+        module.train(linear.training)
+        return module
+
+    def to_float(self) -> nn.Linear:
+        """A plain `nn.Linear` with the same (latent, full-precision) parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear.train(self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.quant_enabled:
+            if self.input_quantizer is not None:
+                x = self.input_quantizer(x)
+            if self.weight_quantizer is not None:
+                weight = self.weight_quantizer(weight)
+        return F.linear(x, weight, self.bias)
+
+
+class QuantEmbedding(nn.Embedding):
+    """`nn.Embedding` whose looked-up rows are fake-quantized on every forward.
+
+    Keeps the original `weight` parameter and the `embed_scale` of BART/mBART's `*ScaledWordEmbedding`
+    (sqrt(d_model) when `scale_embedding` is set), applied after quantization as the original applies it
+    after lookup.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 weight_quantizer: FakeQuantizer | None = None, embed_scale: float | None = None,
+                 device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.weight_quantizer = weight_quantizer
+        self.embed_scale = embed_scale
+        self.quant_enabled = True
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, weight_quantizer: FakeQuantizer | None) -> QuantEmbedding:
+        """Wrap a token embedding, reusing its weight. The quantizer is passed in because the token
+        embedding is tied: every module that looks it up (and the LM head) shares one quantizer."""
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("QuantEmbedding does not support max_norm or sparse embeddings")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                     weight_quantizer=weight_quantizer, embed_scale=getattr(embedding, "embed_scale", None),
+                     device="meta")
+        module.weight = embedding.weight
+        module.train(embedding.training)
+        return module
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if self.quant_enabled and self.weight_quantizer is not None:
+            out = self.weight_quantizer.lookup(self.weight, input_ids, self.padding_idx)
+        else:
+            out = F.embedding(input_ids, self.weight, self.padding_idx)
+        return out if self.embed_scale is None else out * self.embed_scale
+
+    def extra_repr(self) -> str:
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
+        return super().extra_repr() + scale
+
+
+class AttentionInputQuantizer(nn.Module):
+    """Quantizers for the query, key, value and softmax probabilities of one attention module.
+
+    Probabilities lie in [0, 1]: with a min-max activation method they get the asymmetric quantizer, whose
+    grid starts at 0, instead of wasting half the codes on negative values.
+    """
+
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.query = activation_quantizer_for(config)
+        self.key = activation_quantizer_for(config)
+        self.value = activation_quantizer_for(config)
+        probs_method = "lsq" if config.act_method == "lsq" else "asym_minmax"
+        self.probs = make_activation_quantizer(config.a_bits, probs_method, config.act_granularity, None)
+        self.enabled = True
+
+
+def quantized_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                              attention_mask: Tensor | None, scaling: float | None = None,
+                              dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
+    """Eager scaled dot-product attention with the operands of both matmuls quantized.
+
+    The same computation as transformers' `eager_attention_forward` for BART; the quantizers come from the
+    module's `attention_input_quantizer`, and without one (or when disabled) nothing is quantized.
+    """
+    quant: AttentionInputQuantizer | None = getattr(module, ATTENTION_QUANTIZER_ATTR, None)
+    active = quant is not None and quant.enabled
+    if active:
+        query, key, value = quant.query(query), quant.key(key), quant.value(value)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1)
+    if active:
+        probs = quant.probs(probs)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def register_quantized_attention() -> None:
+    """Make `ATTENTION_IMPLEMENTATION` known to transformers (idempotent): the attention function and, for
+    mask creation, the eager mask (an additive float mask, as eager attention expects)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, quantized_eager_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, eager_mask)
+
+
+# -- converted (deployable) modules ----------------------------------------------------------------------------
+class PackedWeight(nn.Module):
+    """Integer codes (int8, one per value) and their scales (per row or per tensor): value = code * scale.
+
+    One int8 per value is what PyTorch can compute with; a file packing 2-bit codes four to a byte is what
+    `dq_lightning.size` counts in its strict convention.
+    """
+
+    def __init__(self, codes: Tensor, scale: Tensor, bits: int, method: str):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.bits, self.method = bits, method
+
+    @classmethod
+    @torch.no_grad()
+    def pack(cls, quantizer: FakeQuantizer, weight: Tensor) -> PackedWeight:
+        qparams = quantizer.qparams(weight.detach())
+        if quantizer.method == "asym_minmax":
+            raise ValueError("asymmetric quantizers have a zero point; only code * scale weights pack")
+        codes = quantizer.codes(weight.detach(), qparams).to(torch.int8)
+        return cls(codes, qparams[0].detach().clone(), quantizer.bits, quantizer.method)
+
+    def dequantize(self) -> Tensor:
+        return self.codes.to(self.scale.dtype) * self.scale
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        codes = F.embedding(ids, self.codes).to(self.scale.dtype)
+        return codes * (F.embedding(ids, self.scale) if self.scale.dim() == 2 else self.scale)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.codes.shape)}, bits={self.bits}, method={self.method}"
+
+
+class ConvertedLinear(nn.Module):
+    """Inference Linear: int8 codes and scales instead of a float weight; the bias stays full precision."""
+
+    def __init__(self, packed: PackedWeight, bias: nn.Parameter | None, input_quantizer: FakeQuantizer | None):
+        super().__init__()
+        self.out_features, self.in_features = packed.codes.shape
+        self.packed = packed
+        self.bias = bias
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.packed.dequantize(), self.bias)
+
+
+class ConvertedEmbedding(nn.Module):
+    """Inference token embedding reading int8 codes and scales; keeps `embed_scale`."""
+
+    def __init__(self, packed: PackedWeight, padding_idx: int | None, embed_scale: float | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.codes.shape
+        self.packed, self.padding_idx, self.embed_scale = packed, padding_idx, embed_scale
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        out = self.packed.lookup(input_ids)
+        return out if self.embed_scale is None else out * self.embed_scale
+
+
+def place_like(quantizer: FakeQuantizer | None, like: Tensor) -> FakeQuantizer | None:
+    """Put a freshly built quantizer (its LSQ step, if any) on the weight's device and dtype."""
+    if quantizer is None or like.device.type == "meta":
+        return quantizer
+    return quantizer.to(device=like.device, dtype=like.dtype)
