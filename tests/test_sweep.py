@@ -91,23 +91,30 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, teacher_
     sweep_dir = runs / "xsum" / "sweep"
     first, second = sweep_dir / "8-8-8_2-1", sweep_dir / "2-2-8_2-1"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    process = subprocess.Popen(sweep_command(path, runs, shared_data), cwd=PROJECT_ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 600
-    while not (second / "status.json").exists():  # the first run finished, the second has started
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.5)
-    time.sleep(3)
-    os.killpg(process.pid, signal.SIGKILL)  # the whole sweep, as a killed node would
-    process.wait()
-    assert '"finished"' in (first / "status.json").read_text()
+    console = tmp_path / "sweep-console.txt"
+
+    def explain():
+        logs = [console] + sorted(sweep_dir.glob("*/status.json")) + sorted(sweep_dir.glob("*/run.log"))
+        return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+
+    with open(console, "w") as out:
+        process = subprocess.Popen(sweep_command(path, runs, shared_data), cwd=PROJECT_ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        while not (second / "status.json").exists():  # the first run finished, the second has started
+            assert process.poll() is None, explain()
+            assert time.time() < deadline, explain()
+            time.sleep(0.5)
+        time.sleep(3)
+        os.killpg(process.pid, signal.SIGKILL)  # the whole sweep, as a killed node would
+        process.wait()
+    assert '"finished"' in (first / "status.json").read_text(), explain()
     finished_at = (first / "test_metrics.json").stat().st_mtime
 
     resumed = subprocess.run(sweep_command(path, runs, shared_data), cwd=PROJECT_ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "[1/2] 8-8-8_2-1: finished earlier, skipped" in resumed.stdout
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr + explain()
+    assert "[1/2] 8-8-8_2-1: finished earlier, skipped" in resumed.stdout, resumed.stdout
     assert (first / "test_metrics.json").stat().st_mtime == finished_at
     assert '"finished"' in (second / "status.json").read_text()
 
