@@ -57,6 +57,8 @@ $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS)
 	$(PY) -m dq_lightning test --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) \
 		--model.model=$(RUNS)/teacher-$(SCALE)/hf --data.tokenizer=$(RUNS)/teacher-$(SCALE)/hf
+	$(if $(or $(DATA_DIR),$(filter demo,$(TASK))),$(PY) -m dq_lightning baseline --task $(TASK) \
+		$(if $(DATA_DIR),--data-dir $(DATA_DIR)) --run $(RUNS)/teacher-$(SCALE))
 
 SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS))
 

@@ -12,6 +12,7 @@ import sys
 
 TOOLS = {
     "size": ("dq_lightning.size", "model size and compression ratio for a W-E-A setting and depth"),
+    "baseline": ("dq_lightning.baselines", "trivial baselines (lead-1, ...) scored like the models, next to a teacher"),
     "sweep": ("dq_lightning.sweep.runner", "run a task's grid of DQ students and report the trade-off curve"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

@@ -11,7 +11,7 @@ import functools
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.functional.text import rouge as _torchmetrics_rouge
 from torchmetrics.text import ROUGEScore, SacreBLEUScore
 
@@ -37,6 +37,13 @@ if not hasattr(_torchmetrics_rouge, "_split_sentence"):
 _torchmetrics_rouge._split_sentence = split_sentences
 
 
+def text_hash(text: str) -> float:
+    """A 52-bit hash of `text` that survives a float64 round trip (CatMetric states are float tensors)."""
+    import hashlib
+
+    return float(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 12)
+
+
 class GenerationMetrics(nn.Module):
     """Scores generated texts against references; `compute()` gives percentages keyed by metric name.
 
@@ -51,6 +58,9 @@ class GenerationMetrics(nn.Module):
         else:
             self.rouge = ROUGEScore(use_stemmer=True, rouge_keys=ROUGE_KEYS)
         self.gen_len = MeanMetric()
+        # Hashes of the generated texts: `distinct` (share of different outputs) shows a model that ignores its
+        # input and says the same thing for everything; hashes, unlike strings, gather across DDP ranks.
+        self.output_hashes = CatMetric()
 
     def update(self, predictions: list[str], references: list[str], lengths: torch.Tensor) -> None:
         if self.translation:
@@ -58,6 +68,7 @@ class GenerationMetrics(nn.Module):
         else:
             self.rouge.update(predictions, references)
         self.gen_len.update(lengths.float())
+        self.output_hashes.update(torch.tensor([text_hash(p) for p in predictions], dtype=torch.float64))
 
     def compute(self) -> dict[str, torch.Tensor]:
         if self.translation:
@@ -66,6 +77,8 @@ class GenerationMetrics(nn.Module):
             rouge = self.rouge.compute()
             scores = {key: rouge[f"{key}_fmeasure"] * 100 for key in ROUGE_KEYS}
         scores["gen_len"] = self.gen_len.compute()
+        hashes = self.output_hashes.compute()
+        scores["distinct"] = torch.unique(hashes).numel() / max(hashes.numel(), 1) * 100
         return scores
 
     def reset(self) -> None:

@@ -1,0 +1,104 @@
+"""`python -m dq_lightning baseline`: trivial baselines scored like the models, next to a trained teacher.
+
+A teacher that does not beat copying the first sentence of its input has not learned the task; this tool
+puts the two side by side (what `make teacher` prints at the end).
+
+- lead-1 (summarization: xsum, cnn_dailymail, demo): the first sentence of the source. For `demo` the source
+  starts with the object's qualified name, which is not a sentence of the docstring, so the name is dropped.
+- lead-3 (cnn_dailymail, whose highlights are several sentences).
+- copy (translation, eli5): the source itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dq_lightning.data.jsonl import get_field
+from dq_lightning.data.tasks import get_task
+from dq_lightning.errors import UserError
+from dq_lightning.metrics import GenerationMetrics, split_sentences
+
+
+def baseline_outputs(task_name: str, sources: list[str], kind: str) -> list[str]:
+    if task_name == "demo":
+        sources = [source.split(". ", 1)[1] if ". " in source else source for source in sources]
+    if kind == "copy":
+        return sources
+    count = {"lead-1": 1, "lead-3": 3}[kind]
+    return [" ".join(split_sentences(source)[:count]) for source in sources]
+
+
+def default_baselines(task_name: str) -> list[str]:
+    return {"cnn_dailymail": ["lead-1", "lead-3"], "wmt16_en_ro": ["copy"], "eli5": ["lead-1", "copy"]}.get(
+        task_name, ["lead-1"])
+
+
+def score(task_name: str, predictions: list[str], references: list[str]) -> dict[str, float]:
+    metrics = GenerationMetrics(translation=get_task(task_name).is_translation)
+    metrics.update(predictions, references, torch.tensor([len(p.split()) for p in predictions]))
+    return {key: float(value) for key, value in metrics.compute().items()}
+
+
+def read_split(task_name: str, data_dir: Path, split: str) -> tuple[list[str], list[str]]:
+    task = get_task(task_name)
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise UserError(f"--data-dir {data_dir}: missing {split}.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ([get_field(row, task.source_column) for row in rows], [get_field(row, task.target_column) for row in rows])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dq_lightning baseline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--data-dir", help="local jsonl splits (default for demo: the generated corpus)")
+    parser.add_argument("--split", default="validation", choices=["validation", "test"])
+    parser.add_argument("--run", help="a teacher run directory (fit_metrics.json / test_metrics.json) to compare")
+    parser.add_argument("--max-samples", type=int, help="score only the first N rows (as data.max_eval_samples)")
+    args = parser.parse_args(argv)
+    try:
+        task = get_task(args.task)
+        if args.data_dir:
+            data_dir = Path(args.data_dir)
+        elif args.task == "demo":
+            from dq_lightning.data.datamodule import DemoDataModule
+
+            data_dir = DemoDataModule().local_data_dir()
+        else:
+            raise UserError("--data-dir is required for this task (local {train,validation,test}.jsonl)")
+        sources, references = read_split(args.task, data_dir, args.split)
+        if args.max_samples:
+            sources, references = sources[:args.max_samples], references[:args.max_samples]
+        stage = "val" if args.split == "validation" else "test"
+        metric = task.metric
+        rows = [(kind, score(args.task, baseline_outputs(args.task, sources, kind), references))
+                for kind in default_baselines(args.task)]
+        if args.run:
+            run = Path(args.run)
+            source = (json.loads((run / "fit_metrics.json").read_text()).get("metrics", {}) if stage == "val"
+                      else json.loads((run / "test_metrics.json").read_text()).get("metrics", {})) \
+                if (run / ("fit_metrics.json" if stage == "val" else "test_metrics.json")).exists() else {}
+            if source:
+                rows.insert(0, ("teacher", {k.split("/", 1)[1]: v for k, v in source.items() if k.startswith(f"{stage}/")}))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    keys = ["bleu"] if task.is_translation else ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    keys += ["gen_len", "distinct"]
+    print(f"{args.task} {args.split} split ({len(references)} rows)")
+    print(f"{'':<10}" + "".join(f"{k:>11}" for k in keys))
+    for name, scores in rows:
+        print(f"{name:<10}" + "".join(f"{scores.get(k, float('nan')):>11.2f}" for k in keys))
+    if args.run and rows[0][0] == "teacher":
+        best_baseline = max(scores.get(metric, 0.0) for name, scores in rows[1:])
+        teacher = rows[0][1].get(metric, 0.0)
+        verdict = "beats" if teacher >= best_baseline else "does NOT beat"
+        print(f"teacher {metric} {teacher:.2f} {verdict} the best trivial baseline ({best_baseline:.2f}); "
+              f"distinct outputs {rows[0][1].get('distinct', float('nan')):.0f}%")
+    return 0
