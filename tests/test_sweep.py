@@ -144,4 +144,4 @@ def test_failed_run_is_recorded_and_the_sweep_carries_on(tmp_path, teacher_dir, 
         table = {row["run_id"]: row for row in csv.DictReader(rows)}
     assert table["2-2-5_2-1"]["status"] == "failed"
     assert "a_bits=5" in table["2-2-5_2-1"]["error"] or "5" in table["2-2-5_2-1"]["error"]
-    assert table["8-8-8_2-1"]["status"] == "finished"
+    assert table["8-8-8_2-1"]["status"] == "finished", table["8-8-8_2-1"]["error"]

@@ -68,9 +68,10 @@ class LocalSweep:
         command[command.index("fit")] = stage
         run_dir = self.sweep_dir / point.run_id
         return [*command, *self.extra, f"--trainer.default_root_dir={run_dir}",
-                f"--trainer.logger.init_args.name={self.name}-{point.run_id}",
-                f"--trainer.logger.init_args.group={self.name}",
-                f"--trainer.logger.init_args.id={self.name}-{point.run_id}".replace("/", "-")]
+                f"--trainer.logger.init_args.name={self.name}-{point.run_id}-{stage}",
+                f"--trainer.logger.init_args.group={self.name}"]
+        # No fixed W&B run id: consecutive processes (fit, then test; a resumed fit) reusing one id race the
+        # W&B service still closing the previous run ("run ID is in use"). Name and group tie them together.
 
     def run(self) -> None:
         total = len(self.points)
