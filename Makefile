@@ -53,8 +53,28 @@ check-task:
 teacher: check-task $(STAMP) ## Train the teacher of TASK at SCALE (skipped when runs/TASK/teacher-SCALE/hf exists)
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 
+# A task with experiments/TASK/pretrain-SCALE.yaml gets a denoising pre-training stage first (the CPU-scale
+# recipe for from-scratch teachers); with DATA_DIR in the ../shared/data layout, the other benchmarks' training
+# text beside it joins the pre-training text.
+PRETRAIN_CONFIG := experiments/$(TASK)/pretrain-$(SCALE).yaml
+PRETRAIN_HF := $(RUNS)/pretrain-$(SCALE)/hf
+HAS_PRETRAIN := $(wildcard $(PRETRAIN_CONFIG))
+SIBLING_TEXT := cnn_dailymail/train.jsonl:article eli5/train.jsonl:answer wmt16_en_ro/train.jsonl:translation.en \
+	xsum/train.jsonl:document
+comma := ,
+empty :=
+space := $(empty) $(empty)
+EXTRA_TEXT := $(if $(DATA_DIR),$(foreach c,$(SIBLING_TEXT),$(if $(filter-out $(TASK),$(firstword $(subst /, ,$(c)))),\
+	$(if $(wildcard $(DATA_DIR)/../$(firstword $(subst :, ,$(c)))),$(DATA_DIR)/../$(c)))))
+EXTRA_TEXT_ARG := $(if $(strip $(EXTRA_TEXT)),--data.extra_text=[$(subst $(space),$(comma),$(strip $(EXTRA_TEXT)))])
+FROM_PRETRAIN := $(if $(HAS_PRETRAIN),--model.model=$(PRETRAIN_HF) --data.tokenizer=$(PRETRAIN_HF))
+
+$(PRETRAIN_HF)/config.json: | $(STAMP)
+	$(PY) -m dq_lightning fit --config $(PRETRAIN_CONFIG) $(DATA_ARG) $(EXTRA_TEXT_ARG) $(GPU_ARGS)
+
 $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
-	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS)
+	$(if $(HAS_PRETRAIN),@$(MAKE) --no-print-directory $(PRETRAIN_HF)/config.json)
+	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) $(FROM_PRETRAIN)
 	$(PY) -m dq_lightning test --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) \
 		--model.model=$(RUNS)/teacher-$(SCALE)/hf --data.tokenizer=$(RUNS)/teacher-$(SCALE)/hf
 	$(if $(or $(DATA_DIR),$(filter demo,$(TASK))),$(PY) -m dq_lightning baseline --task $(TASK) \

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dq_lightning.models.loading import load_or_build_model
-from dq_lightning.seq2seq import Seq2SeqModule
+from dq_lightning.errors import UserError
+from dq_lightning.seq2seq import Seq2SeqModule, label_smoothed_loss
 
 
 class TeacherModule(Seq2SeqModule):
@@ -16,7 +19,7 @@ class TeacherModule(Seq2SeqModule):
     def __init__(self, model: str = "tiny", lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.05, label_smoothing: float = 0.1, dropout: float | None = None,
                  generation: dict[str, Any] | None = None, generate_on_validation: bool = True,
-                 attn_implementation: str = "eager"):
+                 attn_implementation: str = "eager", encoder_aux_weight: float = 0.0):
         """
         Args:
             model: a preset name (micro, tiny, small, bart-base, ...) built from scratch, a local Hugging Face
@@ -30,13 +33,39 @@ class TeacherModule(Seq2SeqModule):
                 no_repeat_ngram_size, length_penalty, ...).
             generate_on_validation: generate and score ROUGE/BLEU at every validation, not only the loss.
             attn_implementation: "eager" (returns attention maps) or "sdpa" (faster, no maps).
+            encoder_aux_weight: weight of an auxiliary loss that reconstructs every source token from the
+                encoder's last hidden state through the tied embedding. A from-scratch post-LN encoder
+                collapses to one output for every input within ~50 steps (the decoder then ignores the
+                source); this term keeps the encoder's outputs input-specific. Used in CPU-scale pre-training.
         """
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                          label_smoothing=label_smoothing, generation=generation,
                          generate_on_validation=generate_on_validation)
+        if encoder_aux_weight < 0:
+            raise UserError(f"model.encoder_aux_weight={encoder_aux_weight} must not be negative")
         self.save_hyperparameters()
 
     def build_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         overrides = {} if self.hparams.dropout is None else {"dropout": self.hparams.dropout}
         return load_or_build_model(self.hparams.model, tokenizer, flag="model.model",
                                    attn_implementation=self.hparams.attn_implementation, **overrides)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        weight = self.hparams.encoder_aux_weight
+        if weight == 0:
+            return super()._step(batch, stage)
+        labels = batch["labels"]
+        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
+        task = label_smoothed_loss(outputs.logits, labels, self.hparams.label_smoothing if stage == "train" else 0.0)
+        encoder_logits = F.linear(outputs.encoder_last_hidden_state, self.model.get_input_embeddings().weight)
+        special = torch.tensor(self.tokenizer.all_special_ids, device=labels.device)
+        source = batch["input_ids"].masked_fill(torch.isin(batch["input_ids"], special), -100)
+        auxiliary = F.cross_entropy(encoder_logits.flatten(0, 1).float(), source.flatten(), ignore_index=-100)
+        loss = task + weight * auxiliary
+        size, sync = labels.size(0), stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
+        self.log_dict({f"{stage}/loss_task": task, f"{stage}/loss_encoder_aux": auxiliary}, batch_size=size,
+                      sync_dist=sync)
+        self.last_loss_terms = {"task": task.detach(), "encoder_aux": auxiliary.detach()}
+        return loss

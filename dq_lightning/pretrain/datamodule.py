@@ -60,7 +60,10 @@ class DenoisingDataset(Dataset):
     def _infilling(self, index: int, generator: torch.Generator) -> dict[str, list[int]]:
         """BART: a sentence-aligned chunk, sentences permuted, spans infilled; the target is the clean chunk."""
         hp, sentences = self.module.hparams, self.sentence_ids[index]
-        budget = hp.chunk_tokens - 2
+        length = hp.chunk_tokens
+        if hp.min_chunk_tokens:
+            length = int(torch.randint(hp.min_chunk_tokens, hp.chunk_tokens + 1, (1,), generator=generator))
+        budget = length - 2
         start = int(torch.randint(len(sentences), (1,), generator=generator)) if len(sentences) > 1 else 0
         chunk, total = [], 0
         for sentence in sentences[start:]:
@@ -90,7 +93,8 @@ class DenoisingDataModule(Seq2SeqDataModule):
     """Pre-training pairs (noised text -> clean text, or document -> gap sentence) from a task's sources."""
 
     def __init__(self, task: str = "xsum", extra_text: list[str] | None = None,
-                 objectives: dict[str, float] | None = None, chunk_tokens: int = 128, mask_ratio: float = 0.3,
+                 objectives: dict[str, float] | None = None, chunk_tokens: int = 128, min_chunk_tokens: int = 0,
+                 mask_ratio: float = 0.3,
                  poisson_lambda: float = 3.0, permute_sentences: bool = True, gap_keep_prob: float = 0.2,
                  gap_top_k: int = 3, seed: int = 0, **kwargs):
         """
@@ -100,6 +104,8 @@ class DenoisingDataModule(Seq2SeqDataModule):
             objectives: sampling weights of infilling (BART), gap_sentence (PEGASUS, principal sentence)
                 and lead (PEGASUS, first sentence); default {infilling: 1.0}.
             chunk_tokens: length of the sentence-aligned chunks that infilling reconstructs.
+            min_chunk_tokens: if > 0, each chunk's length is drawn uniformly from [min_chunk_tokens,
+                chunk_tokens], so the model also sees short inputs (summary-length reconstruction).
             mask_ratio: share of tokens masked by infilling.
             poisson_lambda: mean span length of infilling.
             permute_sentences: shuffle the chunk's sentences before infilling (BART's permutation).

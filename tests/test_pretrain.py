@@ -1,0 +1,67 @@
+"""The CPU-scale teacher's pre-training stage: denoising pairs and the encoder auxiliary loss."""
+
+import pytest
+import torch
+
+from dq_lightning.errors import UserError
+from dq_lightning.pretrain.datamodule import DenoisingDataModule
+from dq_lightning.teacher import TeacherModule
+
+
+@pytest.fixture(scope="module")
+def denoising(shared_data, cache_dir):
+    module = DenoisingDataModule(task="xsum", data_dir=str(shared_data / "xsum"), vocab_size=500,
+                                 max_train_samples=12, max_eval_samples=4, chunk_tokens=64, min_chunk_tokens=16,
+                                 extra_text=[f"{shared_data / 'wmt16_en_ro' / 'validation.jsonl'}:translation.en"],
+                                 batch_size=4, cache_dir=str(cache_dir))
+    module.setup("fit")
+    return module
+
+
+def test_infilling_pairs_reconstruct_a_chunk_of_real_text(denoising):
+    tokenizer = denoising.tokenizer
+    train = denoising.datasets["train"]
+    assert len(train) == 12 + 200  # the task's 12 documents and the 200 extra English sentences
+    for index in range(6):
+        example = train[index]
+        source, target = example["input_ids"], example["labels"]
+        assert source[0] == tokenizer.bos_token_id and target[-1] == tokenizer.eos_token_id
+        assert len(target) <= 64 and tokenizer.mask_token_id in source
+        clean = tokenizer.decode(target, skip_special_tokens=True).strip()
+        assert clean and clean.split()[0] in " ".join(train.documents[index])
+
+
+def test_noise_is_fresh_each_epoch_and_reproducible(denoising):
+    train = denoising.datasets["train"]
+    first = train[0]["input_ids"]
+    assert train[0]["input_ids"] == first  # same epoch, same example: same noise
+    train.fixed_epoch = 1
+    try:
+        assert train[0]["input_ids"] != first
+    finally:
+        train.fixed_epoch = None
+
+
+def test_bad_settings_are_named(shared_data, tmp_path):
+    with pytest.raises(UserError, match="data.objectives"):
+        DenoisingDataModule(task="xsum", data_dir=str(shared_data / "xsum"), objectives={"shuffle": 1.0})
+    with pytest.raises(UserError, match="data.extra_text"):
+        DenoisingDataModule(task="xsum", data_dir=str(shared_data / "xsum"), extra_text=[str(tmp_path / "x.jsonl:text")])
+
+
+def test_encoder_auxiliary_loss_is_added_and_trains_the_encoder(denoising):
+    batch = next(iter(denoising.train_dataloader()))
+    losses = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        module = TeacherModule(model="micro", encoder_aux_weight=weight, dropout=0.0)
+        module.attach(denoising.tokenizer, denoising.task)
+        loss = module._step(batch, "train")
+        losses[weight] = loss.item()
+        if weight:
+            loss.backward()
+            encoder_grad = module.model.model.encoder.layers[0].fc1.weight.grad
+            assert encoder_grad is not None and encoder_grad.abs().sum() > 0
+            assert module.last_loss_terms["encoder_aux"] > 0
+    # the auxiliary term is a token-level cross-entropy (~log V at init), weighted 0.5
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * module.last_loss_terms["encoder_aux"].item(), rel=1e-4)
