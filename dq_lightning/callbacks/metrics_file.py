@@ -78,7 +78,8 @@ class MetricsFile(pl.Callback):
         write_json_atomic(self._dir(trainer) / "fit_metrics.json", {
             "monitor": self.monitor, "best": self.best, "metrics": self.best_metrics,
             "best_model_path": getattr(checkpoint, "best_model_path", "") or "",
-            "last_model_path": getattr(checkpoint, "last_model_path", "") or "",
+            "last_model_path": next((c.last_model_path for c in trainer.checkpoint_callbacks
+                                     if getattr(c, "last_model_path", "")), ""),
             "global_step": trainer.global_step, "wall_time_s": round(self.wall_time(), 1),
             "summary": pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}})
 
