@@ -3,6 +3,10 @@
 `fit`, `validate`, `test` and `predict` are the LightningCLI subcommands; the other commands are small
 tools, each a module with a `main(argv) -> int`. Tools are imported lazily so that `size --help` does not
 pay for importing Lightning and transformers.
+
+`predict` is shared: with `--model DIR` (an exported or Hugging Face model directory) or the flags `--input`
+/ `--int8`, and no `--config`, it runs the packed-model tool `dq_lightning.export.predict` (texts from a file
+or stdin, one output line each); otherwise it is LightningCLI's `predict`. See `routes_here` there.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ TOOLS = {
     "size": ("dq_lightning.size", "model size and compression ratio for a W-E-A setting and depth"),
     "baseline": ("dq_lightning.baselines", "trivial baselines (lead-1, ...) scored like the models, next to a teacher"),
     "sweep": ("dq_lightning.sweep.runner", "run a task's grid of DQ students and report the trade-off curve"),
+    "export": ("dq_lightning.export.export", "write a DQ student checkpoint as a packed low-bit directory"),
 }
+PREDICT_TOOL = "dq_lightning.export.predict"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -23,6 +29,8 @@ def usage() -> str:
     lines += [f"  {name:<10} (LightningCLI; --help for its options)" for name in LIGHTNING_COMMANDS]
     lines += ["", "Tools:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in TOOLS.items()]
+    lines += [f"  {'predict':<10} --model DIR: summarize/translate texts with an exported model "
+              "(see predict --model DIR --help)"]
     return "\n".join(lines)
 
 
@@ -35,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if command in TOOLS:
         module = importlib.import_module(TOOLS[command][0])
         return module.main(rest)
+    if command == "predict":
+        predict_tool = importlib.import_module(PREDICT_TOOL)
+        if predict_tool.routes_here(rest):
+            return predict_tool.main(rest)
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
         from dq_lightning.cli import main as cli_main
 

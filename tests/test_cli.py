@@ -12,6 +12,7 @@ XSUM_TINY = "experiments/xsum/teacher-tiny.yaml"
 QUICK = ["--model.model=micro", "--data.vocab_size=500", "--data.max_train_samples=16", "--data.max_eval_samples=4",
          "--data.max_source_length=64", "--data.max_target_length=16", "--data.batch_size=4",
          "--model.generation={num_beams: 2, max_length: 12, min_length: 2}", "--trainer.max_epochs=2",
+         "--trainer.check_val_every_n_epoch=1",
          "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
 
 

@@ -15,6 +15,15 @@ the source and copy from it before the model ever sees a summary:
   from the document, replaced by one `<mask>` each, and become the target. This is the objective closest
   to abstractive single-sentence summarization (XSum).
 
+Measured on 2 CPU cores (6+6-layer d128 BART, XSum 800 rows): denoising alone does NOT fix the problem. The
+post-LN encoder of a from-scratch BART collapses within ~50 optimizer steps (lr 1e-3, AdamW): the last encoder
+layer outputs the same vector at every position of every document, so cross-attention carries no information
+and the decoder can only learn an unconditional LM (NLL of the targets is identical with the true source and
+with another document's source). `encoder_reconstruction_loss` - predicting every source token from the last
+encoder state through the tied embedding, added with weight 0.5 during pre-training - prevents the collapse;
+with it, denoising pre-training teaches the decoder to read the source and fine-tuning then gives
+input-dependent summaries.
+
 All functions are pure and deterministic given a `torch.Generator` (or a seed); they work on lists of
 token ids (text infilling, permutation) or on sentence strings (gap sentences), never on Lightning objects.
 """
@@ -38,6 +47,8 @@ __all__ = [
     "principal_sentence_scores",
     "gap_sentence_example",
     "unigram_f1",
+    "bart_denoising_example",
+    "encoder_reconstruction_loss",
 ]
 
 
@@ -241,3 +252,45 @@ def gap_sentence_example(sentences: Sequence[str], mask_token: str = "<mask>", s
             source_parts.append(sentence)
     target = " ".join(sentences[i] for i in gaps)
     return " ".join(source_parts), target
+
+
+def bart_denoising_example(sentences: Sequence[Sequence[int]], mask_token_id: int, bos_token_id: int = 0,
+                           eos_token_id: int = 2, max_length: int = 128, mask_ratio: float = 0.3,
+                           poisson_lambda: float = 3.0, permute: bool = True,
+                           generator: torch.Generator | None = None) -> tuple[list[int], list[int]]:
+    """One BART denoising pair from a chunk of tokenized sentences: (noised source, clean target).
+
+    The target is `<s> sentences... </s>` (truncated to `max_length`); the source is the same sentences,
+    permuted (if `permute`), then text-infilled (`mask_ratio`, Poisson(`poisson_lambda`) spans), and wrapped
+    in `<s> ... </s>`. Callers choose chunks of whole sentences of at most `max_length - 2` tokens; short
+    chunks (e.g. lengths drawn between 16 and 128) are cheaper and give many easy alignment cases early on.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    body = max_length - 2
+    clean = [t for s in sentences for t in s][:body]
+    order = permute_sentences(list(sentences), generator) if permute else list(sentences)
+    noised = [t for s in order for t in s][:body]
+    noised = text_infilling(noised, mask_token_id, mask_ratio, poisson_lambda, generator, protected_ids=())
+    return [bos_token_id] + noised[:body] + [eos_token_id], [bos_token_id] + clean + [eos_token_id]
+
+
+def encoder_reconstruction_loss(encoder_hidden: torch.Tensor, embedding_weight: torch.Tensor,
+                                input_ids: torch.Tensor, num_special_tokens: int = 5) -> torch.Tensor:
+    """Cross-entropy of predicting each source token from the last encoder state via the (tied) embedding.
+
+    `encoder_hidden` is (batch, src_len, d_model), `embedding_weight` (vocab, d_model) - BART's shared
+    embedding, which is also its output projection - and `input_ids` (batch, src_len). Ids below
+    `num_special_tokens` (`<s>`, `<pad>`, `</s>`, `<unk>`, `<mask>` = 0..4) are ignored.
+
+    Why: from scratch, the post-LN BART encoder collapses to a constant within ~50 steps (see the module
+    docstring), because while cross-attention is still unfocused any variation in the encoder output is noise
+    to the decoder's language model. This auxiliary term makes every encoder position keep its token's
+    identity, which is exactly what the decoder needs to learn to copy; add it with weight ~0.5 to the
+    denoising loss during pre-training (fine-tuning does not need it once the decoder reads the source).
+    It adds one (src_len x vocab) projection per batch, about 10-15% of a step at d_model 128 and vocab 4k.
+    """
+    logits = torch.nn.functional.linear(encoder_hidden, embedding_weight)
+    targets = input_ids.masked_fill(input_ids < num_special_tokens, -100)
+    if not bool((targets != -100).any()):
+        return logits.sum() * 0.0  # nothing to predict: a zero that keeps the graph
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,183 @@
+"""`python -m dq_lightning predict --model DIR`: summarize or translate texts with an exported model.
+
+    echo "Some article ..." | python -m dq_lightning predict --model runs/xsum/dq-tiny/packed
+    python -m dq_lightning predict --model runs/xsum/dq-tiny/packed --input articles.txt --int8 > summaries.txt
+
+Input: one text per line, from a file or stdin (`--input -`, the default). Output: one line per input line on
+stdout, in order; an empty input line gives an empty output line. With more inputs than one batch, a progress
+bar goes to stderr.
+
+`--model` is a packed export (`python -m dq_lightning export`), loaded and verified by `load_packed`; a plain
+Hugging Face model directory (e.g. the FP32 teacher) also works, for comparison. Decoding follows the
+directory's `generation_config.json` (the task's settings); `--num-beams`, `--max-length`,
+`--max-new-tokens` override it.
+
+How `predict` is routed: `python -m dq_lightning predict` is also the LightningCLI subcommand. It comes here
+when there is no `--config`/`-c` and either `--model` names an existing directory or one of this tool's own
+flags (`--input`, `--int8`) is given; everything else goes to LightningCLI (`--model` there is a class name or
+a config file, never a directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dq_lightning.errors import UserError
+
+OWN_FLAGS = ("--input", "--int8")
+
+
+def routes_here(argv: list[str]) -> bool:
+    """Whether `predict <argv>` is this tool's (see the module docstring) rather than LightningCLI's."""
+    if any(arg in ("--config", "-c") or arg.startswith("--config=") for arg in argv):
+        return False
+    for index, arg in enumerate(argv):
+        value = None
+        if arg == "--model" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith("--model="):
+            value = arg.split("=", 1)[1]
+        if value is not None and Path(value).expanduser().is_dir():
+            return True
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv for flag in OWN_FLAGS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dq_lightning predict",
+        description="Summarize or translate texts (one per line) with a packed export or a Hugging Face model "
+                    "directory; one output line per input line on stdout.")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a packed export (python -m dq_lightning export) or a Hugging Face model directory")
+    parser.add_argument("--input", default="-", metavar="FILE", help="text file, one input per line; - for stdin "
+                        "(default)")
+    parser.add_argument("--int8", action="store_true", help="run the quantized Linear layers as int8 GEMMs "
+                        "(packed exports only; faster, close to but not token-identical with the FP32 path)")
+    parser.add_argument("--num-beams", type=int, metavar="N", help="beam width (default: the model's "
+                        "generation_config)")
+    parser.add_argument("--max-length", type=int, metavar="N", help="maximum output length in tokens, start "
+                        "token included (default: the model's generation_config)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="maximum generated tokens")
+    parser.add_argument("--max-source-length", type=int, metavar="N", help="input tokens kept (default: the "
+                        "task's, else the model's positions)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts per generate call "
+                        "(default 8)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    parser.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation (default: the one "
+                        "the model was trained with; eager keeps packed generations identical to the student's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value} must be a positive integer")
+
+
+def read_texts(source: str) -> list[str]:
+    if source == "-":
+        return [line.rstrip("\r\n") for line in sys.stdin]
+    path = Path(source).expanduser()
+    if not path.exists() or path.is_dir():
+        raise UserError(f"--input {source}: no such file")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"--input {source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def load_model(directory: str, int8: bool, attn: str | None):
+    """(model, tokenizer, task info) of a packed export or a Hugging Face directory."""
+    from dq_lightning.export.export import MANIFEST, load_packed
+    from dq_lightning.models.loading import load_pretrained
+    from dq_lightning.models.tokenizer import load_tokenizer
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--model {directory}: no such directory")
+    if (path / MANIFEST).exists():
+        model = load_packed(path, int8=int8, attn_implementation=attn)
+        task = model.dq_export.get("task") or {}
+    elif not (path / "config.json").exists():
+        raise UserError(f"--model {directory}: neither a packed export (no {MANIFEST}) nor a Hugging Face model "
+                        "directory (no config.json)")
+    else:
+        if int8:
+            raise UserError(f"--model {directory}: --int8 needs a packed export (this directory has no "
+                            f"{MANIFEST}; make one with python -m dq_lightning export)")
+        model = load_pretrained(str(path), flag="--model", attn_implementation=attn or "eager").eval()
+        task = {}
+    tokenizer = load_tokenizer(str(path), flag="--model")
+    if task.get("source_lang") and hasattr(tokenizer, "src_lang"):
+        tokenizer.src_lang = task["source_lang"]
+    return model, tokenizer, task
+
+
+def generation_settings(model, args: argparse.Namespace):
+    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    if args.num_beams is not None:
+        config.num_beams = args.num_beams
+        if (getattr(config, "num_beam_groups", None) or 1) > args.num_beams:
+            config.num_beam_groups = 1
+    if args.max_length is not None:
+        config.max_length = args.max_length
+        config.max_new_tokens = None
+    if args.max_new_tokens is not None:
+        config.max_new_tokens = args.max_new_tokens
+    limit = config.max_new_tokens or config.max_length
+    if config.min_length and limit is not None and config.min_length > limit:
+        config.min_length = limit
+    return config
+
+
+def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max_source_length: int,
+            progress: bool, out=sys.stdout) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(texts), unit="text", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        todo = [i for i, text in enumerate(chunk) if text.strip()]
+        results = [""] * len(chunk)
+        if todo:
+            batch = tokenizer([chunk[i] for i in todo], truncation=True, max_length=max_source_length,
+                              padding=True, return_tensors="pt")
+            with torch.inference_mode():
+                generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           generation_config=generation)
+            decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for i, text in zip(todo, decoded):
+                results[i] = " ".join(text.split())
+        for line in results:
+            print(line, file=out, flush=True)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for flag, value in (("--num-beams", args.num_beams), ("--max-length", args.max_length),
+                            ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                            ("--threads", args.threads), ("--max-source-length", args.max_source_length)):
+            _positive(flag, value)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if not Path(args.model).expanduser().is_dir():
+            raise UserError(f"--model {args.model}: no such directory")
+        texts = read_texts(args.input)
+        model, tokenizer, task = load_model(args.model, args.int8, args.attn)
+        positions = model.config.max_position_embeddings
+        max_source = min(args.max_source_length or task.get("max_source_length") or positions, positions)
+        generation = generation_settings(model, args)
+        progress = not args.no_progress and len(texts) > args.batch_size
+        predict(model, tokenizer, texts, generation, args.batch_size, max_source, progress)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,327 @@
+"""Packed export: bit packing, export -> load_packed reproducing the fake-quantized student token for token,
+the int8 path, refusal of tampered directories and of non-student checkpoints, and the CLI."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+from transformers import BartForConditionalGeneration
+
+from dq_lightning.data.datamodule import XSumDataModule
+from dq_lightning.distill.module import DQStudentModule
+from dq_lightning.errors import UserError
+from dq_lightning.export.export import MANIFEST, WEIGHTS, export_student, load_packed
+from dq_lightning.export.packing import code_range, pack, packed_numel, unpack
+from dq_lightning.export.predict import routes_here
+from dq_lightning.models.tokenizer import load_tokenizer
+from dq_lightning.quant import prepare
+from dq_lightning.quant.quantizers import LSQQuantizer, MinMaxQuantizer, TernaryQuantizer
+from dq_lightning.teacher import TeacherModule
+from tests.conftest import PROJECT_ROOT, run_cli
+
+GENERATION = {"num_beams": 2, "max_length": 10, "min_length": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Micro models run on one thread: on a shared, busy CPU two threads wait for each other on every small
+    op (a micro generate takes seconds instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- packing ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("numel", [0, 1, 3, 5, 7, 9, 13, 1001])
+def test_pack_unpack_round_trip_is_exact(bits, numel):
+    low, high = code_range(bits)
+    generator = torch.Generator().manual_seed(bits * 1000 + numel)
+    codes = torch.randint(low, high + 1, (numel,), generator=generator)
+    if numel >= 2:
+        codes[0], codes[1] = low, high  # both ends of the range
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    slack = 2 if bits in (2, 3, 4, 8) else 6  # the supported widths waste at most two bytes per tensor
+    assert packed.numel() == packed_numel(numel, bits) <= -(-numel * bits // 8) + slack
+    restored = unpack(packed, bits, numel)
+    assert restored.dtype == torch.int8 and torch.equal(restored.long(), codes)
+
+
+def test_packing_density_and_the_codes_of_real_quantizers():
+    weight = torch.randn(7, 13)  # 91 values: not a multiple of 4 or 8
+    cases = [(2, TernaryQuantizer("row"), {-1, 0, 1}), (3, MinMaxQuantizer(3, "row"), None),
+             (4, MinMaxQuantizer(4, "tensor"), None), (8, MinMaxQuantizer(8, "row"), None),
+             (2, LSQQuantizer(2, "row", weight=weight), None), (4, LSQQuantizer(4, "tensor", weight=weight), None)]
+    for bits, quantizer, allowed in cases:
+        codes = quantizer.codes(weight, quantizer.qparams(weight))
+        if allowed is not None:
+            assert set(codes.unique().tolist()) <= allowed
+        packed = pack(codes, bits)
+        assert torch.equal(unpack(packed, bits, codes.numel()).reshape(codes.shape).float(), codes), quantizer
+    assert pack(torch.ones(91), 2).numel() == 23  # ternary: four per byte
+    assert pack(torch.ones(91), 3).numel() == 36  # eight per three bytes
+    assert pack(torch.ones(91), 4).numel() == 46
+    assert pack(torch.ones(91), 8).numel() == 91
+
+
+def test_packing_refuses_what_it_cannot_represent():
+    with pytest.raises(ValueError, match="do not fit in 2 bits"):
+        pack(torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match="do not fit in 8 bits"):
+        pack(torch.tensor([-129]), 8)
+    with pytest.raises(ValueError, match="integer codes"):
+        pack(torch.tensor([0.5]), 4)
+    with pytest.raises(ValueError, match="cannot hold exactly 5 codes"):
+        unpack(torch.zeros(3, dtype=torch.uint8), 2, 5)
+
+
+# -- students -----------------------------------------------------------------------------------------------
+def _datamodule(shared_data, cache_dir, teacher_dir):
+    return XSumDataModule(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=8,
+                          max_eval_samples=4, max_source_length=64, max_target_length=16, batch_size=4,
+                          cache_dir=str(cache_dir))
+
+
+def _save_untrained(module: DQStudentModule, path):
+    """A checkpoint as Lightning lays it out, of a student prepared but not trained."""
+    prepare(module.model, module.quant_config)
+    state = {f"model.{key}": value for key, value in module.model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams), "global_step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(teacher_dir, shared_data, cache_dir, tmp_path_factory):
+    """{name: checkpoint path}: a 2-2-8 student fitted two steps with pl.Trainer, an untrained 8-8-8 one, and
+    an untrained 4-4-8 one with LSQ activations and quantized attention inputs."""
+    root = tmp_path_factory.mktemp("students")
+    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", depth="4-2", lr=1e-2, generation=GENERATION)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(root / "fit"), limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=_datamodule(shared_data, cache_dir, teacher_dir))
+    lsq = DQStudentModule(teacher=str(teacher_dir), bits="4-4-8", depth="2-1", generation=GENERATION,
+                          quantize_attention_inputs=True, quant_settings={"act_method": "lsq"})
+    return {
+        "2-2-8 fitted": next((root / "fit").rglob("*.ckpt")),
+        "8-8-8": _save_untrained(DQStudentModule(teacher=str(teacher_dir), bits="8-8-8", depth="4-2",
+                                                 generation=GENERATION), root / "888.ckpt"),
+        "4-4-8 lsq attention": _save_untrained(lsq, root / "448.ckpt"),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    """{name: export directory} for every checkpoint."""
+    root = tmp_path_factory.mktemp("exports")
+    return {name: (export_student(path, root / name.replace(" ", "_")), root / name.replace(" ", "_"))[1]
+            for name, path in checkpoints.items()}
+
+
+def _fake_quantized_student(checkpoint_path):
+    """The prepared student of a checkpoint, rebuilt here independently of the export code."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    module = DQStudentModule(**hparams)
+    prepare(module.model, module.quant_config)
+    module.model.load_state_dict({k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
+                                  if k.startswith("model.")})
+    return module.model.eval()
+
+
+def _inputs(shared_data, teacher_dir, count=6):
+    tokenizer = load_tokenizer(str(teacher_dir))
+    texts = [json.loads(line)["document"] for line in (shared_data / "xsum" / "test.jsonl").open()][:count]
+    return tokenizer(texts, truncation=True, max_length=48, padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("name", ["2-2-8 fitted", "8-8-8", "4-4-8 lsq attention"])
+def test_exported_student_generates_the_fake_quantized_students_tokens(name, checkpoints, exported, shared_data,
+                                                                      teacher_dir):
+    student = _fake_quantized_student(checkpoints[name])
+    model = load_packed(exported[name])
+    assert type(model) is BartForConditionalGeneration
+    assert model.lm_head.weight is model.model.shared.weight is model.model.encoder.embed_tokens.weight
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    batch = _inputs(shared_data, teacher_dir)
+    with torch.no_grad():
+        for settings in ({"num_beams": 1}, {"num_beams": 2}):
+            expected = student.generate(**batch, **settings, max_length=10, min_length=2)
+            actual = model.generate(**batch, **settings, max_length=10, min_length=2)
+            assert torch.equal(expected, actual), settings
+        assert torch.equal(student(**batch, decoder_input_ids=expected).logits,
+                           model(**batch, decoder_input_ids=expected).logits)
+    assert model.generation_config.num_beams == GENERATION["num_beams"]
+
+
+def test_a_checkpoint_of_a_converted_student_exports_the_same_model(checkpoints, exported, shared_data,
+                                                                    teacher_dir, tmp_path):
+    """QuantizeOnForward converts the student when fit ends; a checkpoint saved after that holds int8 codes."""
+    from dq_lightning.quant import convert
+
+    checkpoint = torch.load(checkpoints["8-8-8"], weights_only=True, map_location="cpu")
+    student = _fake_quantized_student(checkpoints["8-8-8"])
+    converted = convert(_fake_quantized_student(checkpoints["8-8-8"]))
+    checkpoint["state_dict"] = {f"model.{k}": v for k, v in converted.state_dict().items()}
+    assert any(key.endswith(".packed.codes") for key in checkpoint["state_dict"])
+    torch.save(checkpoint, tmp_path / "converted.ckpt")
+    model = load_packed(export_student(tmp_path / "converted.ckpt", tmp_path / "out") and tmp_path / "out")
+    batch = _inputs(shared_data, teacher_dir)
+    with torch.no_grad():
+        assert torch.equal(student.generate(**batch, num_beams=2, max_length=10),
+                           model.generate(**batch, num_beams=2, max_length=10))
+
+
+def test_export_is_packed_at_the_accounted_size(exported):
+    manifest = json.loads((exported["2-2-8 fitted"] / MANIFEST).read_text())
+    fc1 = manifest["weights"]["model.encoder.layers.0.fc1.weight"]
+    assert (fc1["bits"], fc1["method"], fc1["shape"]) == (2, "ternary", [64, 32])
+    assert manifest["tensors"][fc1["codes"]] ["shape"] == [64 * 32 // 4]  # four ternary codes per byte
+    assert manifest["aliases"]["lm_head.weight"] == "model.shared.weight"
+    size = manifest["size"]
+    header = struct.unpack("<Q", (exported["2-2-8 fitted"] / WEIGHTS).open("rb").read(8))[0]
+    # Payload (file minus the safetensors header) within 1% of the strict accounting (at most 2 pad bytes per
+    # tensor); the micro model's header is a large share of its tiny file, a real model's a negligible one.
+    assert abs(size["weights_bytes"] - 8 - header - size["strict_bytes"]) <= 0.01 * size["strict_bytes"]
+    eight = json.loads((exported["8-8-8"] / MANIFEST).read_text())
+    assert eight["tensors"]["model.shared.weight.codes"]["dtype"] == "int8"
+
+
+def test_int8_path_runs_quantized_linears_and_mostly_agrees(exported, shared_data, teacher_dir):
+    fp32 = load_packed(exported["8-8-8"])
+    int8 = load_packed(exported["8-8-8"], int8=True)
+    assert isinstance(int8.lm_head, DynamicInt8Linear)
+    assert isinstance(int8.model.decoder.layers[0].fc1, DynamicInt8Linear)
+    assert int8.model.shared.packed.codes.dtype == torch.int8  # the embedding looks rows up in its codes
+    assert int8.model.shared.packed is int8.model.encoder.embed_tokens.packed
+    batch = _inputs(shared_data, teacher_dir)
+    with torch.no_grad():
+        generated = fp32.generate(**batch, num_beams=1, max_length=10)
+        a = fp32(**batch, decoder_input_ids=generated).logits
+        b = int8(**batch, decoder_input_ids=generated).logits
+        assert int8.generate(**batch, num_beams=1, max_length=10).shape[0] == generated.shape[0]
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+def _tensor_offset(path, name):
+    """Byte offset of a tensor's data in a safetensors file."""
+    with open(path, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    return 8 + length + header[name]["data_offsets"][0]
+
+
+@pytest.fixture
+def export_copy(exported, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["2-2-8 fitted"], copy)
+    return copy
+
+
+def test_altered_tensor_is_refused_naming_it(export_copy):
+    name = "model.decoder.layers.1.fc2.weight.codes"
+    offset = _tensor_offset(export_copy / WEIGHTS, name)
+    data = bytearray((export_copy / WEIGHTS).read_bytes())
+    data[offset] ^= 0x01
+    (export_copy / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"tensor {name} in {WEIGHTS} is altered"):
+        load_packed(export_copy)
+
+
+def test_truncated_file_is_refused_naming_it(export_copy):
+    data = (export_copy / WEIGHTS).read_bytes()
+    (export_copy / WEIGHTS).write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match=f"file {WEIGHTS} is truncated"):
+        load_packed(export_copy)
+
+
+@pytest.mark.parametrize("change", ["missing", "reshaped"])
+def test_missing_or_reshaped_tensor_is_refused_naming_it(change, export_copy):
+    name = "model.encoder.layers.0.self_attn.q_proj.weight.scale"
+    tensors = load_file(str(export_copy / WEIGHTS))
+    if change == "missing":
+        del tensors[name]
+        message = f"tensor {name} is missing"
+    else:
+        tensors[name] = tensors[name].reshape(-1)
+        message = f"tensor {name} in {WEIGHTS} is float32 \\[32\\], the manifest records float32 \\[32, 1\\]"
+    save_file(tensors, str(export_copy / WEIGHTS))
+    with pytest.raises(UserError, match=message):
+        load_packed(export_copy)
+
+
+def test_altered_or_missing_side_files_are_refused(export_copy):
+    config = json.loads((export_copy / "config.json").read_text())
+    config["decoder_layers"] = 1
+    (export_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="file config.json is"):
+        load_packed(export_copy)
+    (export_copy / "config.json").unlink()
+    with pytest.raises(UserError, match="file config.json is missing"):
+        load_packed(export_copy)
+    (export_copy / MANIFEST).unlink()
+    with pytest.raises(UserError, match="not a packed export"):
+        load_packed(export_copy)
+
+
+def test_checkpoints_that_are_not_dq_students_are_refused(teacher_dir, tmp_path):
+    teacher = TeacherModule(model="micro")
+    model = BartForConditionalGeneration.from_pretrained(str(teacher_dir))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": dict(teacher.hparams)}, tmp_path / "teacher.ckpt")
+    with pytest.raises(UserError, match="not a DQ student checkpoint .*TeacherModule checkpoint"):
+        export_student(tmp_path / "teacher.ckpt", tmp_path / "out")
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "dq_lightning.teacher.TeacherModule",
+                                                       "model": "micro"}}, tmp_path / "cli.ckpt")
+    with pytest.raises(UserError, match="it holds a TeacherModule"):
+        export_student(tmp_path / "cli.ckpt", tmp_path / "out")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read it as a checkpoint"):
+        export_student(tmp_path / "garbage.ckpt", tmp_path / "out")
+    full_precision = DQStudentModule(teacher=str(teacher_dir), mode="distill_only")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in full_precision.model.state_dict().items()},
+                "hyper_parameters": dict(full_precision.hparams)}, tmp_path / "fp.ckpt")
+    with pytest.raises(UserError, match="not quantized; there is nothing to pack"):
+        export_student(tmp_path / "fp.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_routing():
+    assert routes_here(["--model", "."])
+    assert routes_here(["--model=.", "--num-beams", "2"])
+    assert routes_here(["--input", "-", "--model", "missing_dir"])
+    assert not routes_here(["--config", "c.yaml", "--model", "."])
+    assert not routes_here(["--model", "DQStudentModule", "--model.teacher", "x"])
+    assert not routes_here([])
+
+
+def test_cli_export_then_predict_from_stdin(checkpoints, shared_data, tmp_path):
+    out = tmp_path / "packed"
+    result = run_cli("export", "--ckpt", str(checkpoints["2-2-8 fitted"]), "--out", str(out),
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "strict accounting" in result.stdout and (out / MANIFEST).exists()
+    texts = [json.loads(line)["document"].replace("\n", " ") for line in
+             (shared_data / "xsum" / "test.jsonl").open()][:3]
+    stdin = "\n".join([texts[0], "", texts[1], texts[2]]) + "\n"
+    result = subprocess.run([sys.executable, "-m", "dq_lightning", "predict", "--model", str(out), "--int8",
+                             "--num-beams", "1", "--max-length", "8", "--batch-size", "2", "--threads", "1"],
+                            input=stdin,
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.split("\n")
+    assert len(lines) == 5 and lines[1] == "" and lines[4] == ""  # one line per input, the empty one kept
+    bad = run_cli("predict", "--model", str(tmp_path), "--input", "-")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --model") and "neither a packed export" in bad.stderr
