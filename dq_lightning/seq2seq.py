@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from dq_lightning.data.tasks import TaskSpec
 from dq_lightning.errors import UserError
+from dq_lightning.files import replace_directory
 from dq_lightning.metrics import GenerationMetrics
 
 class NonFiniteLossError(UserError):
@@ -40,22 +39,11 @@ def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: f
 def save_hf_directory(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
                       info: dict[str, Any]) -> Path:
     """Write model + tokenizer as a Hugging Face directory, replacing `out_dir` only once complete."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replace_directory(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "dq_lightning.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        previous = out_dir.with_name(f".{out_dir.name}.previous")
-        if out_dir.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            out_dir.rename(previous)
-        staging.rename(out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 class Seq2SeqModule(pl.LightningModule):

@@ -7,24 +7,14 @@ rename), so a reader never sees half a file.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(descriptor, "w") as out:
-        json.dump(data, out, indent=2, sort_keys=True, default=str)
-        out.write("\n")
-    os.replace(staging, path)
+from dq_lightning.files import write_json_atomic
 
 
 def _plain(metrics: dict) -> dict[str, float]:

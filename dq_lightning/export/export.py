@@ -37,9 +37,7 @@ import argparse
 import hashlib
 import inspect
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from dq_lightning.errors import UserError
+from dq_lightning.files import replace_directory
 from dq_lightning.export.packing import pack, packed_numel, unpack
 from dq_lightning.export.runtime import (attach_input_clip, attach_input_quantizer, int8_available, int8_linear,
                                          kernel_rounding_suffices)
@@ -304,9 +303,7 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
     strict = model_size(teacher_config, quant, convention="strict", **depth)
     paper = model_size(teacher_config, quant, convention="paper", **depth)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replace_directory(out_dir) as staging:
         student.config.save_pretrained(staging)
         generation.save_pretrained(staging)
         tok.save_pretrained(str(staging))
@@ -351,14 +348,6 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
             },
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        previous = out_dir.with_name(f".{out_dir.name}.previous")
-        if out_dir.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            out_dir.rename(previous)
-        staging.rename(out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from transformers import AutoTokenizer, BartTokenizer, PreTrainedTokenizerBase
 
 from dq_lightning.errors import UserError
+from dq_lightning.files import replace_directory
 
 BART_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, BART's order for the first four
 
@@ -56,19 +55,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=BART_SPECIAL_TOKENS, show_progress=False)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so a crash never leaves a half-written tokenizer to be reused.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replace_directory(out_dir) as staging:
         bpe.save_model(str(staging))
         tokenizer = BartTokenizer.from_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return load_tokenizer(str(out_dir))
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dq_lightning.callbacks.metrics_file import write_json_atomic
+from dq_lightning.files import write_json_atomic
 from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError
 from dq_lightning.loggers import resolve_wandb_mode

@@ -1,0 +1,43 @@
+"""Writing results so that a crash never leaves half a file or half a directory behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON beside `path`, then rename it over `path` (readers see the old or the new file, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(descriptor, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True, default=str)
+        out.write("\n")
+    os.replace(staging, path)
+
+
+@contextlib.contextmanager
+def replace_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory beside `out_dir`; when the block succeeds, it becomes `out_dir`.
+
+    The previous `out_dir` is kept until the new one is in place, and a failed block leaves it untouched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
+        previous = out_dir.with_name(f".{out_dir.name}.previous")
+        if out_dir.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            out_dir.rename(previous)
+        staging.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
