@@ -33,7 +33,27 @@ class SaveConfigOnStart(SaveConfigCallback):
     on_train_start = on_validation_start = on_test_start = on_predict_start = _save
 
 
+def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The best checkpoint of the callback that ranks by a metric, else the newest `last.ckpt`, else None.
+
+    `ckpt_path="best"` would ask `trainer.checkpoint_callback`, the first ModelCheckpoint, which in the shipped
+    configs is the periodic `last.ckpt` saver that ranks nothing.
+    """
+    callbacks = trainer.checkpoint_callbacks
+    best = next((c.best_model_path for c in callbacks if getattr(c, "monitor", None) and c.best_model_path), "")
+    return best or next((c.last_model_path for c in callbacks if getattr(c, "last_model_path", "")), "") or None
+
+
 class DQLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit only: then test the best checkpoint in the same process (one W&B run "
+                                 "holds validation and test metrics; a sweep run starts one process, not two)")
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best_checkpoint(self.trainer))
+
     def before_instantiate_classes(self) -> None:
         trainer_config = self.config.get(self.subcommand, self.config).get("trainer", {})
         sweep_dir, run_id = os.environ.get("DQ_SWEEP_DIR"), os.environ.get("WANDB_RUN_ID")

@@ -47,8 +47,11 @@ class TeacherModule(Seq2SeqModule):
 
     def build_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         overrides = {} if self.hparams.dropout is None else {"dropout": self.hparams.dropout}
-        return load_or_build_model(self.hparams.model, tokenizer, flag="model.model",
-                                   attn_implementation=self.hparams.attn_implementation, **overrides)
+        model = load_or_build_model(self.hparams.model, tokenizer, flag="model.model",
+                                    attn_implementation=self.hparams.attn_implementation, **overrides)
+        # from_pretrained returns the model in eval mode, and Lightning keeps modules in the mode it finds them:
+        # without this, fine-tuning a pretrained BART would run without dropout.
+        return model.train()
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         weight = self.hparams.encoder_aux_weight

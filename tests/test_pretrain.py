@@ -65,3 +65,23 @@ def test_encoder_auxiliary_loss_is_added_and_trains_the_encoder(denoising):
             assert module.last_loss_terms["encoder_aux"] > 0
     # the auxiliary term is a token-level cross-entropy (~log V at init), weighted 0.5
     assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * module.last_loss_terms["encoder_aux"].item(), rel=1e-4)
+
+
+def test_fine_tuning_a_saved_model_trains_with_dropout(teacher_dir):
+    """from_pretrained returns eval mode and Lightning keeps it: the teacher must switch dropout back on."""
+    from transformers import BartTokenizer
+
+    module = TeacherModule(model=str(teacher_dir), dropout=0.3)
+    model = module.build_model(BartTokenizer.from_pretrained(str(teacher_dir)))
+    assert model.config.dropout == 0.3
+    assert all(submodule.training for submodule in model.modules())
+
+
+def test_demo_task_pretrains_on_its_generated_corpus(cache_dir):
+    """The demo has no files to point at: its docstring corpus is generated, as for fine-tuning."""
+    module = DenoisingDataModule(task="demo", vocab_size=500, max_train_samples=8, max_eval_samples=4,
+                                 chunk_tokens=32, batch_size=4, cache_dir=str(cache_dir))
+    module.setup("fit")
+    example = module.datasets["train"][0]
+    assert module.tokenizer.mask_token_id in example["input_ids"] and len(example["labels"]) > 2
+    assert len(module.datasets["validation"]) == 4

@@ -94,6 +94,17 @@ def test_bad_student_settings_name_the_setting(settings, message, teacher_dir):
         DQStudentModule(teacher=str(teacher_dir), **settings)
 
 
+@pytest.mark.parametrize("settings, expected", [
+    ({"mode": "dq", "bits": "2-2-8", "depth": "4-2"}, ("dq", "2-2-8", 4, 2)),
+    ({"mode": "dq", "bits": "32-32-32", "depth": "4-1"}, ("distill_only", "32-32-32", 4, 1)),
+    ({"mode": "distill_only", "bits": "2-2-8"}, ("distill_only", "32-32-32", 4, 4)),
+    ({"mode": "quant_only", "bits": "32-32-32", "depth": "2-2"}, ("quant_only", "32-32-32", 2, 2)),
+])
+def test_run_summary_names_what_was_actually_trained(settings, expected, teacher_dir):
+    summary = DQStudentModule(teacher=str(teacher_dir), **settings).run_summary()
+    assert (summary["mode"], summary["bits"], summary["encoder_layers"], summary["decoder_layers"]) == expected
+
+
 def test_missing_teacher_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="model.teacher="):
         DQStudentModule(teacher=str(tmp_path / "no_teacher"))

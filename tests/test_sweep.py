@@ -109,6 +109,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, teacher_
         os.killpg(process.pid, signal.SIGKILL)  # the whole sweep, as a killed node would
         process.wait()
     assert '"finished"' in (first / "status.json").read_text(), explain()
+    # dq-tiny.yaml sets test_after_fit: the fit process tested too, so the runner started no test process.
+    assert "[1/2] 8-8-8_2-1: test ..." not in console.read_text(), explain()
+    assert "test/rougeL" in (first / "test_metrics.json").read_text()
     finished_at = (first / "test_metrics.json").stat().st_mtime
 
     resumed = subprocess.run(sweep_command(path, runs, shared_data), cwd=PROJECT_ROOT, env=env,
@@ -145,3 +148,16 @@ def test_failed_run_is_recorded_and_the_sweep_carries_on(tmp_path, teacher_dir, 
     assert table["2-2-5_2-1"]["status"] == "failed"
     assert "a_bits=5" in table["2-2-5_2-1"]["error"] or "5" in table["2-2-5_2-1"]["error"]
     assert table["8-8-8_2-1"]["status"] == "finished", table["8-8-8_2-1"]["error"]
+
+
+def test_runner_tests_unless_the_fit_process_already_did(tmp_path):
+    from dq_lightning.sweep.runner import tested_after_fit
+
+    fit, test = tmp_path / "fit_metrics.json", tmp_path / "test_metrics.json"
+    fit.write_text("{}")
+    assert not tested_after_fit(tmp_path)  # fit finished, killed before its test: the runner tests
+    test.write_text("{}")
+    os.utime(fit, (time.time() - 60, time.time() - 60))
+    assert tested_after_fit(tmp_path)
+    os.utime(fit, (time.time() + 60, time.time() + 60))  # a later fit's metrics: the old test is stale
+    assert not tested_after_fit(tmp_path)

@@ -261,7 +261,7 @@ class DemoDataModule(Seq2SeqDataModule):
 
     def local_data_dir(self) -> Path:
         if self.data_dir is not None:
-            return super().local_data_dir()
+            return Seq2SeqDataModule.local_data_dir(self)  # not super(): pre-training modules borrow this method
         from dq_lightning.data.demo_corpus import write_corpus
 
         version = f"py{sys.version_info.major}.{sys.version_info.minor}"

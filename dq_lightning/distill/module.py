@@ -20,7 +20,7 @@ from dq_lightning.distill.student import copy_student
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.models.loading import load_pretrained
-from dq_lightning.quant import QuantConfig
+from dq_lightning.quant import QuantConfig, is_converted, prepare
 from dq_lightning.quant.config import FULL_PRECISION, parse_wea
 from dq_lightning.seq2seq import Seq2SeqModule, label_smoothed_loss
 from dq_lightning.size import model_size
@@ -165,6 +165,18 @@ class DQStudentModule(Seq2SeqModule):
         if self.hparams.evaluate_teacher and self.teacher_test_metrics is None:
             self.teacher_test_metrics = GenerationMetrics(translation=self.task.is_translation)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if is_converted(self.model) and not any(key.endswith(".packed.codes") for key in state):
+            # Testing the best checkpoint right after fit (test_after_fit): fit ended by converting the student
+            # to integer codes, but checkpoints hold the latent weights. A fresh prepared student takes them;
+            # its fake-quantized forward equals the converted one.
+            generation_config = self.model.generation_config
+            self.model = copy_student(self.teacher, self.encoder_map, self.decoder_map).to(self.device)
+            self.model.generation_config = generation_config
+            prepare(self.model, self.quant_config)
+
     def configure_callbacks(self):
         if self.quant_config is None:
             return []
@@ -231,7 +243,9 @@ class DQStudentModule(Seq2SeqModule):
     def run_summary(self) -> dict[str, Any]:
         """What this run is, for sweep results: mode, W-E-A bits and depth as actually used."""
         quant = self.quant_config
-        return {"mode": self.hparams.mode, "bits": quant.notation if quant else "32-32-32",
+        # dq at 32-32-32 trains exactly as distill_only does; one name keeps them one series in plots.
+        mode = "distill_only" if quant is None and self.hparams.mode == "dq" else self.hparams.mode
+        return {"mode": mode, "bits": quant.notation if quant else "32-32-32",
                 "encoder_layers": len(self.encoder_map), "decoder_layers": len(self.decoder_map),
                 "encoder_layer_map": self.encoder_map, "decoder_layer_map": self.decoder_map,
                 "teacher": self.hparams.teacher}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dq_lightning.data.datamodule import Seq2SeqDataModule, column_values
+from dq_lightning.data.datamodule import DATAMODULES, Seq2SeqDataModule, column_values
 from dq_lightning.data.jsonl import get_field
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import split_sentences
@@ -122,6 +122,10 @@ class DenoisingDataModule(Seq2SeqDataModule):
             raise UserError(f"data.objectives={objectives}: weights of {', '.join(OBJECTIVES)}, at least one positive")
         self.hparams["objectives"] = objectives
         self.extra_text = [self._parse_extra(entry) for entry in (extra_text or [])]
+
+    def local_data_dir(self):
+        # The task's own DataModule knows where its offline files are (the demo corpus is generated on first use).
+        return DATAMODULES[self.task_name].local_data_dir(self)
 
     @staticmethod
     def _parse_extra(entry: str) -> tuple[Path, str]:

@@ -59,6 +59,12 @@ def _run_logged(command: list[str], log: Path) -> int:
         return subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
 
 
+def tested_after_fit(run_dir: Path) -> bool:
+    """Whether the fit process also tested (`test_after_fit`): its test metrics are newer than its fit metrics."""
+    fit, test = run_dir / "fit_metrics.json", run_dir / "test_metrics.json"
+    return fit.exists() and test.exists() and test.stat().st_mtime >= fit.stat().st_mtime
+
+
 class LocalSweep:
     def __init__(self, sweep: dict, points: list[SweepPoint], sweep_dir: Path, name: str, extra: list[str]):
         self.sweep, self.points, self.sweep_dir, self.name, self.extra = sweep, points, sweep_dir, name, extra
@@ -109,14 +115,15 @@ class LocalSweep:
                     record("failed", stage="fit", error=last_error(log))
                     print(f"{prefix}: FAILED in fit: {last_error(log)} (log: {log})", flush=True)
                     return
-            fit_metrics = read_json(run_dir / "fit_metrics.json")
-            checkpoint = fit_metrics.get("best_model_path") or fit_metrics.get("last_model_path")
-            test = self.command(point, "test") + ([f"--ckpt_path={checkpoint}"] if checkpoint else [])
-            print(f"{prefix}: test ...", flush=True)
-            if _run_logged(test, log) != 0:
-                record("failed", stage="test", error=last_error(log))
-                print(f"{prefix}: FAILED in test: {last_error(log)} (log: {log})", flush=True)
-                return
+            if not tested_after_fit(run_dir):
+                fit_metrics = read_json(run_dir / "fit_metrics.json")
+                checkpoint = fit_metrics.get("best_model_path") or fit_metrics.get("last_model_path")
+                test = self.command(point, "test") + ([f"--ckpt_path={checkpoint}"] if checkpoint else [])
+                print(f"{prefix}: test ...", flush=True)
+                if _run_logged(test, log) != 0:
+                    record("failed", stage="test", error=last_error(log))
+                    print(f"{prefix}: FAILED in test: {last_error(log)} (log: {log})", flush=True)
+                    return
         except KeyboardInterrupt:
             record("interrupted")
             raise
