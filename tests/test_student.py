@@ -130,3 +130,5 @@ def test_student_ddp_fit_two_processes(teacher_dir, shared_data, cache_dir, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
     assert (root / "checkpoints" / "last.ckpt").exists()
+    # test_after_fit (set in dq-tiny.yaml): the converted student reloaded the latent checkpoint and tested
+    assert "test/rougeL" in (root / "test_metrics.json").read_text()

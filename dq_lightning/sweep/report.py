@@ -103,9 +103,8 @@ def score_of(row: dict, metric: str) -> float | None:
 def label_of(row: dict) -> str:
     if row.get("mode") == "teacher":
         return "teacher"
-    depth = f"{row.get('encoder_layers')}-{row.get('decoder_layers')}"
-    prefix = "" if row.get("mode") in ("dq", "") else f"{row['mode']} "
-    return f"{prefix}{row.get('bits')} {depth}"
+    # The paper's labels; the mode is the marker's colour and shape (legend).
+    return f"{row.get('bits')} {row.get('encoder_layers')}-{row.get('decoder_layers')}"
 
 
 def pareto_front(points: list[tuple[float, float, dict]]) -> list[tuple[float, float, dict]]:
@@ -138,9 +137,10 @@ def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", alpha=0.7,
                 label="Pareto front", zorder=2)
-    for x, y, row in points:
-        ax.annotate(label_of(row), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log", base=2)
+    for (x, y, row), offset in zip(points, _label_offsets(ax, points)):
+        ax.annotate(label_of(row), (x, y), xytext=offset, textcoords="offset points", fontsize=8, va="center",
+                    color=markers.get(row.get("mode"), ("", "black"))[1])
     ax.set_xlabel("compression ratio vs FP32 teacher (DQ-BART accounting, log scale)")
     source = "test" if any(r.get(f"test/{metric}") not in (None, "") for r in rows) else "val"
     ax.set_ylabel(f"{source} {metric}")
@@ -154,6 +154,27 @@ def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path
     plt.close(fig)
     os.replace(staging, path)
     return path
+
+
+def _label_offsets(ax, points: list[tuple[float, float, dict]], gap: float = 9.0) -> list[tuple[float, float]]:
+    """Label offsets (in points) right of each point, pushed down where labels would overlap.
+
+    Runs of one grid point in several modes share an x position and often nearly the same score.
+    """
+    ax.figure.canvas.draw()  # fixes the axes limits, so the data -> pixel transform is final
+    scale = 72.0 / ax.figure.dpi
+    anchors = [tuple(ax.transData.transform((x, y)) * scale) for x, y, _ in points]  # in points
+    order = sorted(range(len(points)), key=lambda i: -anchors[i][1])
+    placed: list[tuple[float, float]] = []
+    offsets: dict[int, tuple[float, float]] = {}
+    for index in order:
+        x, y = anchors[index][0] + 5, anchors[index][1]
+        for other_x, other_y in sorted(placed, key=lambda p: -p[1]):
+            if abs(other_x - x) < 70 and abs(other_y - y) < gap:
+                y = other_y - gap
+        placed.append((x, y))
+        offsets[index] = (5.0, y - anchors[index][1])
+    return [offsets[i] for i in range(len(points))]
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
