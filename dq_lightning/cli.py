@@ -14,6 +14,7 @@ import sys
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.errors import UserError
 
 
@@ -41,7 +42,7 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
     """
     callbacks = trainer.checkpoint_callbacks
     best = next((c.best_model_path for c in callbacks if getattr(c, "monitor", None) and c.best_model_path), "")
-    return best or next((c.last_model_path for c in callbacks if getattr(c, "last_model_path", "")), "") or None
+    return best or last_checkpoint(trainer)
 
 
 class DQLightningCLI(LightningCLI):

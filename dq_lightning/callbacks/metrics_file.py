@@ -21,6 +21,12 @@ def _plain(metrics: dict) -> dict[str, float]:
     return {key: float(value.item() if isinstance(value, torch.Tensor) else value) for key, value in metrics.items()}
 
 
+def last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """`last.ckpt` of whichever checkpoint callback keeps one (only one may), else None."""
+    return next((c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")),
+                None)
+
+
 class MetricsFile(pl.Callback):
     """Write `fit_metrics.json` / `test_metrics.json` under `dirpath` (default: trainer.default_root_dir)."""
 
@@ -68,8 +74,7 @@ class MetricsFile(pl.Callback):
         write_json_atomic(self._dir(trainer) / "fit_metrics.json", {
             "monitor": self.monitor, "best": self.best, "metrics": self.best_metrics,
             "best_model_path": getattr(checkpoint, "best_model_path", "") or "",
-            "last_model_path": next((c.last_model_path for c in trainer.checkpoint_callbacks
-                                     if getattr(c, "last_model_path", "")), ""),
+            "last_model_path": last_checkpoint(trainer) or "",
             "global_step": trainer.global_step, "wall_time_s": round(self.wall_time(), 1),
             "summary": pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}})
 

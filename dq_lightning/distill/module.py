@@ -138,10 +138,13 @@ class DQStudentModule(Seq2SeqModule):
         config = teacher_model.config
         self.encoder_map = self._map("encoder", config.encoder_layers, student_encoder_layers, encoder_layer_map)
         self.decoder_map = self._map("decoder", config.decoder_layers, student_decoder_layers, decoder_layer_map)
-        self.model = copy_student(teacher_model, self.encoder_map, self.decoder_map)
-        self.model.requires_grad_(True).train()
+        self.model = self._copy_student()
         self.val_loyalty, self.test_loyalty = Loyalty(), Loyalty()
         self.teacher_test_metrics: GenerationMetrics | None = None
+
+    def _copy_student(self) -> PreTrainedModel:
+        """A trainable full-precision student copied from the teacher's layers of the two maps."""
+        return copy_student(self.teacher, self.encoder_map, self.decoder_map).requires_grad_(True).train()
 
     def _map(self, stack: str, teacher_layers: int, layers: int | None, explicit: list[int] | None) -> list[int]:
         layers = teacher_layers if layers is None else layers
@@ -173,7 +176,7 @@ class DQStudentModule(Seq2SeqModule):
             # to integer codes, but checkpoints hold the latent weights. A fresh prepared student takes them;
             # its fake-quantized forward equals the converted one.
             generation_config = self.model.generation_config
-            self.model = copy_student(self.teacher, self.encoder_map, self.decoder_map).to(self.device)
+            self.model = self._copy_student().to(self.device)
             self.model.generation_config = generation_config
             prepare(self.model, self.quant_config)
 
