@@ -62,6 +62,7 @@ class Seq2SeqModule(pl.LightningModule):
             raise UserError(f"model.warmup_ratio={warmup_ratio} must be in [0, 1)")
         if not 0 <= label_smoothing < 1:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+        self.weight_decay = weight_decay
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.task: TaskSpec | None = None
@@ -217,7 +218,7 @@ class Seq2SeqModule(pl.LightningModule):
         for name, parameter in self.trainable_named_parameters():
             (no_decay if any(marker in name for marker in NO_DECAY) else decay).append(parameter)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+            [{"params": decay, "weight_decay": self.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total_steps),

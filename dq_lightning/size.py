@@ -42,7 +42,7 @@ from torch import nn
 
 from dq_lightning.errors import UserError
 from dq_lightning.quant.api import is_converted, quant_config_of, token_embedding_weight
-from dq_lightning.quant.config import FULL_PRECISION, QuantConfig, parse_wea
+from dq_lightning.quant.config import FULL_PRECISION, RECIPES, QuantConfig, parse_wea
 from dq_lightning.quant.quantizers import FakeQuantizer
 
 CONVENTIONS = ("paper", "strict")
@@ -199,10 +199,13 @@ def _student_groups(counts: dict[str, _Counts], quant: QuantConfig, convention: 
         bits = quantized.get(kind, FULL_PRECISION)
         scales = 0
         if bits < FULL_PRECISION:
-            scales = c.rows if quant.weight_granularity == "row" else c.tensors
+            granularity = quant.weight_granularity if kind == "linear weights" else quant.embedding_granularity
+            scales = c.rows if granularity == "row" else c.tensors
         groups.append(TensorGroup(kind, c.params, bits, scales * SCALE_BITS))
     if quant.a_bits < FULL_PRECISION and quant.act_method == "lsq":
-        steps = linears + (4 * attentions if quant.quantize_attention_inputs else 0)
+        # Only the "asym_probs" attention quantizers follow act_method; "dq-bart" ones are always min-max.
+        steps = linears + (4 * attentions if quant.quantizes_attention and quant.attention_quant == "asym_probs"
+                           else 0)
         groups.append(TensorGroup("activation steps", steps, SCALE_BITS))
     return tuple(groups)
 
@@ -340,8 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all)")
     parser.add_argument("--decoder-layers", type=int, metavar="N", help="student decoder layers "
                         "(default: all)")
-    parser.add_argument("--weight-granularity", choices=("row", "tensor"), default="row",
-                        help="scales per row or per tensor (strict convention only; default row)")
+    parser.add_argument("--recipe", choices=RECIPES, default="dq-bart",
+                        help="the recipe whose scale granularity the strict convention counts (default dq-bart: "
+                             "one scale per Linear weight, one per embedding row)")
+    parser.add_argument("--weight-granularity", choices=("row", "tensor"), default=None,
+                        help="Linear weight scales per row or per tensor (strict convention only; default: the "
+                             "recipe's)")
     parser.add_argument("--convention", choices=(*CONVENTIONS, "both"), default="both",
                         help="which accounting to print (default both)")
     return parser
@@ -380,7 +387,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     w_bits, e_bits, a_bits = _bits_from_args(args, parser)
     try:
-        quant = QuantConfig(w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, weight_granularity=args.weight_granularity)
+        granularity = {} if args.weight_granularity is None else {"weight_granularity": args.weight_granularity}
+        quant = QuantConfig.recipe(args.recipe, w_bits, e_bits, a_bits, **granularity)
         config, name = _config_from_args(args)
         conventions = CONVENTIONS if args.convention == "both" else (args.convention,)
         reports = [model_size(config, quant, encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers,

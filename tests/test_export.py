@@ -22,7 +22,7 @@ from dq_lightning.export.export import MANIFEST, WEIGHTS, export_student, load_p
 from dq_lightning.export.packing import code_range, pack, packed_numel, unpack
 from dq_lightning.export.predict import routes_here
 from dq_lightning.models.tokenizer import load_tokenizer
-from dq_lightning.quant import prepare
+from dq_lightning.quant import prepare, use_deployed_head
 from dq_lightning.quant.quantizers import LSQQuantizer, MinMaxQuantizer, TernaryQuantizer
 from dq_lightning.teacher import TeacherModule
 from tests.conftest import PROJECT_ROOT, run_cli
@@ -111,7 +111,7 @@ def checkpoints(teacher_dir, shared_data, cache_dir, tmp_path_factory):
                          num_sanity_val_steps=0)
     trainer.fit(module, datamodule=_datamodule(shared_data, cache_dir, teacher_dir))
     lsq = DQStudentModule(teacher=str(teacher_dir), bits="4-4-8", depth="2-1", generation=GENERATION,
-                          quantize_attention_inputs=True, quant_settings={"act_method": "lsq"})
+                          attention_quant="asym_probs", quant_settings={"act_method": "lsq"})
     return {
         "2-2-8 fitted": next((root / "fit").rglob("*.ckpt")),
         "8-8-8": _save_untrained(DQStudentModule(teacher=str(teacher_dir), bits="8-8-8", depth="4-2",
@@ -136,6 +136,7 @@ def _fake_quantized_student(checkpoint_path):
     prepare(module.model, module.quant_config)
     module.model.load_state_dict({k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
                                   if k.startswith("model.")})
+    use_deployed_head(module.model, True)  # what export ships for a student trained with a full-precision head
     return module.model.eval()
 
 
@@ -249,14 +250,15 @@ def test_truncated_file_is_refused_naming_it(export_copy):
 
 @pytest.mark.parametrize("change", ["missing", "reshaped"])
 def test_missing_or_reshaped_tensor_is_refused_naming_it(change, export_copy):
-    name = "model.encoder.layers.0.self_attn.q_proj.weight.scale"
+    name = "model.shared.weight.scale"  # one scale per token row in every recipe
     tensors = load_file(str(export_copy / WEIGHTS))
+    rows = tensors[name].shape[0]
     if change == "missing":
         del tensors[name]
         message = f"tensor {name} is missing"
     else:
         tensors[name] = tensors[name].reshape(-1)
-        message = f"tensor {name} in {WEIGHTS} is float32 \\[32\\], the manifest records float32 \\[32, 1\\]"
+        message = f"tensor {name} in {WEIGHTS} is float32 \\[{rows}\\], the manifest records float32 \\[{rows}, 1\\]"
     save_file(tensors, str(export_copy / WEIGHTS))
     with pytest.raises(UserError, match=message):
         load_packed(export_copy)

@@ -81,7 +81,7 @@ def test_callback_prepares_warms_up_logs_and_converts():
 
 
 def test_callback_without_conversion_leaves_a_prepared_student_and_aggregates_only():
-    callback = QuantizeOnForward(QuantConfig.from_notation("8-8-8"), log_every_n_steps=1, per_layer_stats=False,
+    callback = QuantizeOnForward(QuantConfig.from_notation("8-8-8", recipe="dq_lightning"), log_every_n_steps=1, per_layer_stats=False,
                                  convert_on_fit_end=False)
     module = fit(callback, max_steps=2)
     assert is_prepared(module.student) and not is_converted(module.student)

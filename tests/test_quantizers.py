@@ -180,14 +180,29 @@ def test_per_row_lsq_has_one_step_per_row():
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
-def test_quant_config_defaults_follow_the_paper():
+def test_quant_config_defaults_are_the_official_recipe():
     config = QuantConfig.from_notation("2-8-8")
+    assert config == QuantConfig.dq_bart(2, 8, 8) == QuantConfig(w_bits=2, e_bits=8, a_bits=8)
     assert (config.w_bits, config.e_bits, config.a_bits) == (2, 8, 8)
     assert config.resolved_weight_method == "ternary"
     assert config.resolved_embedding_method == "minmax"
-    assert config.weight_granularity == "row" and config.act_clip == 2.5 and config.weight_clip is None
+    assert (config.weight_granularity, config.embedding_granularity) == ("tensor", "row")
+    assert config.weight_clip == config.act_clip == 2.5
+    assert not config.quantize_lm_head and config.attention_quant == "dq-bart"
     assert config.notation == "2-8-8"
     assert QuantConfig.from_notation("2-2-8").resolved_embedding_method == "ternary"
+
+
+def test_the_project_recipe_differs_only_where_it_says():
+    official, project = QuantConfig.dq_bart(2, 2, 8), QuantConfig.dq_lightning(2, 2, 8)
+    differing = {f for f in official.to_dict() if getattr(official, f) != getattr(project, f)}
+    assert differing == {"weight_granularity", "weight_clip", "quantize_lm_head", "attention_quant"}
+    assert (project.weight_granularity, project.weight_clip) == ("row", None)
+    assert project.quantize_lm_head and project.attention_quant == "off"
+    # A recipe only sets defaults: a single field can still be changed.
+    assert QuantConfig.dq_bart(2, 2, 8, weight_granularity="row").weight_granularity == "row"
+    with pytest.raises(UserError, match="recipe='dq_bart' is not a recipe; choose from dq-bart, dq_lightning"):
+        QuantConfig.recipe("dq_bart")
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -200,6 +215,9 @@ def test_quant_config_defaults_follow_the_paper():
     (dict(weight_clip=0.0), "weight_clip=0.0"),
     (dict(weight_method="bwn"), "weight_method='bwn'"),
     (dict(weight_granularity="channel"), "weight_granularity='channel'"),
+    (dict(embedding_granularity="channel"), "embedding_granularity='channel'"),
+    (dict(attention_quant="probs"), "attention_quant='probs' is not supported; choose from off, dq-bart"),
+    (dict(quantize_lm_head="yes"), "quantize_lm_head='yes' must be true or false"),
     (dict(act_method="lsq", act_granularity="row"), "act_granularity='tensor'"),
 ])
 def test_bad_quant_config_names_the_setting(settings, message):

@@ -58,8 +58,9 @@ def test_strict_convention_adds_scales_fp32_biases_and_buffers():
     config = build_config("micro", vocab_size=300)
     torch.manual_seed(0)
     model = BartForConditionalGeneration(config)
-    paper = model_size(config, "2-2-8", convention="paper")
-    strict = model_size(config, "2-2-8", convention="strict")
+    project = QuantConfig.from_notation("2-2-8", recipe="dq_lightning")  # one scale per row everywhere
+    paper = model_size(config, project, convention="paper")
+    strict = model_size(config, project, convention="strict")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
     rows = sum(m.out_features for m in linears)
     biases = sum(m.bias.numel() for m in linears)
@@ -67,15 +68,17 @@ def test_strict_convention_adds_scales_fp32_biases_and_buffers():
     extra_bits = biases * (32 - 2) + rows * 32 + vocab * 32 + model.final_logits_bias.numel() * 32
     assert strict.size_bits - paper.size_bits == extra_bits
     assert strict.teacher_bits - paper.teacher_bits == model.final_logits_bias.numel() * 32
-    per_tensor = model_size(config, QuantConfig.from_notation("2-2-8", weight_granularity="tensor"),
+    official = model_size(config, "2-2-8", convention="strict")  # one scale per Linear, one per embedding row
+    assert strict.size_bits - official.size_bits == (rows - len(linears)) * 32
+    per_tensor = model_size(config, QuantConfig.from_notation("2-2-8", embedding_granularity="tensor"),
                             convention="strict")
-    assert strict.size_bits - per_tensor.size_bits == (rows - len(linears)) * 32 + (vocab - 1) * 32
+    assert official.size_bits - per_tensor.size_bits == (vocab - 1) * 32
 
 
 def test_size_of_a_prepared_student_uses_its_config_and_an_explicit_teacher():
     teacher_config = build_config("micro", vocab_size=300)
     student = BartForConditionalGeneration(build_config("micro", vocab_size=300, decoder_layers=1))
-    prepare(student, QuantConfig.from_notation("2-2-8", weight_method="lsq"))
+    prepare(student, QuantConfig.from_notation("2-2-8", recipe="dq_lightning", weight_method="lsq"))
     from_model = model_size(student, teacher=teacher_config)
     from_config = model_size(teacher_config, "2-2-8", decoder_layers=1)
     assert from_model.notation == "2-2-8"

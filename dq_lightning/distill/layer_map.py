@@ -6,15 +6,23 @@ from collections.abc import Sequence
 
 from dq_lightning.errors import UserError
 
-STRATEGIES = ("max_spacing", "uniform", "first", "last")
+STRATEGIES = ("dq-bart", "max_spacing", "uniform", "first", "last")
+
+# The official DQ-BART table (`distill_mappings` in run_summarization_no_trainer.py), for 6-layer teachers
+# (bart-base, and each stack of the CPU-scale teachers). It differs from max_spacing at 4 and 5 layers.
+DQ_BART_TABLE = {1: [5], 2: [0, 5], 3: [0, 2, 5], 4: [0, 2, 3, 5], 5: [0, 1, 3, 4, 5], 6: [0, 1, 2, 3, 4, 5]}
 
 
 def layer_map(teacher_layers: int, student_layers: int, strategy: str | Sequence[int] = "max_spacing",
               flag: str = "model.layer_map") -> list[int]:
     """Teacher layer index for each student layer, in order.
 
-    - `max_spacing` (the paper's default): spread from the first to the last layer, i * (T-1) // (S-1);
-      a 6-layer teacher gives [0, 2, 5] for 3 layers and [0, 5] for 2; one layer takes the last.
+    - `dq-bart`: the official code's table for a 6-layer teacher (1: [5], 2: [0, 5], 3: [0, 2, 5],
+      4: [0, 2, 3, 5], 5: [0, 1, 3, 4, 5]); the official code has no table for other depths, which get
+      max_spacing's formula.
+    - `max_spacing`: spread from the first to the last layer, i * (T-1) // (S-1); a 6-layer teacher gives
+      [0, 2, 5] for 3 layers, [0, 5] for 2, [0, 1, 3, 5] for 4 and [0, 1, 2, 3, 5] for 5; one layer takes
+      the last.
     - `uniform`: the last layer of each of S equal blocks, e.g. [1, 3, 5] for 6 -> 3.
     - `first` / `last`: the first or last S layers.
     - an explicit list of S increasing teacher indices.
@@ -25,7 +33,9 @@ def layer_map(teacher_layers: int, student_layers: int, strategy: str | Sequence
         raise UserError(f"{flag}: a student of {student_layers} layers cannot be copied from a teacher of "
                         f"{teacher_layers} (the student may not be deeper than the teacher)")
     if isinstance(strategy, str):
-        if strategy == "max_spacing":
+        if strategy == "dq-bart" and teacher_layers == 6:
+            return list(DQ_BART_TABLE[student_layers])
+        if strategy in ("dq-bart", "max_spacing"):
             if student_layers == 1:
                 return [teacher_layers - 1]
             return [i * (teacher_layers - 1) // (student_layers - 1) for i in range(student_layers)]

@@ -1,8 +1,9 @@
-"""Distillation losses between student and teacher outputs (pure functions, padding masked out).
+"""Distillation losses between student and teacher outputs (pure functions).
 
 Masks are 1 for real tokens and 0 for padding: the encoder's attention mask for encoder positions and
-`labels != -100` for decoder positions. Every mean is over real positions only, so batch padding never
-changes a loss (the reference implementation averages over padding too).
+`labels != -100` for decoder positions. With a mask, every mean is over real positions only, so batch padding
+never changes a loss; `mask=None` averages over every position, padding included, as the official DQ-BART
+script does (`torch.nn.MSELoss()` on whole tensors).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` (batch, positions, ...) over positions where `mask` (batch, positions) is 1."""
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of `values` (batch, positions, ...) over positions where `mask` (batch, positions) is 1; with no
+    mask, over all of it."""
+    if mask is None:
+        return values.mean()
     mask = mask.to(values.dtype)
     per_position = values.reshape(*values.shape[:2], -1).mean(dim=-1)
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
-def logits_loss(student: Tensor, teacher: Tensor, mask: Tensor, kind: str = "mse",
+def logits_loss(student: Tensor, teacher: Tensor, mask: Tensor | None, kind: str = "mse",
                 temperature: float = 1.0) -> Tensor:
-    """`mse` (the paper's): squared logit difference averaged over the vocabulary and real positions.
-    `kl`: temperature^2 * KL(teacher || student) of the softened distributions, averaged over real positions.
+    """`mse` (the paper's): squared logit difference averaged over the vocabulary and the positions.
+    `kl`: temperature^2 * KL(teacher || student) of the softened distributions, averaged over the positions.
     """
     if kind == "mse":
         return _masked_mean((student.float() - teacher.float()) ** 2, mask)
@@ -37,7 +41,7 @@ def logits_loss(student: Tensor, teacher: Tensor, mask: Tensor, kind: str = "mse
 
 
 def hidden_states_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
-                       mask: Tensor) -> Tensor:
+                       mask: Tensor | None) -> Tensor:
     """Sum over student layers of the MSE to the teacher layer each was copied from.
 
     `student`/`teacher` are HF `*_hidden_states`: index 0 is the embedding output and index i + 1 the
@@ -47,13 +51,29 @@ def hidden_states_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], lay
     return sum(_masked_mean((student[s].float() - teacher[t].float()) ** 2, mask) for s, t in pairs)
 
 
+def per_example_states_loss(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+    """Sum over the examples of a batch of each example's MSE between two (batch, positions, features) states.
+
+    The official script's extra final-encoder-state term: it zips over the batch dimension of
+    `encoder_last_hidden_state`, so it adds up one MSE per example (about batch size x the mean MSE).
+    """
+    squared = (student.float() - teacher.float()) ** 2
+    if mask is None:
+        return squared.mean(dim=(1, 2)).sum()
+    mask = mask.to(squared.dtype)
+    per_position = squared.mean(dim=-1)
+    return ((per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+
+
 def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
-                   query_mask: Tensor, key_mask: Tensor) -> Tensor:
+                   query_mask: Tensor | None, key_mask: Tensor | None) -> Tensor:
     """Sum over student layers of the MSE between attention maps (batch, heads, queries, keys) and those of
-    the teacher layer each was copied from, over real (query, key) pairs only."""
+    the teacher layer each was copied from: over real (query, key) pairs only, or with no masks over all."""
     # SDPA attention returns no maps (empty tuples in transformers 5): fail rather than distill nothing.
     if len(student) < len(layer_map) or len(teacher) <= max(layer_map) or any(a is None for a in student):
         raise ValueError("attention maps are missing: load teacher and student with attn_implementation='eager'")
+    if query_mask is None or key_mask is None:
+        return sum(((student[s].float() - teacher[t].float()) ** 2).mean() for s, t in enumerate(layer_map))
     pair_mask = (query_mask[:, :, None] * key_mask[:, None, :]).float()  # batch, queries, keys
     total = 0.0
     for s, t in enumerate(layer_map):

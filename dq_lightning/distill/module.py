@@ -14,19 +14,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dq_lightning.callbacks.quantize import QuantizeOnForward
 from dq_lightning.distill.layer_map import layer_map as make_layer_map
-from dq_lightning.distill.losses import attention_loss, hidden_states_loss, logits_loss
 from dq_lightning.distill.loyalty import Loyalty
+from dq_lightning.distill.objective import DQObjective, ObjectiveConfig
+from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.distill.student import copy_student
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.models.loading import load_pretrained
-from dq_lightning.quant import QuantConfig, is_converted, prepare
+from dq_lightning.quant import (QuantConfig, is_converted, is_prepared, prepare, return_maps_before_dropout,
+                                use_deployed_head)
 from dq_lightning.quant.config import FULL_PRECISION, parse_wea
-from dq_lightning.seq2seq import Seq2SeqModule, label_smoothed_loss
+from dq_lightning.seq2seq import Seq2SeqModule
 from dq_lightning.size import model_size
 
 MODES = ("dq", "quant_only", "distill_only")
-LOGITS_LOSSES = ("mse", "kl")
+ATTENTION_MAPS = ("before_dropout", "after_dropout")
+EVAL_HEADS = ("trained", "deployed")
 
 
 def parse_depth(depth: str) -> tuple[int, int]:
@@ -38,17 +41,26 @@ def parse_depth(depth: str) -> tuple[int, int]:
     return encoder, decoder
 
 
+def _choice(flag: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise UserError(f"model.{flag}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 class DQStudentModule(Seq2SeqModule):
     """A shallower, quantized student trained against a frozen teacher.
 
     Modes give the paper's comparison: `dq` (distillation + quantization), `quant_only` (quantized student,
-    task loss only) and `distill_only` (full-precision student, distillation losses).
+    task loss only) and `distill_only` (full-precision student, distillation losses). `recipe` chooses the
+    defaults of every setting left unset (None): `dq-bart`, the official code's method, or `dq_lightning`,
+    this project's choices (table in `dq_lightning.distill.recipe`).
     """
 
     def __init__(
         self,
         teacher: str,
         mode: str = "dq",
+        recipe: str = "dq-bart",
         w_bits: int = 2,
         e_bits: int = 2,
         a_bits: int = 8,
@@ -56,22 +68,30 @@ class DQStudentModule(Seq2SeqModule):
         depth: str | None = None,
         student_encoder_layers: int | None = None,
         student_decoder_layers: int | None = None,
-        layer_map: str = "max_spacing",
+        layer_map: str | None = None,
         encoder_layer_map: list[int] | None = None,
         decoder_layer_map: list[int] | None = None,
         task_weight: float = 1.0,
         logits_weight: float = 1.0,
         hidden_weight: float = 1.0,
         attention_weight: float = 1.0,
+        final_encoder_weight: float | None = None,
         logits_loss: str = "mse",
         temperature: float = 1.0,
+        mask_padding: bool | None = None,
+        attention_maps: str | None = None,
         weight_method: str = "auto",
-        quantize_attention_inputs: bool = False,
+        weight_granularity: str | None = None,
+        weight_clip: float | None = None,
+        quantize_lm_head: bool | None = None,
+        attention_quant: str | None = None,
         quant_settings: dict[str, Any] | None = None,
         quant_warmup_steps: int = 0,
+        eval_head: str = "trained",
         evaluate_teacher: bool = False,
         lr: float = 3e-5,
-        weight_decay: float = 0.01,
+        weight_decay: float | None = None,
+        gradient_clip: float | None = None,
         warmup_ratio: float = 0.05,
         label_smoothing: float = 0.0,
         generation: dict[str, Any] | None = None,
@@ -82,55 +102,100 @@ class DQStudentModule(Seq2SeqModule):
             teacher: the teacher's Hugging Face directory (what TeacherModule exports) or Hub id.
             mode: dq (distillation + quantization), quant_only (quantized, task loss only) or distill_only
                 (full precision, distillation losses).
+            recipe: defaults of every setting below left unset: dq-bart (the official DQ-BART code) or
+                dq_lightning (this project's choices); see dq_lightning.distill.recipe.
             w_bits: bits of the Linear weights (2 = ternary by default, 3, 4, 8, or 32 = full precision).
-            e_bits: bits of the token embedding (shared with the LM head).
-            a_bits: bits of the Linear layers' input activations.
+            e_bits: bits of the token embedding (the matrix tied to the LM head).
+            a_bits: bits of the Linear layers' input activations (and of the attention operands).
             bits: the paper's W-E-A notation ("2-2-8"); overrides w_bits, e_bits and a_bits. "32-32-32" is a
                 full-precision student (with mode dq, the distill_only baseline).
             depth: student "encoder-decoder" layers ("6-3"); overrides student_encoder_layers and
                 student_decoder_layers.
             student_encoder_layers: encoder depth of the student (default: the teacher's).
             student_decoder_layers: decoder depth of the student (default: the teacher's).
-            layer_map: which teacher layers the student copies: max_spacing (paper), uniform, first, last.
+            layer_map: which teacher layers the student copies: dq-bart (the official table for 6-layer
+                teachers, max_spacing's formula for other depths), max_spacing (first to last, evenly),
+                uniform, first, last. Unset: the recipe's (dq-bart; dq_lightning: max_spacing).
             encoder_layer_map: explicit teacher encoder layers to copy (overrides layer_map for the encoder).
             decoder_layer_map: explicit teacher decoder layers to copy (overrides layer_map for the decoder).
             task_weight: weight of the task cross-entropy.
             logits_weight: weight of the logits distillation loss.
             hidden_weight: weight of the hidden-state MSE (encoder + decoder, summed over layers).
             attention_weight: weight of the attention-map MSE (encoder self, decoder self, cross).
+            final_encoder_weight: weight of the official extra final-encoder-state term (one MSE per example,
+                summed over the batch). Unset: the recipe's (dq-bart 1; dq_lightning 0).
             logits_loss: mse (the paper's) or kl (with `temperature`).
             temperature: softening temperature of the KL logits loss.
+            mask_padding: distillation means over real tokens only (true) or over every position, padding
+                included (false). Unset: the recipe's (dq-bart false; dq_lightning true).
+            attention_maps: which attention map is distilled: before_dropout (the softmax, as the official code)
+                or after_dropout (what transformers returns). Unset: the recipe's (dq-bart before_dropout;
+                dq_lightning after_dropout).
             weight_method: weight quantizer: auto (ternary at 2 bits, min-max otherwise), minmax, ternary, lsq.
-            quantize_attention_inputs: also quantize query, key, attention probabilities and value.
-            quant_settings: further `QuantConfig` fields (e.g. {act_clip: 2.5, weight_granularity: row}).
+            weight_granularity: Linear weights: tensor (one scale per matrix) or row (one per output row). The
+                token embedding is per row in both recipes (quant_settings.embedding_granularity). Unset: the
+                recipe's (dq-bart tensor; dq_lightning row).
+            weight_clip: Linear weights and the embedding are clipped to +-weight_clip before quantization; inf
+                for no clip. Unset: the recipe's (dq-bart 2.5; dq_lightning inf).
+            quantize_lm_head: quantize the LM head (the tied embedding at e_bits, its input at a_bits), or train
+                it in full precision (false; export still ships the E-bit matrix, see eval_head). Unset: the
+                recipe's (dq-bart false; dq_lightning true).
+            attention_quant: attention operands at a_bits: dq-bart (q after scaling, k, v, probabilities after
+                dropout, symmetric per tensor), asym_probs (q before scaling, k, v with the activation quantizer,
+                probabilities asymmetric before dropout) or off. Unset: the recipe's (dq-bart; dq_lightning off).
+            quant_settings: further `QuantConfig` fields (e.g. {act_clip: 2.5, embedding_granularity: tensor}).
             quant_warmup_steps: optimizer steps in full precision before quantization starts.
+            eval_head: with a full-precision-trained LM head (quantize_lm_head false), which head validation and
+                test use: trained (the latent full-precision head, the official evaluation) or deployed (the
+                E-bit tied matrix that export writes and the size accounting counts).
             evaluate_teacher: at test time also generate with the teacher and log test/teacher_<metric>.
             lr: peak learning rate of AdamW.
-            weight_decay: AdamW weight decay (not applied to biases and LayerNorms).
+            weight_decay: AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's
+                (dq-bart 0; dq_lightning 0.01).
+            gradient_clip: clip the gradient norm at this value; 0 for none. --trainer.gradient_clip_val, when
+                set, takes precedence. Unset: the recipe's (dq-bart 0; dq_lightning 1.0).
             warmup_ratio: share of the steps spent warming the learning rate up linearly.
             label_smoothing: label smoothing of the task cross-entropy.
             generation: overrides of the task's decoding settings.
             generate_on_validation: generate and score ROUGE/BLEU at every validation.
         """
+        defaults = recipe_settings(recipe)
+        weight_decay = defaults["weight_decay"] if weight_decay is None else weight_decay
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                          label_smoothing=label_smoothing, generation=generation,
                          generate_on_validation=generate_on_validation)
         self.save_hyperparameters()
-        if mode not in MODES:
-            raise UserError(f"model.mode={mode!r} is not one of {', '.join(MODES)}")
-        if logits_loss not in LOGITS_LOSSES:
-            raise UserError(f"model.logits_loss={logits_loss!r} is not one of {', '.join(LOGITS_LOSSES)}")
-        for name in ("task_weight", "logits_weight", "hidden_weight", "attention_weight"):
-            if self.hparams[name] < 0:
-                raise UserError(f"model.{name}={self.hparams[name]} must not be negative")
+        _choice("mode", mode, MODES)
+        _choice("eval_head", eval_head, EVAL_HEADS)
+        self.attention_maps = _choice("attention_maps", attention_maps or defaults["attention_maps"],
+                                      ATTENTION_MAPS)
+        self.layer_strategy = layer_map or defaults["layer_map"]
+        self.gradient_clip = defaults["gradient_clip"] if gradient_clip is None else gradient_clip
+        if not self.gradient_clip >= 0:
+            raise UserError(f"model.gradient_clip={gradient_clip!r} must be 0 (none) or positive")
+        if weight_decay < 0:
+            raise UserError(f"model.weight_decay={weight_decay} must not be negative")
+        self.objective = DQObjective(ObjectiveConfig(
+            distill=mode != "quant_only", task_weight=task_weight, logits_weight=logits_weight,
+            hidden_weight=hidden_weight, attention_weight=attention_weight,
+            final_encoder_weight=defaults["final_encoder_weight"] if final_encoder_weight is None
+            else final_encoder_weight,
+            logits_loss=logits_loss, temperature=temperature,
+            mask_padding=defaults["mask_padding"] if mask_padding is None else mask_padding,
+            label_smoothing=label_smoothing))
         if bits is not None:
             w_bits, e_bits, a_bits = parse_wea(bits)
         if depth is not None:
             student_encoder_layers, student_decoder_layers = parse_depth(depth)
         full_precision = (w_bits, e_bits, a_bits) == (FULL_PRECISION,) * 3
-        self.quant_config = None if mode == "distill_only" or full_precision else QuantConfig(
-            w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, weight_method=weight_method,
-            quantize_attention_inputs=quantize_attention_inputs, **(quant_settings or {}))
+        named = dict(weight_method=weight_method, weight_granularity=weight_granularity, weight_clip=weight_clip,
+                     quantize_lm_head=quantize_lm_head, attention_quant=attention_quant)
+        both = sorted(set(named) & set(quant_settings or {}))
+        if both:
+            raise UserError(f"model.quant_settings.{both[0]}: {both[0]} is a setting of its own; set it as "
+                            f"--model.{both[0]}")
+        self.quant_config = None if mode == "distill_only" or full_precision else self._quant_config(
+            recipe, w_bits, e_bits, a_bits, **named, **(quant_settings or {}))
 
         teacher_model = load_pretrained(teacher, flag="model.teacher", attn_implementation="eager")
         teacher_model.eval().requires_grad_(False)
@@ -142,15 +207,32 @@ class DQStudentModule(Seq2SeqModule):
         self.val_loyalty, self.test_loyalty = Loyalty(), Loyalty()
         self.teacher_test_metrics: GenerationMetrics | None = None
 
+    @staticmethod
+    def _quant_config(recipe: str, w_bits: int, e_bits: int, a_bits: int, **settings: Any) -> QuantConfig:
+        """The recipe's `QuantConfig` with the settings given (None: the recipe's); errors name the flag."""
+        given = {name: value for name, value in settings.items() if value is not None}
+        if given.get("weight_clip") == float("inf"):
+            given["weight_clip"] = None
+        unknown = sorted(set(given) - set(QuantConfig.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"model.quant_settings: unknown QuantConfig field(s) {', '.join(unknown)}")
+        try:
+            return QuantConfig.recipe(recipe, w_bits, e_bits, a_bits, **given)
+        except UserError as error:
+            raise UserError(f"model.{error} (recipe {recipe})") from None
+
     def _copy_student(self) -> PreTrainedModel:
         """A trainable full-precision student copied from the teacher's layers of the two maps."""
-        return copy_student(self.teacher, self.encoder_map, self.decoder_map).requires_grad_(True).train()
+        student = copy_student(self.teacher, self.encoder_map, self.decoder_map).requires_grad_(True).train()
+        if self.attention_maps == "before_dropout" and self.objective.config.needs_attentions:
+            return_maps_before_dropout(student)
+        return student
 
     def _map(self, stack: str, teacher_layers: int, layers: int | None, explicit: list[int] | None) -> list[int]:
         layers = teacher_layers if layers is None else layers
         if explicit is not None:
             return make_layer_map(teacher_layers, layers, explicit, flag=f"model.{stack}_layer_map")
-        return make_layer_map(teacher_layers, layers, self.hparams.layer_map, flag=f"model.student_{stack}_layers")
+        return make_layer_map(teacher_layers, layers, self.layer_strategy, flag=f"model.student_{stack}_layers")
 
     @property
     def teacher(self) -> PreTrainedModel:
@@ -197,40 +279,15 @@ class DQStudentModule(Seq2SeqModule):
             return self.teacher(**inputs, output_hidden_states=details, output_attentions=details)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        hp = self.hparams
         labels = batch["labels"]
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
-        distill = hp.mode != "quant_only"
-        want_hidden, want_attention = distill and hp.hidden_weight > 0, distill and hp.attention_weight > 0
-        student = self.model(**inputs, output_hidden_states=want_hidden, output_attentions=want_attention)
-        teacher = (self._teacher_outputs(inputs, want_hidden or want_attention)
-                   if self._needs_teacher(stage) else None)
-
-        source_mask, target_mask = batch["attention_mask"], labels != -100
-        terms = {"task": label_smoothed_loss(student.logits, labels, hp.label_smoothing if stage == "train" else 0)}
-        weights = {"task": hp.task_weight}
-        if distill:
-            terms["logits"] = logits_loss(student.logits, teacher.logits, target_mask, hp.logits_loss,
-                                          hp.temperature)
-            weights["logits"] = hp.logits_weight
-        if want_hidden:
-            terms["hidden"] = (
-                hidden_states_loss(student.encoder_hidden_states, teacher.encoder_hidden_states,
-                                   self.encoder_map, source_mask)
-                + hidden_states_loss(student.decoder_hidden_states, teacher.decoder_hidden_states,
-                                     self.decoder_map, target_mask))
-            weights["hidden"] = hp.hidden_weight
-        if want_attention:
-            terms["attention"] = (
-                attention_loss(student.encoder_attentions, teacher.encoder_attentions, self.encoder_map,
-                               source_mask, source_mask)
-                + attention_loss(student.decoder_attentions, teacher.decoder_attentions, self.decoder_map,
-                                 target_mask, target_mask)
-                + attention_loss(student.cross_attentions, teacher.cross_attentions, self.decoder_map,
-                                 target_mask, source_mask))
-            weights["attention"] = hp.attention_weight
-        loss = sum(weights[name] * value for name, value in terms.items())
+        objective = self.objective.config
+        hidden, attentions = objective.needs_hidden_states, objective.needs_attentions
+        student = self.model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
+        teacher = self._teacher_outputs(inputs, hidden or attentions) if self._needs_teacher(stage) else None
+        loss, terms = self.objective(student, teacher, labels, batch["attention_mask"], self.encoder_map,
+                                     self.decoder_map, training=stage == "train")
 
         batch_size = labels.size(0)
         sync = stage != "train"
@@ -239,16 +296,36 @@ class DQStudentModule(Seq2SeqModule):
                       batch_size=batch_size, sync_dist=sync)
         if stage in ("val", "test"):
             (self.val_loyalty if stage == "val" else self.test_loyalty).update(student.logits, teacher.logits,
-                                                                               target_mask)
+                                                                               labels != -100)
         self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # --trainer.gradient_clip_val, when given, wins over the module's (recipe) value.
+        if gradient_clip_val is None and self.gradient_clip > 0:
+            gradient_clip_val, gradient_clip_algorithm = self.gradient_clip, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def _use_eval_head(self, deployed: bool) -> None:
+        if self.quant_config is not None and is_prepared(self.model) and not is_converted(self.model):
+            use_deployed_head(self.model, deployed)
+
+    def on_validation_start(self) -> None:
+        self._use_eval_head(self.hparams.eval_head == "deployed")
+
+    def on_test_start(self) -> None:
+        self._use_eval_head(self.hparams.eval_head == "deployed")
+
+    def on_validation_end(self) -> None:
+        self._use_eval_head(False)  # training goes on with the head it trains with
 
     def run_summary(self) -> dict[str, Any]:
         """What this run is, for sweep results: mode, W-E-A bits and depth as actually used."""
         quant = self.quant_config
         # dq at 32-32-32 trains exactly as distill_only does; one name keeps them one series in plots.
         mode = "distill_only" if quant is None and self.hparams.mode == "dq" else self.hparams.mode
-        return {"mode": mode, "bits": quant.notation if quant else "32-32-32",
+        return {"mode": mode, "recipe": self.hparams.recipe, "bits": quant.notation if quant else "32-32-32",
                 "encoder_layers": len(self.encoder_map), "decoder_layers": len(self.decoder_map),
                 "encoder_layer_map": self.encoder_map, "decoder_layer_map": self.decoder_map,
                 "teacher": self.hparams.teacher}

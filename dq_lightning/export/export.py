@@ -99,6 +99,11 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None):
     hparams = checkpoint["hyper_parameters"]
     accepted = inspect.signature(DQStudentModule.__init__).parameters
     settings = {key: value for key, value in hparams.items() if key in accepted and key != "self"}
+    if "recipe" not in hparams:
+        # Written before recipes existed: trained with what is now recipe dq_lightning.
+        settings["recipe"] = "dq_lightning"
+        if hparams.get("quantize_attention_inputs"):
+            settings["attention_quant"] = "asym_probs"
     if teacher is not None:
         settings["teacher"] = str(teacher)
     try:
@@ -290,6 +295,8 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
     generation = _generation_config(module, task_spec, tok)
     quant = module.quant_config
     attn_implementation = student.config._attn_implementation
+    if not quant.quantizes_attention:
+        attn_implementation = "eager"  # the library's attention function served only to return maps
     convert(student)  # int8 codes and scales: the numbers the fake-quantized forward computes with
     stored, structure = collect_tensors(student)
     _check_structure(student, structure)
@@ -323,6 +330,13 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
             "attn_implementation": attn_implementation,
             "quant": quant.to_dict(),
             "notation": quant.notation,
+            "recipe": module.hparams.get("recipe"),
+            # The tied LM head always ships as the E-bit token embedding codes (what the sizes count); a
+            # student trained with a full-precision head (the official recipe) was evaluated with another head.
+            "lm_head": {"deployed": f"tied token embedding at {quant.e_bits} bits, input not quantized"
+                        if not quant.quantize_lm_head else
+                        f"tied token embedding at {quant.e_bits} bits, input at {quant.a_bits} bits",
+                        "trained": "quantized" if quant.quantize_lm_head else "full_precision"},
             "weights_file": WEIGHTS,
             **structure,
             "tensors": {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha256_tensor(t)}
@@ -580,7 +594,7 @@ def load_packed(directory: str | Path, int8: bool = False, attn_implementation: 
         else:
             attach_input_quantizer(linear, quantizer)
     if attention_quantized:
-        quant = QuantConfig(**manifest["quant"])
+        quant = QuantConfig(**_current_quant_fields(manifest["quant"]))
         for name, entry in manifest["attention_quantizers"].items():
             quantizer = AttentionInputQuantizer(quant)
             try:
@@ -600,6 +614,16 @@ def load_packed(directory: str | Path, int8: bool = False, attn_implementation: 
     model.eval().requires_grad_(False)
     model.dq_export = manifest
     return model
+
+
+def _current_quant_fields(quant: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's `QuantConfig` fields; exports written before recipes existed name fewer of them."""
+    quant = dict(quant)
+    if "quantize_attention_inputs" in quant:
+        quant["attention_quant"] = "asym_probs" if quant.pop("quantize_attention_inputs") else "off"
+        quant.setdefault("quantize_lm_head", True)
+        quant.setdefault("embedding_granularity", quant.get("weight_granularity", "row"))
+    return quant
 
 
 def _first_line(error: BaseException) -> str:

@@ -6,12 +6,16 @@ What `prepare` swaps, in place:
   `QuantLinear` at `w_bits`, with its input quantized at `a_bits`;
 - the token embedding becomes a `QuantEmbedding` at `e_bits`, wherever it is looked up (`model.shared`,
   `encoder.embed_tokens`, `decoder.embed_tokens`: three modules, one weight);
-- the LM head: BART ties it to the token embedding, so it is the same matrix and is quantized once, with
-  the embedding's quantizer and `e_bits`. The logits are computed from exactly the E-bit matrix that the
-  encoder and decoder look tokens up in, which keeps the tie meaningful (training pushes one latent matrix
-  through one grid) and makes the size accounting count the matrix once. An untied LM head is also a
-  vocabulary-by-d_model matrix and gets `e_bits` too, with its own quantizer. Its input (the final hidden
-  state) is quantized at `a_bits` like every other Linear's.
+- the LM head, which BART ties to the token embedding, depends on `quantize_lm_head`:
+  - False (the official recipe): left a plain Linear on the latent full-precision tied weight, its input not
+    quantized. The deployed model cannot keep a full-precision copy of the matrix it counts at E bits, so
+    `convert` (and hence export) computes the head from the E-bit token embedding codes, and
+    `use_deployed_head` lets a latent student evaluate that way too;
+  - True: quantized with the embedding's own quantizer, so the logits come from exactly the E-bit matrix
+    the tokens are looked up in (one latent matrix through one grid), its input at `a_bits` like every
+    other Linear's. An untied head gets `e_bits` with a quantizer of its own.
+- with `attention_quant`, each attention module gets an `AttentionInputQuantizer` and the model switches to
+  the quantized eager attention function.
 
 Left alone: positional embeddings (`BartLearnedPositionalEmbedding` subclasses `nn.Embedding` but is not
 the token embedding), LayerNorms, biases and the `final_logits_bias` buffer.
@@ -26,9 +30,10 @@ from torch import nn
 
 from dq_lightning.errors import UserError
 from dq_lightning.quant.config import QuantConfig
-from dq_lightning.quant.modules import (ATTENTION_IMPLEMENTATION, ATTENTION_QUANTIZER_ATTR, AttentionInputQuantizer,
-                                        ConvertedEmbedding, ConvertedLinear, PackedWeight, QuantEmbedding,
-                                        QuantLinear, place_like, register_quantized_attention)
+from dq_lightning.quant.modules import (ATTENTION_IMPLEMENTATION, ATTENTION_QUANTIZER_ATTR,
+                                        MAPS_BEFORE_DROPOUT_ATTR, AttentionInputQuantizer, ConvertedEmbedding,
+                                        ConvertedLinear, PackedWeight, QuantEmbedding, QuantLinear, place_like,
+                                        register_quantized_attention)
 from dq_lightning.quant.quantizers import FakeQuantizer, embedding_quantizer_for
 
 QUANT_CONFIG_ATTR = "dq_quant_config"
@@ -85,7 +90,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     if not any(replacements.values()):
         raise UserError(f"{type(model).__name__} has no quantizable layer (no nn.Linear and no token "
                         "embedding); prepare expects a BART/mBART model")
-    if config.quantize_attention_inputs and config.a_bits < 32:
+    if config.quantizes_attention:
         _quantize_attention_inputs(model, config)
     setattr(model, QUANT_CONFIG_ATTR, config)
     return model
@@ -99,6 +104,8 @@ def _quantized(child: nn.Module, config: QuantConfig, token: torch.Tensor | None
     if isinstance(child, nn.Embedding):
         return QuantEmbedding.from_float(child, token_quantizer) if tied else None
     if isinstance(child, nn.Linear):
+        if (tied or child is output) and not config.quantize_lm_head:
+            return None
         if tied:
             return QuantLinear.from_float(child, config, weight_quantizer=token_quantizer)
         if child is output:
@@ -124,16 +131,64 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _quantize_attention_inputs(model: nn.Module, config: QuantConfig) -> None:
+def _attention_modules(model: nn.Module, setting: str) -> list[nn.Module]:
     attention = [m for m in model.modules() if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))]
     if not attention or not hasattr(model, "set_attn_implementation"):
-        raise UserError("quantize_attention_inputs=True needs a transformers BART/mBART model with "
-                        "q_proj/k_proj/v_proj attention modules")
-    for module in attention:
+        raise UserError(f"{setting} needs a transformers BART/mBART model with q_proj/k_proj/v_proj attention "
+                        "modules")
+    return attention
+
+
+def _use_dq_attention(model: nn.Module) -> None:
+    register_quantized_attention()
+    if model.config._attn_implementation != ATTENTION_IMPLEMENTATION:
+        model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+
+
+def _quantize_attention_inputs(model: nn.Module, config: QuantConfig) -> None:
+    for module in _attention_modules(model, f"attention_quant={config.attention_quant!r}"):
         quantizer = AttentionInputQuantizer(config).to(module.q_proj.weight.device)
         setattr(module, ATTENTION_QUANTIZER_ATTR, quantizer)
-    register_quantized_attention()
-    model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    _use_dq_attention(model)
+
+
+def return_maps_before_dropout(model: nn.Module) -> None:
+    """Make every attention module of `model` return its softmax before dropout (and before any quantization)
+    as its attention map, the map the official DQ-BART code distills. Switches to the eager attention function
+    of this library (quantizing nothing unless the model is prepared with `attention_quant`)."""
+    for module in _attention_modules(model, "attention maps before dropout"):
+        setattr(module, MAPS_BEFORE_DROPOUT_ATTR, True)
+    _use_dq_attention(model)
+
+
+def _token_embedding(model: nn.Module) -> nn.Module | None:
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def use_deployed_head(model: nn.Module, deployed: bool = True) -> bool:
+    """For a prepared model whose tied LM head trains in full precision (`quantize_lm_head=False`): compute the
+    logits from the E-bit token embedding (`deployed=True`, what `convert` and export ship and what the size
+    accounting counts) or from the latent full-precision weight (`False`, what it trained with). The head's
+    input stays unquantized either way. Returns whether the head is now the deployed one; a model with a
+    quantized or untied head is left alone."""
+    head, token = _output_embeddings(model), _token_embedding(model)
+    if not isinstance(token, QuantEmbedding) or token.weight_quantizer is None or head is None:
+        return isinstance(head, QuantLinear)
+    is_deployed = isinstance(head, QuantLinear) and getattr(head, "deployed_head", False)
+    if deployed and type(head) is nn.Linear and head.weight is token.weight:
+        config = quant_config_of(model)
+        new = QuantLinear.from_float(head, config, weight_quantizer=token.weight_quantizer)
+        new.input_quantizer = None
+        new.deployed_head = True
+        model.set_output_embeddings(new)
+        return True
+    if not deployed and is_deployed:
+        model.set_output_embeddings(head.to_float())
+        return False
+    return is_deployed or isinstance(head, QuantLinear)
 
 
 @torch.no_grad()
@@ -144,11 +199,14 @@ def convert(model: nn.Module) -> nn.Module:
     `ConvertedLinear`/`ConvertedEmbedding`; the tied token embedding and LM head share one. In eval mode the
     converted model's outputs equal the fake-quantized model's exactly. The latent full-precision weights
     are dropped (biases, LayerNorms and positional embeddings stay), so convert a copy to keep training.
+    A tied LM head that trained in full precision is converted onto the token embedding's codes (see
+    `use_deployed_head`): the converted model is the deployed one.
     """
     if is_converted(model):
         return model
     if not is_prepared(model):
         raise UserError("convert needs a model prepared for quantization; call prepare(model, config) first")
+    use_deployed_head(model, True)
     packed: dict[int, PackedWeight] = {}
 
     def pack(weight: nn.Parameter, quantizer: FakeQuantizer) -> PackedWeight:

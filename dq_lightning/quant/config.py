@@ -2,6 +2,10 @@
 
 DQ-BART names a setting by three bit widths, weights-embeddings-activations: "8-8-8", "2-8-8", "2-2-8".
 Here each of the three is independent and may be 2, 3, 4 or 8 bits, or 32 for full precision.
+
+Two recipes put the quantizers together (`RECIPES`): "dq-bart", what the official code
+(amazon-science/dq-bart, `quant/utils_quant.py` and `quant/modeling_bart_quant.py`) does, and the field
+defaults; "dq_lightning", this project's own choices, each of which is a field of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ FULL_PRECISION = 32
 WEIGHT_METHODS = ("auto", "minmax", "ternary", "lsq")
 ACT_METHODS = ("minmax", "asym_minmax", "lsq")
 GRANULARITIES = ("row", "tensor")
+ATTENTION_QUANT = ("off", "dq-bart", "asym_probs")
+RECIPES = ("dq-bart", "dq_lightning")
 
 
 def parse_wea(notation: str) -> tuple[int, int, int]:
@@ -51,10 +57,11 @@ def _check_clip(name: str, value: float | None) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How the student is quantized. The defaults are DQ-BART's recipe at 8-8-8.
+    """How the student is quantized. The field defaults are the official DQ-BART recipe at 8-8-8.
 
     Weights, the token embedding and activations each have their own width, so the paper's settings are
-    `QuantConfig(w_bits=2, e_bits=2, a_bits=8)` or `QuantConfig.from_notation("2-2-8")`.
+    `QuantConfig(w_bits=2, e_bits=2, a_bits=8)`, `QuantConfig.from_notation("2-2-8")` or
+    `QuantConfig.dq_bart(2, 2, 8)`; `QuantConfig.dq_lightning(2, 2, 8)` is this project's recipe.
 
     Always full precision: positional embeddings, LayerNorm parameters and biases. Together they are 1.2% of
     bart-base's parameters; the paper keeps them in FP32 and so does this library (no switch is offered,
@@ -66,12 +73,12 @@ class QuantConfig:
     32 for full precision."""
 
     e_bits: int = 8
-    """Bits of the token embedding matrix, which BART ties to the output projection (LM head): the LM head
-    uses the same E-bit matrix. 2, 3, 4, 8, or 32."""
+    """Bits of the token embedding matrix (tied to the LM head in BART). 2, 3, 4, 8, or 32. The official code
+    quantizes the embedding at the weight width; here it has its own, so "2-8-8" is expressible."""
 
     a_bits: int = 8
-    """Bits of the activations entering every quantized Linear (and, with `quantize_attention_inputs`, the
-    attention query, key, value and probabilities). 2, 3, 4, 8, or 32."""
+    """Bits of the activations entering every quantized Linear and, with `attention_quant`, of the attention
+    operands. 2, 3, 4, 8, or 32."""
 
     weight_method: str = "auto"
     """Weight quantizer: "minmax" (symmetric uniform), "ternary" (TWN, 2 bits only), "lsq" (learned step
@@ -81,32 +88,44 @@ class QuantConfig:
     """Quantizer of the token embedding, with the same choices as `weight_method`."""
 
     act_method: str = "minmax"
-    """Activation quantizer: "minmax" (symmetric, the reference's choice), "asym_minmax" (min-max with a
+    """Activation quantizer: "minmax" (symmetric, the official choice), "asym_minmax" (min-max with a
     zero point, for inputs that are mostly one-signed) or "lsq" (learned step size)."""
 
-    weight_granularity: str = "row"
-    """"row": one scale per output row of a weight and per token of the embedding; "tensor": one scale per
-    matrix. Per-row is the paper's default and much more accurate at 2 bits."""
+    weight_granularity: str = "tensor"
+    """Linear weights: "tensor", one scale per matrix (official: `layerwise=True`), or "row", one scale per
+    output row (recipe dq_lightning; much finer at 2 bits)."""
+
+    embedding_granularity: str = "row"
+    """Token embedding (and a quantized LM head): "row", one scale per token (official), or "tensor"."""
 
     act_granularity: str = "tensor"
-    """"tensor": one dynamic scale per activation tensor (the reference's choice); "row": one per token."""
+    """"tensor": one dynamic scale per activation tensor (official); "row": one per token."""
 
-    weight_clip: float | None = None
-    """Weights (and the embedding) are clipped to [-weight_clip, weight_clip] before quantization, and get no
-    gradient outside. None, the default, uses each group's own min-max range: BART's weights are small
-    (std 0.02 at initialisation), far inside the reference's fixed 2.5, so that clip does not bind and would
-    only cost a comparison and a saved tensor per weight. LSQ learns its range and ignores this."""
+    weight_clip: float | None = 2.5
+    """Linear weights and the embedding are clipped to [-weight_clip, weight_clip] before quantization and get
+    no gradient outside. Official: 2.5. None (recipe dq_lightning) uses each group's own min-max range: BART's
+    weights are small (std 0.02 at initialisation), far inside 2.5, so the clip rarely binds. LSQ learns its
+    range and ignores this."""
 
     act_clip: float | None = 2.5
     """Activations are clipped to [-act_clip, act_clip] before quantization, and get no gradient outside.
-    The default is the reference's 2.5, and clipping matters here unlike for weights: with one dynamic scale
-    per tensor, a few outlier features (common in pre-trained transformers) would otherwise coarsen the grid
+    Official: 2.5. With one dynamic scale per tensor, a few outlier features would otherwise coarsen the grid
     for the whole batch; the clip bounds the step at 2.5 / 127 at 8 bits. None uses the tensor's own range.
     LSQ learns its range and ignores this."""
 
-    quantize_attention_inputs: bool = False
-    """Also quantize the attention query, key, value and softmax probabilities at `a_bits`, as the reference
-    code does. Switches the model to an eager attention function (slower than SDPA)."""
+    quantize_lm_head: bool = False
+    """Quantize the LM head: its weight is the tied token embedding at `e_bits` (one latent matrix through one
+    grid) and its input is quantized at `a_bits` (recipe dq_lightning). False (official) trains with a plain
+    full-precision head on the latent tied weight. The official size accounting still counts the head at
+    E bits, so `export` always writes the E-bit tied matrix: a False student is deployed with a head it was
+    not trained with (the manifest says so)."""
+
+    attention_quant: str = "dq-bart"
+    """Attention operands at `a_bits`: "dq-bart" (official): the query after the 1/sqrt(head_dim) scaling,
+    key, value, and the probabilities after dropout, each symmetric per tensor with `act_clip`;
+    "asym_probs": query (before the scaling), key and value with the activation quantizer, the
+    probabilities asymmetric (grid from 0) before dropout; "off": not quantized (fastest: SDPA can run).
+    Quantized attention runs an eager attention function."""
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "e_bits", "a_bits"):
@@ -115,9 +134,13 @@ class QuantConfig:
         _check_choice("embedding_method", self.embedding_method, WEIGHT_METHODS)
         _check_choice("act_method", self.act_method, ACT_METHODS)
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check_choice("embedding_granularity", self.embedding_granularity, GRANULARITIES)
         _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
+        _check_choice("attention_quant", self.attention_quant, ATTENTION_QUANT)
         _check_clip("weight_clip", self.weight_clip)
         _check_clip("act_clip", self.act_clip)
+        if not isinstance(self.quantize_lm_head, bool):
+            raise UserError(f"quantize_lm_head={self.quantize_lm_head!r} must be true or false")
         for method_field, bits_field in (("weight_method", "w_bits"), ("embedding_method", "e_bits")):
             bits = getattr(self, bits_field)
             if getattr(self, method_field) == "ternary" and bits not in (2, FULL_PRECISION):
@@ -128,10 +151,32 @@ class QuantConfig:
                             "act_granularity='tensor'")
 
     @classmethod
-    def from_notation(cls, notation: str, **settings) -> QuantConfig:
-        """A config from the paper's "W-E-A" string, e.g. `QuantConfig.from_notation("2-2-8")`."""
-        w_bits, e_bits, a_bits = parse_wea(notation)
-        return cls(w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, **settings)
+    def from_notation(cls, notation: str, recipe: str = "dq-bart", **settings) -> QuantConfig:
+        """A config of `recipe` from the paper's "W-E-A" string, e.g. `QuantConfig.from_notation("2-2-8")`;
+        `settings` override single fields."""
+        return cls.recipe(recipe, *parse_wea(notation), **settings)
+
+    @classmethod
+    def dq_bart(cls, w_bits: int = 8, e_bits: int = 8, a_bits: int = 8, **settings) -> QuantConfig:
+        """The official DQ-BART recipe (the field defaults): per-tensor Linear weights and per-row embedding,
+        both clipped at 2.5; TWN at 2 bits; symmetric per-tensor activations clipped at 2.5; q (after the
+        scaling), k, v and the probabilities (after dropout) quantized; a full-precision LM head."""
+        return cls.recipe("dq-bart", w_bits, e_bits, a_bits, **settings)
+
+    @classmethod
+    def dq_lightning(cls, w_bits: int = 8, e_bits: int = 8, a_bits: int = 8, **settings) -> QuantConfig:
+        """This project's recipe: per-row weights without a clip, the LM head quantized with the tied E-bit
+        embedding (input at A bits), attention operands left in full precision."""
+        return cls.recipe("dq_lightning", w_bits, e_bits, a_bits, **settings)
+
+    @classmethod
+    def recipe(cls, name: str, w_bits: int = 8, e_bits: int = 8, a_bits: int = 8, **settings) -> QuantConfig:
+        """A config of recipe `name` ("dq-bart" or "dq_lightning"); `settings` override single fields."""
+        return cls(w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, **{**recipe_defaults(name), **settings})
+
+    @property
+    def quantizes_attention(self) -> bool:
+        return self.attention_quant != "off" and self.a_bits < FULL_PRECISION
 
     @property
     def notation(self) -> str:
@@ -148,6 +193,15 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def recipe_defaults(name: str, flag: str = "recipe") -> dict:
+    """The `QuantConfig` fields recipe `name` sets (bit widths aside); `flag` names the setting in errors."""
+    if name == "dq-bart":
+        return {}  # the field defaults are the official recipe
+    if name == "dq_lightning":
+        return {"weight_granularity": "row", "weight_clip": None, "quantize_lm_head": True, "attention_quant": "off"}
+    raise UserError(f"{flag}={name!r} is not a recipe; choose from {', '.join(RECIPES)}")
 
 
 def _resolve(method: str, bits: int) -> str:

@@ -114,20 +114,36 @@ class QuantEmbedding(nn.Embedding):
 
 
 class AttentionInputQuantizer(nn.Module):
-    """Quantizers for the query, key, value and softmax probabilities of one attention module.
+    """Quantizers for the query, key, value and softmax probabilities of one attention module, at `a_bits`.
 
-    Probabilities lie in [0, 1]: with a min-max activation method they get the asymmetric quantizer, whose
-    grid starts at 0, instead of wasting half the codes on negative values.
+    `attention_quant="dq-bart"` (the official code): each operand symmetric min-max per tensor, clipped at
+    `act_clip`; the query is quantized after the 1/sqrt(head_dim) scaling and the probabilities after dropout.
+    `"asym_probs"`: query (before the scaling), key and value with the configured activation quantizer, and the
+    probabilities before dropout with the asymmetric quantizer, whose grid starts at 0, so that no code is
+    spent on negative values that probabilities never take.
     """
 
     def __init__(self, config: QuantConfig):
         super().__init__()
-        self.query = activation_quantizer_for(config)
-        self.key = activation_quantizer_for(config)
-        self.value = activation_quantizer_for(config)
-        probs_method = "lsq" if config.act_method == "lsq" else "asym_minmax"
-        self.probs = make_activation_quantizer(config.a_bits, probs_method, config.act_granularity, None)
+        self.mode = config.attention_quant
+        if self.mode == "dq-bart":
+            def operand() -> FakeQuantizer | None:
+                return make_activation_quantizer(config.a_bits, "minmax", "tensor", config.act_clip)
+            self.query, self.key, self.value, self.probs = operand(), operand(), operand(), operand()
+        else:
+            self.query = activation_quantizer_for(config)
+            self.key = activation_quantizer_for(config)
+            self.value = activation_quantizer_for(config)
+            probs_method = "lsq" if config.act_method == "lsq" else "asym_minmax"
+            self.probs = make_activation_quantizer(config.a_bits, probs_method, config.act_granularity, None)
+        self.scale_query_first = self.mode == "dq-bart"
+        self.probs_after_dropout = self.mode == "dq-bart"
         self.enabled = True
+
+
+# Set on an attention module to return its softmax before dropout as the attention map (what the official
+# DQ-BART code distills); transformers' eager attention returns the map after dropout.
+MAPS_BEFORE_DROPOUT_ATTR = "dq_maps_before_dropout"
 
 
 def quantized_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -136,23 +152,34 @@ def quantized_eager_attention(module: nn.Module, query: Tensor, key: Tensor, val
     """Eager scaled dot-product attention with the operands of both matmuls quantized.
 
     The same computation as transformers' `eager_attention_forward` for BART; the quantizers come from the
-    module's `attention_input_quantizer`, and without one (or when disabled) nothing is quantized.
+    module's `attention_input_quantizer` (see `AttentionInputQuantizer` for where each operand is quantized),
+    and without one (or when disabled) nothing is quantized. The returned map is the probabilities after
+    dropout, as transformers returns them, or before dropout (and before quantization) where the module has
+    `MAPS_BEFORE_DROPOUT_ATTR` set.
     """
     quant: AttentionInputQuantizer | None = getattr(module, ATTENTION_QUANTIZER_ATTR, None)
     active = quant is not None and quant.enabled
-    if active:
-        query, key, value = quant.query(query), quant.key(key), quant.value(value)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if active and quant.scale_query_first:
+        scores = torch.matmul(quant.query(query * scaling), quant.key(key).transpose(2, 3))
+    elif active:
+        scores = torch.matmul(quant.query(query), quant.key(key).transpose(2, 3)) * scaling
+    else:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if active:
+        value = quant.value(value)
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1)
-    if active:
+    attention_map = probs if getattr(module, MAPS_BEFORE_DROPOUT_ATTR, False) else None
+    if active and not quant.probs_after_dropout:
         probs = quant.probs(probs)
     probs = F.dropout(probs, p=dropout, training=module.training)
+    if active and quant.probs_after_dropout:
+        probs = quant.probs(probs)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return output, probs
+    return output, probs if attention_map is None else attention_map
 
 
 def register_quantized_attention() -> None:

@@ -392,7 +392,7 @@ def weight_quantizer_for(config: QuantConfig, weight: Tensor) -> FakeQuantizer |
 
 
 def embedding_quantizer_for(config: QuantConfig, weight: Tensor) -> FakeQuantizer | None:
-    return make_weight_quantizer(config.e_bits, config.resolved_embedding_method, config.weight_granularity,
+    return make_weight_quantizer(config.e_bits, config.resolved_embedding_method, config.embedding_granularity,
                                  config.weight_clip, weight)
 
 

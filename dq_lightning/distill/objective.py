@@ -1,0 +1,145 @@
+"""The DQ-BART training objective as one component: task cross-entropy plus distillation against the teacher.
+
+    objective = DQObjective(ObjectiveConfig.recipe("dq-bart"))
+    loss, terms = objective(student_outputs, teacher_outputs, labels, source_mask, encoder_map, decoder_map)
+
+Terms (each a scalar, weighted and summed into the loss):
+
+- `task`: cross-entropy on the labels (label -100 does not count);
+- `logits`: MSE (or KL) between student and teacher logits;
+- `hidden`: MSE between each student hidden state (embedding output included) and the teacher state of the
+  layer it was copied from, encoder and decoder, summed over layers;
+- `attention`: MSE between attention maps (encoder self, decoder self, cross), summed over layers;
+- `final_encoder`: the official script's extra term on the final encoder state, one MSE per example summed
+  over the batch (`per_example_states_loss`).
+
+`mask_padding` decides whether the distillation means skip padded positions or, as the official script,
+average over them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from dq_lightning.distill.losses import attention_loss, hidden_states_loss, logits_loss, per_example_states_loss
+from dq_lightning.distill.recipe import recipe_settings
+from dq_lightning.errors import UserError
+
+LOGITS_LOSSES = ("mse", "kl")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Weights and form of the DQ loss. The field defaults are the official recipe's."""
+
+    distill: bool = True
+    """Add the distillation terms (False: the task loss alone, the quant_only baseline)."""
+    task_weight: float = 1.0
+    """Weight of the task cross-entropy."""
+    logits_weight: float = 1.0
+    """Weight of the logits loss."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state MSE (encoder and decoder, summed over layers)."""
+    attention_weight: float = 1.0
+    """Weight of the attention-map MSE (encoder self, decoder self, cross; summed over layers)."""
+    final_encoder_weight: float = 1.0
+    """Weight of the final-encoder-state term, one MSE per example summed over the batch (official: 1, the
+    same weight as the other hidden-state terms; recipe dq_lightning: 0, as that state is already the last
+    encoder hidden state)."""
+    logits_loss: Literal["mse", "kl"] = "mse"
+    """mse (official) or kl (temperature^2 * KL(teacher || student))."""
+    temperature: float = 1.0
+    """Softening temperature of the KL logits loss."""
+    mask_padding: bool = False
+    """Average the distillation terms over real tokens only (recipe dq_lightning), or over every position,
+    padding included, as the official script does (False)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the task cross-entropy while training."""
+
+    def __post_init__(self) -> None:
+        for name in ("task_weight", "logits_weight", "hidden_weight", "attention_weight", "final_encoder_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise UserError(f"model.{name}={value!r} must be a non-negative number")
+        if self.logits_loss not in LOGITS_LOSSES:
+            raise UserError(f"model.logits_loss={self.logits_loss!r} is not one of {', '.join(LOGITS_LOSSES)}")
+        if not self.temperature > 0:
+            raise UserError(f"model.temperature={self.temperature!r} must be positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"model.label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+    @classmethod
+    def recipe(cls, name: str, **settings: Any) -> ObjectiveConfig:
+        """The objective of recipe `name` ("dq-bart" or "dq_lightning"); `settings` override single fields."""
+        fields = set(cls.__dataclass_fields__)
+        return cls(**{**{k: v for k, v in recipe_settings(name).items() if k in fields}, **settings})
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.distill and (self.hidden_weight > 0 or self.final_encoder_weight > 0)
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.distill and self.attention_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_loss(logits: Tensor, labels: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy over target positions; label -100 (padding) does not count."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                       ignore_index=-100, label_smoothing=smoothing)
+
+
+class DQObjective(nn.Module):
+    """The weighted sum of the DQ terms (see the module docstring). No parameters: a plain function of the
+    two models' outputs, held as a module so that it prints with the LightningModule."""
+
+    def __init__(self, config: ObjectiveConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, student, teacher, labels: Tensor, source_mask: Tensor, encoder_map: list[int],
+                decoder_map: list[int], training: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """`student` and `teacher` are transformers Seq2SeqLMOutputs of one batch (the teacher's may be None
+        when not distilling); returns the loss and its unweighted terms."""
+        c = self.config
+        terms = {"task": task_loss(student.logits, labels, c.label_smoothing if training else 0.0)}
+        weights = {"task": c.task_weight}
+        if c.distill:
+            if teacher is None:
+                raise ValueError("distillation needs the teacher's outputs")
+            target_mask = labels != -100 if c.mask_padding else None
+            encoder_mask = source_mask if c.mask_padding else None
+            terms["logits"] = logits_loss(student.logits, teacher.logits, target_mask, c.logits_loss,
+                                          c.temperature)
+            weights["logits"] = c.logits_weight
+            if c.hidden_weight > 0:
+                terms["hidden"] = (
+                    hidden_states_loss(student.encoder_hidden_states, teacher.encoder_hidden_states, encoder_map,
+                                       encoder_mask)
+                    + hidden_states_loss(student.decoder_hidden_states, teacher.decoder_hidden_states,
+                                         decoder_map, target_mask))
+                weights["hidden"] = c.hidden_weight
+            if c.final_encoder_weight > 0:
+                terms["final_encoder"] = per_example_states_loss(
+                    student.encoder_last_hidden_state, teacher.encoder_last_hidden_state, encoder_mask)
+                weights["final_encoder"] = c.final_encoder_weight
+            if c.attention_weight > 0:
+                terms["attention"] = (
+                    attention_loss(student.encoder_attentions, teacher.encoder_attentions, encoder_map,
+                                   encoder_mask, encoder_mask)
+                    + attention_loss(student.decoder_attentions, teacher.decoder_attentions, decoder_map,
+                                     target_mask, target_mask)
+                    + attention_loss(student.cross_attentions, teacher.cross_attentions, decoder_map,
+                                     target_mask, encoder_mask))
+                weights["attention"] = c.attention_weight
+        loss = sum(weights[name] * value for name, value in terms.items())
+        return loss, terms
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items())
