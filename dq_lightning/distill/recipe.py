@@ -42,13 +42,3 @@ def recipe_settings(name: str, flag: str = "model.recipe") -> dict[str, Any]:
     recipe_defaults(name, flag)  # names the flag for an unknown recipe
     return dict(_STUDENT_DEFAULTS[name])
 
-
-def recipe_table(name: str, flag: str = "model.recipe") -> dict[str, Any]:
-    """Every default recipe `name` sets, quantization included (for manifests, logs and reports)."""
-    from dq_lightning.quant.config import QuantConfig
-
-    quant_fields = ("weight_granularity", "embedding_granularity", "weight_clip", "quantize_lm_head",
-                    "attention_quant")
-    base = QuantConfig()
-    quant = {field: recipe_defaults(name, flag).get(field, getattr(base, field)) for field in quant_fields}
-    return {**quant, **recipe_settings(name, flag)}

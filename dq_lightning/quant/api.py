@@ -117,11 +117,15 @@ def _quantized(child: nn.Module, config: QuantConfig, token: torch.Tensor | None
 
 def token_embedding_weight(model: nn.Module) -> torch.Tensor | None:
     """The weight of the model's token embedding (tied to the LM head in BART), or None."""
+    embedding = _token_embedding(model)
+    return embedding.weight if isinstance(embedding, nn.Embedding) else None
+
+
+def _token_embedding(model: nn.Module) -> nn.Module | None:
     try:
-        embedding = model.get_input_embeddings()
+        return model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    return embedding.weight if isinstance(embedding, nn.Embedding) else None
 
 
 def _output_embeddings(model: nn.Module) -> nn.Module | None:
@@ -161,34 +165,21 @@ def return_maps_before_dropout(model: nn.Module) -> None:
     _use_dq_attention(model)
 
 
-def _token_embedding(model: nn.Module) -> nn.Module | None:
-    try:
-        return model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-
-
-def use_deployed_head(model: nn.Module, deployed: bool = True) -> bool:
+def use_deployed_head(model: nn.Module, deployed: bool = True) -> None:
     """For a prepared model whose tied LM head trains in full precision (`quantize_lm_head=False`): compute the
     logits from the E-bit token embedding (`deployed=True`, what `convert` and export ship and what the size
     accounting counts) or from the latent full-precision weight (`False`, what it trained with). The head's
-    input stays unquantized either way. Returns whether the head is now the deployed one; a model with a
-    quantized or untied head is left alone."""
+    input stays unquantized either way. A model with a quantized or untied head is left alone."""
     head, token = _output_embeddings(model), _token_embedding(model)
     if not isinstance(token, QuantEmbedding) or token.weight_quantizer is None or head is None:
-        return isinstance(head, QuantLinear)
-    is_deployed = isinstance(head, QuantLinear) and getattr(head, "deployed_head", False)
+        return
     if deployed and type(head) is nn.Linear and head.weight is token.weight:
-        config = quant_config_of(model)
-        new = QuantLinear.from_float(head, config, weight_quantizer=token.weight_quantizer)
+        new = QuantLinear.from_float(head, quant_config_of(model), weight_quantizer=token.weight_quantizer)
         new.input_quantizer = None
         new.deployed_head = True
         model.set_output_embeddings(new)
-        return True
-    if not deployed and is_deployed:
+    elif not deployed and getattr(head, "deployed_head", False):
         model.set_output_embeddings(head.to_float())
-        return False
-    return is_deployed or isinstance(head, QuantLinear)
 
 
 @torch.no_grad()
