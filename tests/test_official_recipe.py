@@ -194,3 +194,51 @@ def test_training_loss_on_a_padded_batch_equals_the_official_loss(teacher_dir, b
     assert set(terms) == {"task", "logits", "hidden", "final_encoder", "attention"}
     assert expected - student.loss > 0.1 and all(value > 1e-4 for value in terms.values())
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+
+def _eager_pair():
+    config = build_config("micro", vocab_size=300)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    teacher = BartForConditionalGeneration(config).eval()
+    torch.manual_seed(1)
+    student = prepare(BartForConditionalGeneration(config).eval(), QuantConfig.dq_bart(2, 2, 8))
+    return teacher, student
+
+
+def _outputs(model, input_ids, attention_mask, labels):
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels.clamp(min=1))
+    return model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                 labels=labels, output_attentions=True, output_hidden_states=True)
+
+
+def test_objective_without_lightning_official_value_and_masked_variant_ignores_padding():
+    from dq_lightning.distill.objective import DQObjective, ObjectiveConfig
+
+    teacher, student = _eager_pair()
+    layers = list(range(student.config.encoder_layers)), list(range(student.config.decoder_layers))
+    g = torch.Generator().manual_seed(2)
+    input_ids, labels = torch.randint(4, 300, (2, 9), generator=g), torch.randint(4, 300, (2, 5), generator=g)
+    mask = torch.ones_like(input_ids)
+    mask[1, 6:] = 0
+    labels[1, 3:] = -100
+
+    def loss(recipe, ids, source_mask, targets):
+        with torch.no_grad():
+            s, t = _outputs(student, ids, source_mask, targets), _outputs(teacher, ids, source_mask, targets)
+        value, _ = DQObjective(ObjectiveConfig.recipe(recipe))(s, t, targets, source_mask, *layers)
+        return value, s, t
+
+    official, s, t = loss("dq-bart", input_ids, mask, labels)
+    torch.testing.assert_close(official, _official_total_loss(s, t, s.loss, *layers), rtol=1e-5, atol=0)
+
+    # More batch padding (pad tokens, masked out) changes the official unmasked means but not the masked ones.
+    pad = student.config.pad_token_id
+    wider_ids = torch.cat([input_ids, torch.full((2, 4), pad)], dim=1)
+    wider_mask = torch.cat([mask, torch.zeros(2, 4, dtype=mask.dtype)], dim=1)
+    wider_labels = torch.cat([labels, torch.full((2, 3), -100)], dim=1)
+    masked, *_ = loss("dq_lightning", input_ids, mask, labels)
+    masked_wider, *_ = loss("dq_lightning", wider_ids, wider_mask, wider_labels)
+    official_wider, *_ = loss("dq-bart", wider_ids, wider_mask, wider_labels)
+    torch.testing.assert_close(masked_wider, masked, rtol=1e-4, atol=1e-6)
+    assert not torch.isclose(official_wider, official, rtol=1e-3)
