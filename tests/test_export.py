@@ -189,6 +189,9 @@ def test_export_is_packed_at_the_accounted_size(exported):
     assert (fc1["bits"], fc1["method"], fc1["shape"]) == (2, "ternary", [64, 32])
     assert manifest["tensors"][fc1["codes"]] ["shape"] == [64 * 32 // 4]  # four ternary codes per byte
     assert manifest["aliases"]["lm_head.weight"] == "model.shared.weight"
+    # A dq-bart student trains with the full-precision head; the export ships (and says so) the E-bit one.
+    assert manifest["recipe"] == "dq-bart" and manifest["lm_head"]["trained"] == "full_precision"
+    assert manifest["lm_head"]["deployed"].startswith("tied token embedding at 2 bits")
     size = manifest["size"]
     header = struct.unpack("<Q", (exported["2-2-8 fitted"] / WEIGHTS).open("rb").read(8))[0]
     # Payload (file minus the safetensors header) within 1% of the strict accounting (at most 2 pad bytes per

@@ -1,0 +1,96 @@
+"""Which of the dq-bart recipe's choices matter: a one-at-a-time ablation against the run-to-run spread.
+
+    .venv/bin/python benchmarks/recipe_ablation.py --data-dir ../shared/data/xsum [--bits 2-2-8 --depth 6-3]
+
+Trains the `recipe: dq-bart` student of `experiments/xsum/dq-tiny.yaml` (needs `runs/xsum/teacher-tiny/hf`,
+`make teacher TASK=xsum`) once per seed in `--seeds` (the spread), then once per recipe choice with that one
+choice switched to the `dq_lightning` recipe's value (seed of the first run). Each run is its own process in
+`--runs/<name>`; a run whose `test_metrics.json` exists is not trained again. Prints a markdown table of test
+ROUGE-L, label and probability loyalty, and each ablation's difference to the mean of the seed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dq_lightning.distill.layer_map import layer_map  # noqa: E402
+from dq_lightning.distill.recipe import recipe_settings  # noqa: E402
+from dq_lightning.quant.config import QuantConfig, recipe_defaults  # noqa: E402
+
+METRICS = ("test/rougeL", "test/label_loyalty", "test/prob_loyalty")
+
+
+def choices(depth: str, attention_dropout: float) -> dict[str, str]:
+    """{flag: the dq_lightning value}, for every setting where the two recipes differ."""
+    fields = QuantConfig.__dataclass_fields__
+    official = {**recipe_settings("dq-bart"), **{name: fields[name].default for name in fields}}
+    project = {**recipe_settings("dq_lightning"), **recipe_defaults("dq_lightning")}
+    flags = {}
+    for name, value in project.items():
+        if official.get(name) == value:
+            continue
+        flags[name] = "inf" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    encoder, decoder = (int(n) for n in depth.split("-"))
+    if all(layer_map(6, n, "dq-bart") == layer_map(6, n, "max_spacing") for n in (encoder, decoder)):
+        flags.pop("layer_map")  # the two maps agree at this depth: nothing to ablate
+    if attention_dropout == 0:
+        flags.pop("attention_maps")  # before and after a dropout of 0 are the same map
+    return flags
+
+
+def run(name: str, flags: list[str], args) -> dict[str, float]:
+    out = Path(args.runs) / name
+    result = out / "test_metrics.json"
+    if not result.exists():
+        command = [sys.executable, "-m", "dq_lightning", "fit", "--config", "experiments/xsum/dq-tiny.yaml",
+                   f"--data.data_dir={args.data_dir}", f"--model.bits={args.bits}", f"--model.depth={args.depth}",
+                   "--model.recipe=dq-bart", f"--trainer.default_root_dir={out}", *flags]
+        print("$", " ".join(command), flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "run.log").open("w") as log:
+            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0 or not result.exists():
+            raise SystemExit(f"error: run {name} failed (exit {code}); see {out / 'run.log'}")
+    metrics = json.loads(result.read_text())
+    metrics = metrics.get("metrics", metrics)
+    return {key: float(metrics[key]) for key in METRICS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="the xsum {train,validation,test}.jsonl folder")
+    parser.add_argument("--bits", default="2-2-8")
+    parser.add_argument("--depth", default="6-3")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the spread runs")
+    parser.add_argument("--runs", default="runs/recipe_ablation")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    base = {seed: run(f"dq-bart_seed{seed}", [f"--seed_everything={seed}"], args) for seed in seeds}
+    mean = {key: statistics.mean(r[key] for r in base.values()) for key in METRICS}
+    spread = {key: max(r[key] for r in base.values()) - min(r[key] for r in base.values()) for key in METRICS}
+    rows = [(f"dq-bart, seed {seed}", result) for seed, result in base.items()]
+    teacher = json.loads((ROOT / "runs/xsum/teacher-tiny/hf/config.json").read_text())
+    for flag, value in choices(args.depth, teacher.get("attention_dropout", 0.0)).items():
+        rows.append((f"dq-bart but {flag}={value}",
+                     run(f"{flag}={value}", [f"--model.{flag}={value}", f"--seed_everything={seeds[0]}"], args)))
+
+    print(f"\n{args.bits} {args.depth}; seed spread (max - min over {len(seeds)} seeds): "
+          + ", ".join(f"{k} {spread[k]:.3f}" for k in METRICS))
+    print("| run | " + " | ".join(METRICS) + " | " + " | ".join(f"d {k.split('/')[1]}" for k in METRICS) + " |")
+    print("|---" * (1 + 2 * len(METRICS)) + "|")
+    for label, result in rows:
+        cells = [f"{result[k]:.3f}" for k in METRICS] + [f"{result[k] - mean[k]:+.3f}" for k in METRICS]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
