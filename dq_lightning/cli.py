@@ -3,7 +3,9 @@
 Model and data are chosen in the config by `class_path` (any dq_lightning module and DataModule); configs are
 parsed in OmegaConf mode, resolved after command-line overrides, so `${trainer.default_root_dir}` in a
 callback follows `--trainer.default_root_dir`. Mistakes in user input
-(`UserError`) end in one line on stderr and exit code 2, not a traceback.
+(`UserError`) end in one line on stderr and exit code 2, not a traceback. Checkpoints are saved atomically on every
+filesystem, and a `--ckpt_path` is checked (readable, saved by the configured module class) before anything is
+built (`dq_lightning.checkpoints`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dq_lightning.callbacks.metrics_file import last_checkpoint
+from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
 from dq_lightning.errors import UserError
 
 
@@ -55,6 +58,21 @@ class DQLightningCLI(LightningCLI):
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best_checkpoint(self.trainer))
 
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
+        # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand, self.config)
+        ckpt_path, model_class = config.get("ckpt_path"), (config.get("model") or {}).get("class_path")
+        if ckpt_path and model_class:
+            check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates")
+
     def before_instantiate_classes(self) -> None:
         trainer_config = self.config.get(self.subcommand, self.config).get("trainer", {})
         sweep_dir, run_id = os.environ.get("DQ_SWEEP_DIR"), os.environ.get("WANDB_RUN_ID")
@@ -76,21 +94,17 @@ class DQLightningCLI(LightningCLI):
             os.makedirs(root, exist_ok=True)
 
 
+CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False,
+                   save_config_callback=SaveConfigOnStart, save_config_kwargs={"overwrite": True},
+                   parser_kwargs={"parser_mode": "omegaconf+"})
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        DQLightningCLI(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_callback=SaveConfigOnStart,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf+"},
-            # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
-            args=None if argv == sys.argv[1:] else argv,
-        )
+        # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
+        DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **CLI_OPTIONS,
+                       args=None if argv == sys.argv[1:] else argv)
     except Exception as error:  # noqa: BLE001 - only user errors are caught; the rest is re-raised
         user_error = find_user_error(error)
         if user_error is None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import get_linear_schedule_with_warmup
 
+from dq_lightning.checkpoints import class_path
 from dq_lightning.data.tasks import TaskSpec
 from dq_lightning.errors import UserError
 from dq_lightning.files import replace_directory
@@ -153,6 +154,8 @@ class Seq2SeqModule(pl.LightningModule):
     # Global RNG states travel with the checkpoint, so dropout after a resume draws what an uninterrupted run
     # would have drawn.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Which class saved it: `--ckpt_path` with another stage's checkpoint is refused (dq_lightning.checkpoints).
+        checkpoint["module_class"] = class_path(type(self))
         kind, keys, position, has_gauss, cached = np.random.get_state()
         # Plain lists, not numpy arrays: checkpoints must load with torch.load(weights_only=True).
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
