@@ -65,6 +65,8 @@ class DQLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        self._model_flags = model_settings_given(argv)
         # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
         # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
         subcommand = self.config.get("subcommand")
@@ -72,6 +74,20 @@ class DQLightningCLI(LightningCLI):
         ckpt_path, model_class = config.get("ckpt_path"), (config.get("model") or {}).get("class_path")
         if ckpt_path and model_class:
             check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the whole model config by the checkpoint's hyper-parameters, command-line flags
+        # included: `test --model.eval_head=deployed --ckpt_path ...` would test the trained head, and a lower
+        # `--model.lr` on resume would be dropped. The model settings given on the command line win; the saved
+        # config.yaml then says what really ran.
+        subcommand = self.config.get("subcommand")
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        init_args = model.get("init_args") if model is not None else None
+        given = {name: init_args[name] for name in getattr(self, "_model_flags", ())
+                 if init_args is not None and name in init_args}
+        super()._parse_ckpt_path()
+        for name, value in given.items():
+            self.config[f"{subcommand}.model.init_args.{name}"] = value
 
     def before_instantiate_classes(self) -> None:
         trainer_config = self.config.get(self.subcommand, self.config).get("trainer", {})
@@ -92,6 +108,18 @@ class DQLightningCLI(LightningCLI):
         root = trainer_config.get("default_root_dir")
         if root:
             os.makedirs(root, exist_ok=True)
+
+
+def model_settings_given(argv: list[str]) -> list[str]:
+    """The model settings named on the command line: `--model.lr=1e-5`, `--model.init_args.lr 1e-5` and
+    `--model.generation.num_beams=1` give lr, lr and generation."""
+    names = []
+    for token in argv:
+        if isinstance(token, str) and token.startswith("--model."):
+            key = token[len("--model."):].split("=", 1)[0].removeprefix("init_args.").split(".")[0]
+            if key and key not in ("class_path", "init_args", "dict_kwargs"):
+                names.append(key)
+    return names
 
 
 CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False,

@@ -228,6 +228,20 @@ class Seq2SeqModule(pl.LightningModule):
                                                     total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # A resumed run restores its optimizer and schedule at the lr it was started with; a different
+        # `--model.lr` given on resume (e.g. lower after a NaN) rescales both, keeping the schedule's shape.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            started_with = scheduler.base_lrs[0]
+            if started_with > 0 and abs(self.hparams.lr / started_with - 1) > 1e-9:
+                ratio = self.hparams.lr / started_with
+                scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+                for group in scheduler.optimizer.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+
     # -- export -----------------------------------------------------------------------------------------
     def save_hf(self, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
         return save_hf_directory(self.model, self.tokenizer, out_dir,

@@ -122,10 +122,38 @@ def test_bad_ckpt_path_is_refused_before_the_run(case, world):
     assert digest(world["root"]) == before, "a refused run altered or added files"
 
 
-def test_checkpoint_of_the_same_class_resumes(world):
+def test_checkpoint_of_the_same_class_resumes_at_the_lr_given_on_resume(world):
+    first = torch.load(world["teacher_ckpt"], weights_only=True, map_location="cpu")
+    lower = first["hyper_parameters"]["lr"] / 4
     result = run_cli("fit", "--config", str(world["config"]), f"--trainer.default_root_dir={world['root'] / 'resumed'}",
-                     "--trainer.max_steps=2", f"--ckpt_path={world['teacher_ckpt']}")
+                     "--trainer.max_steps=2", f"--model.lr={lower}", f"--ckpt_path={world['teacher_ckpt']}")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = torch.load(world["root"] / "resumed" / "checkpoints" / "last.ckpt", weights_only=True,
                          map_location="cpu")
     assert resumed["global_step"] == 2 and resumed["module_class"] == TEACHER
+    # The flag was honoured, not replaced by the checkpoint's lr: the schedule restarts from the lower base.
+    assert resumed["hyper_parameters"]["lr"] == lower
+    assert resumed["lr_schedulers"][0]["base_lrs"] == [lower, lower]
+    before, after = (c["optimizer_states"][0]["param_groups"][0]["initial_lr"] for c in (first, resumed))
+    assert after == pytest.approx(before / 4)
+
+
+class _ParsedOnly(DQLightningCLI):
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.config[self.config.subcommand]["model"]["init_args"])
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_model_flags_given_with_a_checkpoint_win_over_its_hyper_parameters(world):
+    saved = torch.load(world["teacher_ckpt"], weights_only=True, map_location="cpu")["hyper_parameters"]
+    with pytest.raises(_Parsed) as parsed:
+        _ParsedOnly(pl.LightningModule, pl.LightningDataModule, **CLI_OPTIONS, args=[
+            "test", "--config", str(world["config"]), "--model.generation={num_beams: 1, max_length: 5}",
+            f"--model.init_args.label_smoothing={saved['label_smoothing'] / 2}", f"--ckpt_path={world['teacher_ckpt']}"])
+    init_args = parsed.value.args[0]
+    assert init_args["generation"] == {"num_beams": 1, "max_length": 5}
+    assert init_args["label_smoothing"] == saved["label_smoothing"] / 2
+    assert init_args["lr"] == saved["lr"]  # not given: the checkpoint's
