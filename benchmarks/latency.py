@@ -269,10 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     teacher_file = (teacher / "model.safetensors").stat().st_size
 
     sizes = []
-    timed_export = work / f"packed-{args.bits}-{args.depth}"
+    # The timed student: the checkpoint's export in a directory of its own (the size-table students below,
+    # built untrained from the teacher, must not land on it), or the preset student at --bits.
+    timed_export = work / ("packed-ckpt" if args.ckpt else f"packed-{args.bits}-{args.depth}")
     if args.ckpt:
         manifest = export_student(args.ckpt, timed_export, teacher=str(teacher))
         sizes.append(size_row(manifest["notation"], manifest, teacher_file))
+        args.bits = manifest["notation"]  # what the latency table is labelled with
     for bits in dict.fromkeys([args.bits] * (not args.ckpt) + list(args.size_settings)):
         out = timed_export if bits == args.bits and not args.ckpt else work / f"packed-{bits}-{args.depth}"
         manifest = export_student(student_checkpoint(teacher, bits, args.depth, work), out)
