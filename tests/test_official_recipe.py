@@ -242,3 +242,20 @@ def test_objective_without_lightning_official_value_and_masked_variant_ignores_p
     official_wider, *_ = loss("dq-bart", wider_ids, wider_mask, wider_labels)
     torch.testing.assert_close(masked_wider, masked, rtol=1e-4, atol=1e-6)
     assert not torch.isclose(official_wider, official, rtol=1e-3)
+
+
+@pytest.mark.parametrize("eval_head", ["trained", "deployed"])
+def test_eval_head_picks_the_head_validation_and_test_use(teacher_dir, eval_head):
+    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", depth="2-1", eval_head=eval_head)
+    prepare(module.model, module.quant_config)
+    token = module.model.model.shared
+    for start in (module.on_validation_start, module.on_test_start):
+        start()
+        head = module.model.lm_head
+        if eval_head == "deployed":  # the E-bit token embedding, what export ships, its input not quantized
+            assert isinstance(head, QuantLinear) and head.input_quantizer is None
+            assert head.weight_quantizer is token.weight_quantizer and head.weight is token.weight
+        else:
+            assert type(head) is nn.Linear and head.weight is token.weight
+        module.on_validation_end()  # training goes on with the full-precision head
+        assert type(module.model.lm_head) is nn.Linear and module.model.lm_head.weight is token.weight

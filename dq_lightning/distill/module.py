@@ -21,7 +21,7 @@ from dq_lightning.distill.student import copy_student
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.models.loading import load_pretrained
-from dq_lightning.quant import (QuantConfig, is_converted, is_prepared, prepare, return_maps_before_dropout,
+from dq_lightning.quant import (QuantConfig, is_converted, prepare, return_maps_before_dropout,
                                 use_deployed_head)
 from dq_lightning.quant.config import FULL_PRECISION, parse_wea
 from dq_lightning.seq2seq import Seq2SeqModule
@@ -175,14 +175,12 @@ class DQStudentModule(Seq2SeqModule):
             raise UserError(f"model.gradient_clip={gradient_clip!r} must be 0 (none) or positive")
         if weight_decay < 0:
             raise UserError(f"model.weight_decay={weight_decay} must not be negative")
-        self.objective = DQObjective(ObjectiveConfig(
-            distill=mode != "quant_only", task_weight=task_weight, logits_weight=logits_weight,
-            hidden_weight=hidden_weight, attention_weight=attention_weight,
-            final_encoder_weight=defaults["final_encoder_weight"] if final_encoder_weight is None
-            else final_encoder_weight,
-            logits_loss=logits_loss, temperature=temperature,
-            mask_padding=defaults["mask_padding"] if mask_padding is None else mask_padding,
-            label_smoothing=label_smoothing))
+        recipe_choices = dict(final_encoder_weight=final_encoder_weight, mask_padding=mask_padding)
+        self.objective = DQObjective(ObjectiveConfig.recipe(
+            recipe, distill=mode != "quant_only", task_weight=task_weight, logits_weight=logits_weight,
+            hidden_weight=hidden_weight, attention_weight=attention_weight, logits_loss=logits_loss,
+            temperature=temperature, label_smoothing=label_smoothing,
+            **{name: value for name, value in recipe_choices.items() if value is not None}))
         if bits is not None:
             w_bits, e_bits, a_bits = parse_wea(bits)
         if depth is not None:
@@ -307,18 +305,15 @@ class DQStudentModule(Seq2SeqModule):
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
-    def _use_eval_head(self, deployed: bool) -> None:
-        if self.quant_config is not None and is_prepared(self.model) and not is_converted(self.model):
-            use_deployed_head(self.model, deployed)
-
+    # use_deployed_head leaves alone a model that is not prepared, already converted or has a quantized head.
     def on_validation_start(self) -> None:
-        self._use_eval_head(self.hparams.eval_head == "deployed")
+        use_deployed_head(self.model, self.hparams.eval_head == "deployed")
 
     def on_test_start(self) -> None:
-        self._use_eval_head(self.hparams.eval_head == "deployed")
+        use_deployed_head(self.model, self.hparams.eval_head == "deployed")
 
     def on_validation_end(self) -> None:
-        self._use_eval_head(False)  # training goes on with the head it trains with
+        use_deployed_head(self.model, False)  # training goes on with the head it trains with
 
     def run_summary(self) -> dict[str, Any]:
         """What this run is, for sweep results: mode, W-E-A bits and depth as actually used."""
