@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dq_lightning.data.jsonl import get_field
+from dq_lightning.data.jsonl import check_jsonl, get_field, read_records
 from dq_lightning.data.tasks import get_task
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import GenerationMetrics, split_sentences
@@ -49,7 +49,9 @@ def read_split(task_name: str, data_dir: Path, split: str) -> tuple[list[str], l
     path = data_dir / f"{split}.jsonl"
     if not path.exists():
         raise UserError(f"--data-dir {data_dir}: missing {split}.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    check_jsonl(path, (task.source_column, task.target_column))  # file and line for any unreadable row
+    # read_records splits at "\n" only: str.splitlines would also split rows inside their U+2028 or U+0085.
+    rows = [row for _, row in read_records(path)]
     return ([get_field(row, task.source_column) for row in rows], [get_field(row, task.target_column) for row in rows])
 
 

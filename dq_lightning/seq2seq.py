@@ -6,6 +6,7 @@ vocabulary size); Lightning calls it before restoring a checkpoint, so `--ckpt_p
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from pathlib import Path
@@ -47,6 +48,16 @@ def save_hf_directory(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return Path(out_dir)
 
 
+def _check_generation_keys(generation: dict[str, Any] | None) -> None:
+    """Refuse a key GenerationConfig does not know (it would keep it as an attribute that nothing reads)."""
+    known = GenerationConfig().to_dict()
+    for key in generation or {}:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"model.generation.{key}: unknown generation setting in --model.generation{hint}")
+
+
 class Seq2SeqModule(pl.LightningModule):
     """Base LightningModule for a seq2seq model trained on a `Seq2SeqDataModule`.
 
@@ -63,6 +74,7 @@ class Seq2SeqModule(pl.LightningModule):
             raise UserError(f"model.warmup_ratio={warmup_ratio} must be in [0, 1)")
         if not 0 <= label_smoothing < 1:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+        _check_generation_keys(generation)
         self.weight_decay = weight_decay
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -99,10 +111,7 @@ class Seq2SeqModule(pl.LightningModule):
 
     def generation_config(self) -> GenerationConfig:
         settings = {**self.task.generation, **(self.hparams.generation or {})}
-        known = GenerationConfig().to_dict()
-        unknown = sorted(set(settings) - set(known))
-        if unknown:
-            raise UserError(f"model.generation: unknown generation setting(s) {', '.join(unknown)}")
+        _check_generation_keys(settings)
         base = self.model.generation_config.to_dict() if self.model is not None else {}
         for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id",
                     "forced_eos_token_id", "forced_bos_token_id"):

@@ -112,7 +112,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             path = local / f"{split}.jsonl"
             if not path.exists():
                 raise UserError(f"data.data_dir={self.data_dir}: missing {split}.jsonl")
-            check_jsonl(path, columns)
+            # Sources must hold text somewhere in every split; targets in train and validation (loss and
+            # scores), not in test, which `predict` may use without references.
+            check_jsonl(path, columns, required_text=columns if split != "test" else columns[:1])
             files[split] = str(path)
         raw = datasets.load_dataset("json", data_files=files, cache_dir=str(self.cache_dir / "json"))
         return {split: raw[split] for split in splits}

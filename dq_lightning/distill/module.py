@@ -188,10 +188,16 @@ class DQStudentModule(Seq2SeqModule):
         full_precision = (w_bits, e_bits, a_bits) == (FULL_PRECISION,) * 3
         named = dict(weight_method=weight_method, weight_granularity=weight_granularity, weight_clip=weight_clip,
                      quantize_lm_head=quantize_lm_head, attention_quant=attention_quant)
-        both = sorted(set(named) & set(quant_settings or {}))
-        if both:
-            raise UserError(f"model.quant_settings.{both[0]}: {both[0]} is a setting of its own; set it as "
-                            f"--model.{both[0]}")
+        # Checked whatever the mode: a distill_only or 32-32-32 student builds no QuantConfig, and would
+        # otherwise accept any key in silence.
+        for key in quant_settings or {}:
+            if key in named or key in ("w_bits", "e_bits", "a_bits"):
+                raise UserError(f"model.quant_settings.{key}: {key} is a setting of its own; set it as "
+                                f"--model.{key}" + (" (or --model.bits)" if key.endswith("_bits") else ""))
+            if key not in QuantConfig.__dataclass_fields__:
+                known = sorted(set(QuantConfig.__dataclass_fields__) - set(named) - {"w_bits", "e_bits", "a_bits"})
+                raise UserError(f"model.quant_settings.{key}: unknown key in --model.quant_settings; known: "
+                                f"{', '.join(known)}")
         self.quant_config = None if mode == "distill_only" or full_precision else self._quant_config(
             recipe, w_bits, e_bits, a_bits, **named, **(quant_settings or {}))
 

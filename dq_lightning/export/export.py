@@ -34,10 +34,15 @@ are instantiated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +273,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: str | None = None,
                    tokenizer: str | None = None, task: str | None = None) -> dict[str, Any]:
     """Write the quantized student of a DQ student checkpoint as a packed directory (see the module
-    docstring). Returns the manifest. `out_dir` is replaced only once complete; an existing directory that
-    is not a packed export is refused rather than overwritten."""
+    docstring). Returns the manifest. Nothing in `out_dir` changes until the export is complete; over an
+    earlier export only the files an export writes are replaced, other files are left alone (see
+    `_export_files`). An existing directory that is neither empty nor a packed export is refused."""
     from safetensors.torch import save_file
 
     from dq_lightning.models.tokenizer import load_tokenizer
@@ -277,8 +283,7 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
     from dq_lightning.size import model_size
 
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
-        raise UserError(f"--out {out_dir}: exists and is not a packed export; choose a new directory")
+    _check_out_dir(out_dir)
     module, checkpoint = load_student(checkpoint_path, teacher)
     teacher_dir = str(module.hparams.teacher)
     try:
@@ -310,7 +315,7 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
     strict = model_size(teacher_config, quant, convention="strict", **depth)
     paper = model_size(teacher_config, quant, convention="paper", **depth)
 
-    with replace_directory(out_dir) as staging:
+    with _export_files(out_dir) as staging:
         student.config.save_pretrained(staging)
         generation.save_pretrained(staging)
         tok.save_pretrained(str(staging))
@@ -363,6 +368,60 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse, before the (slow) student is rebuilt, an `--out` that cannot become an export directory."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
+        raise UserError(f"--out {out_dir}: exists and is not a packed export; choose a new directory")
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists() or path == path.parent)
+    if not existing.is_dir():
+        raise UserError(f"--out {out_dir}: {existing} is a file, so no directory can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out_dir}: no permission to write in {existing}")
+
+
+@contextlib.contextmanager
+def _export_files(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty staging directory; when the block succeeds, its files become the export in `out_dir`.
+
+    A new `out_dir` is the staging directory renamed (`replace_directory`). An existing one (empty, or an
+    earlier export) keeps every file the export does not write: users keep notes, predictions or benchmark
+    results beside a model. The staging directory is then inside `out_dir`, so each file moves in with an
+    atomic rename on the same filesystem, the manifest last: a crash midway leaves the previous manifest,
+    whose checksums `load_packed` finds no longer match, never a mix that loads. Files the previous export
+    wrote (its manifest lists them) that this one does not are removed. OSErrors become a `UserError`
+    naming `--out`; a failed block leaves `out_dir` as it was.
+    """
+    try:
+        if not out_dir.is_dir():
+            with replace_directory(out_dir) as staging:
+                yield staging
+            return
+        previous = []
+        if (out_dir / MANIFEST).is_file():
+            try:
+                previous = list(json.loads((out_dir / MANIFEST).read_text()).get("files", {}))
+            except (ValueError, AttributeError):
+                previous = []  # an unreadable manifest: replace what this export writes, remove nothing else
+        staging = Path(tempfile.mkdtemp(prefix=".dq_export.staging.", dir=out_dir))
+        try:
+            yield staging
+            written = sorted((path.relative_to(staging) for path in staging.rglob("*") if path.is_file()),
+                             key=lambda rel: rel.as_posix() == MANIFEST)
+            for rel in written:
+                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / rel, out_dir / rel)
+            stale = set(previous) - {rel.as_posix() for rel in written} - {MANIFEST}
+            for name in stale:
+                target = out_dir / name
+                if target.is_file() and target.resolve().is_relative_to(out_dir.resolve()):
+                    target.unlink()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise UserError(f"--out {out_dir}: cannot write the export: {error.strerror or error}{where}") from None
 
 
 # -- loading ---------------------------------------------------------------------------------------------

@@ -3,9 +3,19 @@
     echo "Some article ..." | python -m dq_lightning predict --model runs/xsum/dq-tiny/packed
     python -m dq_lightning predict --model runs/xsum/dq-tiny/packed --input articles.txt --int8 > summaries.txt
 
-Input: one text per line, from a file or stdin (`--input -`, the default). Output: one line per input line on
-stdout, in order; an empty input line gives an empty output line. With more inputs than one batch, a progress
-bar goes to stderr.
+Input: one text per line, from a file or stdin (`--input -`, the default), as UTF-8. Output: exactly one line
+per input line on stdout, in order, as UTF-8, whatever a line holds:
+
+- lines end at "\n" only (a "\r" before it is dropped); U+2028, U+0085, form feeds, a lone "\r" and the other
+  characters `str.splitlines` breaks at are text inside a line, as for `wc -l` and `paste`;
+- a blank (empty or whitespace-only) line gives an empty output line; a long line is truncated to the model's
+  input length (`--max-source-length`);
+- an output's whitespace runs, line breaks included, become one space, so an output is always one line;
+- invalid UTF-8 is refused before anything is generated, with one `error:` line naming the file and line
+  (`--invalid-utf8 error`, the default), or decoded with U+FFFD in place of each invalid byte sequence
+  (`--invalid-utf8 replace`), still one output line per input line.
+
+With more inputs than one batch, a progress bar goes to stderr.
 
 `--model` is a packed export (`python -m dq_lightning export`), loaded and verified by `load_packed`; a plain
 Hugging Face model directory (e.g. the FP32 teacher) also works, for comparison. Decoding follows the
@@ -48,11 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dq_lightning predict",
         description="Summarize or translate texts (one per line) with a packed export or a Hugging Face model "
-                    "directory; one output line per input line on stdout.")
+                    "directory; exactly one output line per input line on stdout. Lines end at \\n only "
+                    "(U+2028, U+0085, form feeds, lone \\r are text within a line); blank lines give empty "
+                    "lines; line breaks and other whitespace runs in an output become one space. Input and "
+                    "output are UTF-8.")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="a packed export (python -m dq_lightning export) or a Hugging Face model directory")
     parser.add_argument("--input", default="-", metavar="FILE", help="text file, one input per line; - for stdin "
                         "(default)")
+    parser.add_argument("--invalid-utf8", choices=("error", "replace"), default="error",
+                        help="input that is not UTF-8: error (default) stops before generating, naming the file "
+                        "and line; replace decodes each invalid byte sequence as U+FFFD and still gives one "
+                        "output line per input line")
     parser.add_argument("--int8", action="store_true", help="run the quantized Linear layers as int8 GEMMs "
                         "(packed exports only; faster, close to but not token-identical with the FP32 path)")
     parser.add_argument("--num-beams", type=int, metavar="N", help="beam width (default: the model's "
@@ -76,16 +93,34 @@ def _positive(flag: str, value: int | None) -> None:
         raise UserError(f"{flag} {value} must be a positive integer")
 
 
-def read_texts(source: str) -> list[str]:
+def read_texts(source: str, invalid_utf8: str = "error") -> list[str]:
+    """The input lines of a file or stdin ("-"): split at b"\\n" only, so that the line count is what
+    `wc -l` and the user see (text mode would also split at a lone "\\r", `str.splitlines` at U+2028, U+0085,
+    form feeds, ...), each decoded as UTF-8 on its own so an invalid byte is reported with its line."""
+    name = "<stdin>" if source == "-" else source
     if source == "-":
-        return [line.rstrip("\r\n") for line in sys.stdin]
-    path = Path(source).expanduser()
-    if not path.exists() or path.is_dir():
-        raise UserError(f"--input {source}: no such file")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise UserError(f"--input {source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists() or path.is_dir():
+            raise UserError(f"--input {source}: no such file")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise UserError(f"--input {source}: cannot read it ({error.strerror})") from None
+    pieces = data.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()  # the newline ending the last line starts no other; an empty input has no lines
+    texts = []
+    for number, raw in enumerate(pieces, start=1):
+        try:
+            text = raw.decode("utf-8", errors="strict" if invalid_utf8 == "error" else "replace")
+        except UnicodeDecodeError as error:
+            raise UserError(f"--input {name}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                            f"{error.start + 1}: {error.reason}); fix the line or pass --invalid-utf8 replace"
+                            ) from None
+        texts.append(text.removesuffix("\r"))
+    return texts
 
 
 def load_model(directory: str, int8: bool, attn: str | None):
@@ -133,7 +168,7 @@ def generation_settings(model, args: argparse.Namespace):
 
 
 def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max_source_length: int,
-            progress: bool, out=sys.stdout) -> None:
+            progress: bool, out=None) -> None:
     import torch
     from tqdm.auto import tqdm
 
@@ -150,9 +185,12 @@ def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max
                                            generation_config=generation)
             decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
             for i, text in zip(todo, decoded):
+                # str.split() breaks at every character str.splitlines does (\n, \r, U+2028, U+0085, \x0c,
+                # \x1c-\x1e, ...), so each output is one line for any reader.
                 results[i] = " ".join(text.split())
-        for line in results:
-            print(line, file=out, flush=True)
+        stream = out or sys.stdout
+        stream.write("".join(line + "\n" for line in results))
+        stream.flush()
         bar.update(len(chunk))
     bar.close()
 
@@ -170,11 +208,15 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(args.threads)
         if not Path(args.model).expanduser().is_dir():
             raise UserError(f"--model {args.model}: no such directory")
-        texts = read_texts(args.input)
+        texts = read_texts(args.input, args.invalid_utf8)
         model, tokenizer, task = load_model(args.model, args.int8, args.attn)
         positions = model.config.max_position_embeddings
         max_source = min(args.max_source_length or task.get("max_source_length") or positions, positions)
         generation = generation_settings(model, args)
+        if hasattr(sys.stdout, "reconfigure"):
+            # UTF-8 and "\n" whatever the locale or PYTHONIOENCODING say: an output the terminal's encoding
+            # cannot hold must not end the run with fewer lines than inputs.
+            sys.stdout.reconfigure(encoding="utf-8", newline="\n")
         progress = not args.no_progress and len(texts) > args.batch_size
         predict(model, tokenizer, texts, generation, args.batch_size, max_source, progress)
     except UserError as error:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dq_lightning.data.datamodule import DATAMODULES, Seq2SeqDataModule, column_values
-from dq_lightning.data.jsonl import get_field
+from dq_lightning.data.jsonl import get_field, read_lines
 from dq_lightning.errors import UserError
 from dq_lightning.metrics import split_sentences
 from dq_lightning.pretrain.noising import gap_sentence_example, permute_sentences, text_infilling
@@ -117,8 +117,13 @@ class DenoisingDataModule(Seq2SeqDataModule):
         self.task_name = task
         super().__init__(**kwargs)
         objectives = objectives or {"infilling": 1.0}
-        unknown = sorted(set(objectives) - set(OBJECTIVES))
-        if unknown or not any(float(w) > 0 for w in objectives.values()):
+        for key, weight in objectives.items():
+            if key not in OBJECTIVES:
+                raise UserError(f"data.objectives.{key}: unknown key in --data.objectives; choose from "
+                                f"{', '.join(OBJECTIVES)}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
+                raise UserError(f"data.objectives.{key}={weight!r}: a weight must be a number >= 0")
+        if not any(weight > 0 for weight in objectives.values()):
             raise UserError(f"data.objectives={objectives}: weights of {', '.join(OBJECTIVES)}, at least one positive")
         self.hparams["objectives"] = objectives
         self.extra_text = [self._parse_extra(entry) for entry in (extra_text or [])]
@@ -151,13 +156,12 @@ class DenoisingDataModule(Seq2SeqDataModule):
         texts = list(column_values(raw[:], self.task.source_column))
         if split == "train":
             for path, column in self.extra_text:
-                with open(path, encoding="utf-8") as lines:
-                    for number, line in enumerate(lines, start=1):
-                        if line.strip():
-                            try:
-                                texts.append(get_field(json.loads(line), column))
-                            except (json.JSONDecodeError, KeyError):
-                                raise UserError(f"{path}:{number}: no text in column {column!r}") from None
+                for number, line in read_lines(path):  # file and line for invalid UTF-8 too
+                    if line.strip():
+                        try:
+                            texts.append(get_field(json.loads(line), column))
+                        except (json.JSONDecodeError, KeyError):
+                            raise UserError(f"{path}:{number}: no text in column {column!r}") from None
         return [text for text in texts if isinstance(text, str) and text.strip()]
 
     def _load_splits(self, splits: tuple[str, ...]) -> None:
