@@ -82,7 +82,10 @@ $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 
 SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS))
 
+# --preflight first: a malformed sweep file, missing data while offline or GPUs the machine lacks is one error
+# line before the teacher is trained, not after.
 sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; results in runs/TASK/sweep/
+	@$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --preflight
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS)
 

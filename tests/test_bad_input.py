@@ -37,6 +37,20 @@ def world(tmp_path_factory, shared_data, cache_dir, teacher_dir):
     sweep = yaml.safe_load((PROJECT_ROOT / "sweeps" / "xsum-tiny.yaml").read_text())
     sweep["parameters"]["model.w_bitz"] = {"values": [2]}
     (root / "bad_sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    flag = yaml.safe_load((PROJECT_ROOT / "sweeps" / "xsum-tiny.yaml").read_text())
+    flag["command"].insert(-1, "--trainer.max_epochz=2")
+    (root / "bad_flag_sweep.yaml").write_text(yaml.safe_dump(flag, sort_keys=False))
+
+    sweeps = root / "sweeps"  # malformed sweep files
+    sweeps.mkdir()
+    good = (PROJECT_ROOT / "sweeps" / "xsum-tiny.yaml").read_text()
+    (sweeps / "empty_parameters.yaml").write_text(good.replace("parameters:\n", "parameters: {}\nunused:\n"))
+    listed = yaml.safe_load(good)
+    listed["parameters"] = ["model.bits", "model.depth"]
+    (sweeps / "list_parameters.yaml").write_text(yaml.safe_dump(listed, sort_keys=False))
+    (sweeps / "bad_syntax.yaml").write_text("method: grid\nmetric: {name: val/rougeL}\nparameters:\n"
+                                            "  model.bits: {values: [8-8-8, 2-2-8]}\n  model.depth: {values: [6-6\n"
+                                            "command: [python, '${args}']\n")
 
     run_dir = root / "runs" / "xsum" / "run"  # results and a checkpoint that no failure may touch
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -57,6 +71,11 @@ def student_fit(w, *extra):
     return ["fit", "--config", "experiments/xsum/dq-tiny.yaml", f"--data.cache_dir={w['cache']}",
             f"--data.data_dir={w['shared'] / 'xsum'}", f"--trainer.default_root_dir={w['run_dir']}",
             f"--model.teacher={w['teacher']}", *QUICK, *extra]
+
+
+def sweep(w, *extra, env=None):
+    args = ["sweep", "--task", "xsum", "--runs", str(w["root"] / "runs"), *extra]
+    return (args, env) if env else args
 
 
 CASES = {
@@ -94,9 +113,26 @@ CASES = {
                         ["model.teacher=", "cannot load model"]),
     "vocabulary mismatch": (lambda w: student_fit(w, f"--data.tokenizer={w['shared'] / 'bart_tokenizer'}"),
                             ["vocabulary", "data.tokenizer"]),
-    "unknown sweep parameter": (lambda w: ["sweep", "--task", "xsum", "--sweep-file", str(w["root"] / "bad_sweep.yaml"),
-                                           "--runs", str(w["root"] / "runs")],
+    "sweep file is a directory": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "sweeps")),
+                                  ["sweeps: is a directory"]),
+    "sweep parameters empty": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "sweeps" / "empty_parameters.yaml")),
+                               ["empty_parameters.yaml", "parameters must be a mapping", "empty"]),
+    "sweep parameters a list": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "sweeps" / "list_parameters.yaml")),
+                                ["list_parameters.yaml", "parameters must be a mapping", "a list"]),
+    "sweep YAML syntax error": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "sweeps" / "bad_syntax.yaml")),
+                                ["bad_syntax.yaml:6:", "not valid YAML"]),
+    "sweep data folder missing": (lambda w: sweep(w, "--data-dir", str(w["root"] / "nowhere")),
+                                  ["--data-dir", "DATA_DIR", "no such directory"]),
+    "sweep without data while offline": (lambda w: sweep(w, env={"HF_DATASETS_OFFLINE": "1"}),
+                                         ["no data folder for xsum", "--data-dir", "DATA_DIR", "OFFLINE=1"]),
+    "sweep asking for GPUs the machine lacks": (lambda w: sweep(w, "--data-dir", str(w["shared"] / "xsum"),
+                                                                "--gpus", "64"), ["--gpus 64", "GPUS=64", "GPUs"]),
+    "unknown sweep parameter": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "bad_sweep.yaml"),
+                                                "--data-dir", str(w["shared"] / "xsum")),
                                 ["unknown parameter 'model.w_bitz'"]),
+    "unknown flag in the sweep command": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "bad_flag_sweep.yaml"),
+                                                          "--data-dir", str(w["shared"] / "xsum")),
+                                          ["bad_flag_sweep.yaml", "flag --trainer.max_epochz=2 is not accepted"]),
 }
 
 
@@ -110,7 +146,9 @@ def test_user_error(case, world):
     make_args, fragments = CASES[case]
     protected = world["root"] / "runs"
     before = digest(protected)
-    result = run_cli(*make_args(world))
+    args = make_args(world)
+    args, env = args if isinstance(args, tuple) else (args, None)
+    result = run_cli(*args, env=env)
     assert result.returncode != 0, result.stdout[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

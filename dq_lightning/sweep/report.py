@@ -6,6 +6,7 @@ so `make report` after a partial or resumed sweep shows exactly what has finishe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -88,6 +89,7 @@ def write_csv_atomic(rows: list[dict], path: Path) -> None:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(descriptor, 0o644)
     with os.fdopen(descriptor, "w", newline="") as out:
         out.write(buffer.getvalue())
     os.replace(staging, path)
@@ -149,10 +151,19 @@ def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(staging)
-    plt.close(fig)
-    os.replace(staging, path)
+    # A staging name of this process's own: sweep workers finishing together each write the plot.
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    try:
+        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the plot from the other users of a share
+        with os.fdopen(descriptor, "wb") as out:
+            fig.savefig(out, format="png")
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(staging)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -4,27 +4,37 @@ Online (logged in to W&B): the sweep is created on the W&B server (its id kept i
 a restart joins the same sweep) and `wandb agent` runs it. Offline: the same file is expanded locally and
 the runs go one after another, each an offline W&B run that `wandb sync` uploads later.
 
+Before any run starts, every grid point is checked (`dq_lightning.sweep.check`): a typo'd value, an unknown
+flag, missing data while offline or GPUs the machine lacks end the sweep with one `error:` line.
+
 Offline runs are resumable: each run directory keeps a `status.json`; a finished run is never rerun, an
-interrupted one continues from its `checkpoints/last.ckpt`, and a failed one is recorded with its error
-(and retried on the next start) while the sweep carries on.
+interrupted one continues from its `checkpoints/last.ckpt` (an empty or unreadable one is moved aside, and the
+run continues from the newest readable checkpoint or from scratch), and a failed one is recorded with its
+error (and retried on the next start) while the sweep carries on; a sweep with failed runs exits 1 naming
+them. Several workers may run one sweep at once: each point is claimed atomically (`dq_lightning.sweep.claims`),
+so no point is trained twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dq_lightning.files import write_json_atomic
 from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError
-from dq_lightning.loggers import resolve_wandb_mode
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
                                        teacher_row, write_csv_atomic)
-from dq_lightning.sweep.spec import SweepPoint, check_parameters, command_for, expand_grid, load_sweep
+from dq_lightning.sweep import claims
+from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
+from dq_lightning.sweep.spec import SweepPoint, command_for, expand_grid, load_sweep
 
 SCALES = ("tiny", "paper")
 
@@ -52,11 +62,35 @@ def last_error(log: Path) -> str:
     return lines[-1][:500] if lines else "exited without output"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, `kill`), unwound like Ctrl-C: the run is recorded as interrupted
+    and its claim released, so a job requeued on another node can take the point over."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def _run_logged(command: list[str], log: Path) -> int:
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
-        return subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return child.wait()
+        except BaseException as error:
+            # The run must not go on training after this worker let go of its claim. Ctrl-C reached it too (same
+            # process group) and it is stopping by itself; a SIGTERM sent to this worker alone did not.
+            try:
+                child.wait(timeout=0 if isinstance(error, Terminated) else 30)
+            except subprocess.TimeoutExpired:
+                child.terminate()
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            raise
 
 
 def tested_after_fit(run_dir: Path) -> bool:
@@ -65,9 +99,70 @@ def tested_after_fit(run_dir: Path) -> bool:
     return fit.exists() and test.exists() and test.stat().st_mtime >= fit.stat().st_mtime
 
 
+def checkpoint_problem(path: Path, model_class: str) -> str | None:
+    """Why `path` cannot be resumed from (empty, unreadable, another module's), or None when it can."""
+    from dq_lightning.checkpoints import check_ckpt_path
+
+    try:
+        if path.stat().st_size == 0:
+            return "is empty (0 bytes)"
+        check_ckpt_path(path, model_class)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    except UserError as error:
+        return str(error).removeprefix(f"--ckpt_path={path}").lstrip(": ")
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a bad checkpoint to `<name>.corrupt-<time>` (kept for inspection, never deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, number = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while target.exists():
+        target, number = path.with_name(f"{path.name}.corrupt-{stamp}-{number}"), number + 1
+    path.rename(target)
+    return target
+
+
+def resume_checkpoint(run_dir: Path, model_class: str, say) -> Path | None:
+    """The checkpoint to resume a run from: `last.ckpt` if it loads, else the newest other readable one.
+
+    Resuming from an empty or unreadable `last.ckpt` (a disk that filled up, a copy cut short) fails the same
+    way at every restart of the sweep, so a bad one is moved aside and the run continues from the previous good
+    checkpoint, or starts again from scratch when there is none; `say` gets one line about it.
+    """
+    directory = run_dir / "checkpoints"
+    last = directory / "last.ckpt"
+    if not last.exists():
+        return None
+    problem = checkpoint_problem(last, model_class)
+    if problem is None:
+        return last
+    moved = move_aside(last)
+    for other in sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if checkpoint_problem(other, model_class) is None:
+            say(f"checkpoints/last.ckpt {problem}: moved it to {moved.name}; resuming from {other.name}")
+            return other
+        move_aside(other)
+    say(f"checkpoints/last.ckpt {problem}: moved it to {moved.name}; no other readable checkpoint, so this run "
+        f"starts again from scratch")
+    return None
+
+
+@dataclass
+class Outcome:
+    """What one worker's pass over the grid did."""
+
+    finished: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # run id, stage, error line
+    elsewhere: dict[str, str] = field(default_factory=dict)  # run id -> the other worker holding it
+
+
 class LocalSweep:
-    def __init__(self, sweep: dict, points: list[SweepPoint], sweep_dir: Path, name: str, extra: list[str]):
+    def __init__(self, sweep: dict, points: list[SweepPoint], sweep_dir: Path, name: str, extra: list[str],
+                 classes: dict[str, str]):
         self.sweep, self.points, self.sweep_dir, self.name, self.extra = sweep, points, sweep_dir, name, extra
+        self.classes = classes  # run id -> module class path, from the up-front check (`check_points`)
 
     def command(self, point: SweepPoint, stage: str) -> list[str]:
         command = command_for(self.sweep, point.flags)
@@ -79,18 +174,65 @@ class LocalSweep:
         # No fixed W&B run id: consecutive processes (fit, then test; a resumed fit) reusing one id race the
         # W&B service still closing the previous run ("run ID is in use"). Name and group tie them together.
 
-    def run(self) -> None:
-        total = len(self.points)
-        for number, point in enumerate(self.points, start=1):
-            run_dir = self.sweep_dir / point.run_id
-            status = read_json(run_dir / "status.json")
-            prefix = f"[{number}/{total}] {point.run_id}"
-            if status.get("status") == "finished":
-                print(f"{prefix}: finished earlier, skipped", flush=True)
-                continue
-            self.run_point(point, run_dir, status, prefix)
+    def run(self) -> Outcome:
+        """Train every point not finished and not claimed by another live worker.
 
-    def run_point(self, point: SweepPoint, run_dir: Path, status: dict, prefix: str) -> None:
+        Passes repeat while they train something: meanwhile another worker may have died (its points become
+        claimable) or finished. A point is tried at most once per invocation, so a failing one is not retried
+        in a loop.
+        """
+        outcome, tried, total = Outcome(), set(), len(self.points)
+        progress = True
+        while progress:
+            progress = False
+            for number, point in enumerate(self.points, start=1):
+                if point.run_id in tried or point.run_id in outcome.finished:
+                    continue
+                run_dir = self.sweep_dir / point.run_id
+                prefix = f"[{number}/{total}] {point.run_id}"
+                if read_json(run_dir / "status.json").get("status") == "finished":
+                    by = "by another worker" if point.run_id in outcome.elsewhere else "earlier"
+                    print(f"{prefix}: finished {by}, skipped", flush=True)
+                    outcome.elsewhere.pop(point.run_id, None)
+                    outcome.finished.append(point.run_id)
+                    continue
+                claim = self.claim(run_dir)
+                if not isinstance(claim, claims.Claim):
+                    if point.run_id not in outcome.elsewhere:
+                        print(f"{prefix}: being trained by another worker ({claims.describe(claim)}), skipped",
+                              flush=True)
+                    outcome.elsewhere[point.run_id] = claims.describe(claim)
+                    continue
+                tried.add(point.run_id)
+                outcome.elsewhere.pop(point.run_id, None)
+                try:
+                    if claim.took_over:
+                        print(f"{prefix}: took over the claim of {claims.describe(claim.took_over)}, which is no "
+                              f"longer running", flush=True)
+                    # Re-read under the claim: another worker may have finished it since the read above.
+                    status = read_json(run_dir / "status.json")
+                    if status.get("status") == "finished":
+                        print(f"{prefix}: finished by another worker, skipped", flush=True)
+                        outcome.finished.append(point.run_id)
+                        continue
+                    progress = True
+                    error = self.run_point(point, run_dir, status, prefix)
+                finally:
+                    claim.release()
+                if error:
+                    outcome.failed.append((point.run_id, *error))
+                else:
+                    outcome.finished.append(point.run_id)
+        return outcome
+
+    def claim(self, run_dir: Path) -> claims.Claim | dict:
+        try:
+            return claims.acquire(run_dir)
+        except OSError as error:
+            raise UserError(f"{run_dir}: cannot claim this run directory ({error.strerror or error})") from None
+
+    def run_point(self, point: SweepPoint, run_dir: Path, status: dict, prefix: str) -> tuple[str, str] | None:
+        """Fit (resuming) and test one point; None when it finished, else (stage, error line)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "run.log"
         started = time.time()
@@ -102,19 +244,23 @@ class LocalSweep:
                 "status": state, "params": point.params, "attempts": attempts,
                 "wall_time_s": round(spent_before + time.time() - started, 1), **fields})
 
+        def say(text: str) -> None:
+            print(f"{prefix}: {text}", flush=True)
+            with open(log, "a") as out:
+                out.write(f"\nsweep: {text}\n")
+
         record("running")
         try:
             if not (run_dir / "fit_metrics.json").exists():
                 fit = self.command(point, "fit")
-                last = run_dir / "checkpoints" / "last.ckpt"
-                resumed = last.exists()
-                if resumed:
-                    fit.append(f"--ckpt_path={last}")
-                print(f"{prefix}: fit{' (resumed from last.ckpt)' if resumed else ''} ...", flush=True)
+                resume = resume_checkpoint(run_dir, self.classes[point.run_id], say)
+                if resume is not None:
+                    fit.append(f"--ckpt_path={resume}")
+                print(f"{prefix}: fit{f' (resumed from {resume.name})' if resume else ''} ...", flush=True)
                 if _run_logged(fit, log) != 0:
                     record("failed", stage="fit", error=last_error(log))
                     print(f"{prefix}: FAILED in fit: {last_error(log)} (log: {log})", flush=True)
-                    return
+                    return "fit", last_error(log)
             if not tested_after_fit(run_dir):
                 fit_metrics = read_json(run_dir / "fit_metrics.json")
                 checkpoint = fit_metrics.get("best_model_path") or fit_metrics.get("last_model_path")
@@ -123,7 +269,7 @@ class LocalSweep:
                 if _run_logged(test, log) != 0:
                     record("failed", stage="test", error=last_error(log))
                     print(f"{prefix}: FAILED in test: {last_error(log)} (log: {log})", flush=True)
-                    return
+                    return "test", last_error(log)
         except KeyboardInterrupt:
             record("interrupted")
             raise
@@ -133,6 +279,16 @@ class LocalSweep:
         score = row.get(f"test/{metric}")
         print(f"{prefix}: done in {row['wall_time_s']:.0f} s, test/{metric} {score if score is None else round(score, 2)}, "
               f"compression {row.get('compression') and round(row['compression'], 1)}x", flush=True)
+        return None
+
+
+def failure_line(outcome: Outcome, total: int, sweep_dir: Path) -> str:
+    """One line for a sweep with failed runs: how many, which, why, and where the logs are."""
+    shown = [f"{run_id} ({stage}: {error.removeprefix('error: ')[:160]})"
+             for run_id, stage, error in outcome.failed[:5]]
+    more = f" and {len(outcome.failed) - 5} more" if len(outcome.failed) > 5 else ""
+    return (f"{len(outcome.failed)} of {total} runs failed: {'; '.join(shown)}{more}; logs: "
+            f"{sweep_dir}/<run id>/run.log; run the same command again to retry them")
 
 
 def run_online(sweep_path: Path, sweep: dict, sweep_dir: Path, extra: list[str]) -> None:
@@ -156,18 +312,35 @@ def run_online(sweep_path: Path, sweep: dict, sweep_dir: Path, extra: list[str])
     subprocess.check_call([sys.executable, "-m", "wandb", "agent", "--project", project, sweep_id], env=env)
 
 
-def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path, name: str,
-           wandb_mode: str) -> list[dict]:
-    metric = sweep["metric"]["name"].split("/")[-1]
+def collect_rows(points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path) -> list[dict]:
     rows = [run_row(sweep_dir / point.run_id, point) for point in points]
     known = {point.run_id for point in points}
     # Online agents name run directories by W&B run id; they belong to the report too.
     rows += [run_row(path) for path in sorted(sweep_dir.iterdir()) if path.is_dir()
              and path.name not in known and (path / "fit_metrics.json").exists()] if sweep_dir.exists() else []
     teacher = teacher_row(teacher_dir)
-    all_rows = ([teacher] if teacher else []) + rows
-    write_csv_atomic(all_rows, sweep_dir / "results.csv")
-    png = plot_tradeoff(all_rows, metric, sweep_dir / "tradeoff.png", f"{name}: compression vs {metric}")
+    return ([teacher] if teacher else []) + rows
+
+
+def _same(rows: list[dict], others: list[dict]) -> bool:
+    # As JSON: a NaN metric is not equal to itself, and would have the report rewritten to the end.
+    return json.dumps(rows, sort_keys=True, default=str) == json.dumps(others, sort_keys=True, default=str)
+
+
+def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path, name: str,
+           wandb_mode: str) -> list[dict]:
+    metric = sweep["metric"]["name"].split("/")[-1]
+    all_rows = collect_rows(points, sweep_dir, teacher_dir)
+    for _ in range(10):
+        write_csv_atomic(all_rows, sweep_dir / "results.csv")
+        png = plot_tradeoff(all_rows, metric, sweep_dir / "tradeoff.png", f"{name}: compression vs {metric}")
+        # Another worker may have finished a run and written its report while this one was being written, and
+        # this write may have landed last: written again until what it holds is still current, the files are
+        # never older than the runs.
+        latest = collect_rows(points, sweep_dir, teacher_dir)
+        if _same(latest, all_rows):
+            break
+        all_rows = latest
     print(markdown_table(all_rows, metric))
     print(f"\nresults: {sweep_dir / 'results.csv'}\nplot:    {png}")
     if wandb_mode != "disabled":
@@ -189,41 +362,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int, help="DDP over this many GPUs per run")
     parser.add_argument("--runs", default="runs", help="root of run directories")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv, plot and table")
+    parser.add_argument("--preflight", action="store_true",
+                        help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
+                             "exit; `make sweep` runs it before training the teacher")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        get_task(args.task)
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        task = get_task(args.task)
         if args.scale not in SCALES:
             raise UserError(f"unknown scale {args.scale!r}; choose from {', '.join(SCALES)}")
         if args.data_dir and not Path(args.data_dir).is_dir():
-            raise UserError(f"--data-dir {args.data_dir}: no such directory")
+            raise UserError(f"--data-dir {args.data_dir} (make: DATA_DIR): no such directory")
         path = Path(args.sweep_file) if args.sweep_file else sweep_file(args.task, args.scale)
         sweep = load_sweep(path)
         points = expand_grid(sweep, path)
         sweep_dir = sweep_dir_of(Path(args.runs), args.task, args.scale)
         name = f"{args.task}-{args.scale}"
         teacher_dir = Path(args.runs) / args.task / f"teacher-{args.scale}"
+        if not args.report_only:
+            preflight_data(task, sweep, args.data_dir)
+            preflight_gpus(sweep, args.gpus)
+        if args.preflight:
+            print(f"sweep {path}: {len(points)} runs; arguments, sweep file, data and GPUs checked", flush=True)
+            return 0
+        from dq_lightning.loggers import resolve_wandb_mode  # imports Lightning: not needed by --preflight
+
         wandb_mode = resolve_wandb_mode("auto")
         extra = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
         if args.gpus:
             extra += ["--trainer.accelerator=gpu", f"--trainer.devices={args.gpus}", "--trainer.strategy=ddp"]
+        outcome = None
         if not args.report_only:
-            check_parameters(sweep, path, points)
+            print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
+            classes = check_points(sweep, path, points, extra)
             print(f"sweep {path}: {len(points)} runs, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
             started = time.time()
             if wandb_mode == "online":
                 run_online(path, sweep, sweep_dir, extra)
             else:
-                LocalSweep(sweep, points, sweep_dir, name, extra).run()
+                outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes).run()
             print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
         report(sweep, points, sweep_dir, teacher_dir, name, wandb_mode)
+        if outcome and outcome.elsewhere:
+            count = len(outcome.elsewhere)
+            print(f"{count} {'run is' if count == 1 else 'runs are'} being trained by other workers "
+                  f"({', '.join(sorted(set(outcome.elsewhere.values())))}); the last worker to finish writes the "
+                  f"complete results.csv (if a worker on another host is gone, delete its run's claim.json)",
+                  flush=True)
+        if outcome and outcome.failed:
+            print(f"error: {failure_line(outcome, len(points), sweep_dir)}", file=sys.stderr)
+            return 1
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("\nsweep interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+        return 143 if isinstance(error, Terminated) else 130
     return 0

@@ -9,8 +9,6 @@ an agent would give it.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import re
 import sys
@@ -36,13 +34,27 @@ class SweepPoint:
 
 
 def load_sweep(path: str | Path) -> dict:
+    """Read and validate a sweep file; every mistake is one `UserError` naming the file (and line, for YAML)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such sweep file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a sweep file (give a .yaml file such as sweeps/demo-tiny.yaml)")
     try:
         sweep = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as error:
+        mark, context = error.problem_mark or error.context_mark, error.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = error.problem or error.context or "syntax error"
+        if error.context and error.problem:  # e.g. an unclosed [ : say where it was opened
+            problem += f"; {error.context}" + (f" started on line {context.line + 1}" if context else "")
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
     except yaml.YAMLError as error:
         raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
     if not isinstance(sweep, dict):
         raise UserError(f"{path}: a sweep file is a mapping with method, metric, parameters and command")
     for key in ("method", "metric", "parameters", "command"):
@@ -50,11 +62,18 @@ def load_sweep(path: str | Path) -> dict:
             raise UserError(f"{path}: missing key {key!r}")
     if not isinstance(sweep["metric"], dict) or "name" not in sweep["metric"]:
         raise UserError(f"{path}: metric needs a name (the validation metric key as logged, e.g. val/rougeL)")
-    for name, spec in sweep["parameters"].items():
+    parameters = sweep["parameters"]
+    if not isinstance(parameters, dict) or not parameters:
+        got = "empty" if isinstance(parameters, dict) or parameters is None else f"a {type(parameters).__name__}"
+        raise UserError(f"{path}: parameters must be a mapping of names to {{values: [...]}} or {{value: ...}}, "
+                        f"e.g. 'model.bits: {{values: [8-8-8, 2-2-8]}}' (it is {got})")
+    for name, spec in parameters.items():
         if not isinstance(spec, dict) or not ("values" in spec or "value" in spec):
             raise UserError(f"{path}: parameter {name!r} needs 'values' (a list) or 'value'")
         if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
             raise UserError(f"{path}: parameter {name!r}: 'values' must be a non-empty list")
+    if not isinstance(sweep["command"], list):
+        raise UserError(f"{path}: command must be a list (one item per argument, as in sweeps/demo-tiny.yaml)")
     if "${args}" not in sweep["command"]:
         raise UserError(f"{path}: command must contain ${{args}} (where the parameters go)")
     return sweep
@@ -108,43 +127,3 @@ def command_for(sweep: dict, flags: list[str], python: str = sys.executable) -> 
         else:
             command.append(_ENVVAR.sub(lambda m: __import__("os").environ.get(m.group(1), ""), item))
     return command
-
-
-def config_of(command: list[str]) -> str:
-    try:
-        return command[command.index("--config") + 1]
-    except (ValueError, IndexError):
-        raise UserError("sweep command has no --config <experiments/...yaml>") from None
-
-
-def check_parameters(sweep: dict, path: str | Path, points: list[SweepPoint]) -> None:
-    """Parse (never run) every parameter value with the CLI before any run starts.
-
-    Each value of each parameter is parsed at least once (max(len(values)) parses, not the whole grid), so an
-    unknown parameter or a value of the wrong type stops the sweep with the parser's message.
-    """
-    from dq_lightning.cli import main as cli_main
-
-    config = config_of(command_for(sweep, []))
-    names = list(sweep["parameters"])
-    choices = [spec["values"] if "values" in spec else [spec["value"]] for spec in sweep["parameters"].values()]
-    for i in range(max(len(c) for c in choices)):
-        params = {name: values[i % len(values)] for name, values in zip(names, choices)}
-        stdout, stderr = io.StringIO(), io.StringIO()
-        code = 0
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                code = cli_main(["fit", "--config", config, *format_flags(params), "--print_config"])
-            except SystemExit as exit_:
-                code = exit_.code or 0
-        if code:
-            text = stderr.getvalue()
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            rejected = re.search(r"Option '([^']+)' is not accepted", text)
-            if rejected:
-                culprit = next((n for n in names if n.split(".")[-1] == rejected.group(1)), rejected.group(1))
-                raise UserError(f"{path}: unknown parameter {culprit!r}: {config} has no such option")
-            reason = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
-            culprit = next((name for name in names if name in text), None)
-            which = f"parameter {culprit!r}" if culprit else f"parameters {params}"
-            raise UserError(f"{path}: {which} is not accepted by {config} ({reason.removeprefix('error: ')})")

@@ -1,0 +1,404 @@
+"""What a sweep checks before it trains anything: the data, the GPUs, and every point of its grid.
+
+A sweep that meets a typo'd value at its 30th point has spent the 29 runs before it, and one that asks for GPUs
+the machine lacks fails every run; so both are found before the first run starts. `preflight_*` needs no
+Lightning and no teacher (`make sweep` runs it before training the teacher); `check_points` parses every grid
+point with the LightningCLI its run uses, with the flags its run gets, and builds (never fits) its model, data
+and trainer, writing nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from dq_lightning.errors import UserError
+from dq_lightning.sweep.spec import SweepPoint, command_for
+
+_TRUE = ("1", "on", "yes", "true")
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def hub_offline() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, or None when it may be."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return f"{name}={os.environ[name]}"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows; datasets will say if it cannot get through
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return f"{host} is unreachable"
+    return None
+
+
+def hub_cached(hub_path: str, cache_dir: str | Path) -> bool:
+    """Whether `datasets` has this Hub dataset in the project's cache (then it loads offline too)."""
+    root = Path(cache_dir) / "hub"
+    return root.is_dir() and any(root.glob(f"{hub_path.replace('/', '___')}*"))
+
+
+def _flag_value(args: Sequence[str], *names: str) -> str | None:
+    """The last value given to any of `names` in `args` (`--name=value` or `--name value`)."""
+    found = None
+    for index, token in enumerate(args):
+        for name in names:
+            if token == name and index + 1 < len(args):
+                found = str(args[index + 1])
+            elif str(token).startswith(name + "="):
+                found = str(token)[len(name) + 1:]
+    return found
+
+
+def _config_setting(config: dict, section: str, key: str):
+    """`section.key` of a LightningCLI config file, plain or under init_args."""
+    part = config.get(section) if isinstance(config, dict) else None
+    if not isinstance(part, dict):
+        return None
+    if key in part:
+        return part[key]
+    init_args = part.get("init_args")
+    return init_args.get(key) if isinstance(init_args, dict) else None
+
+
+def _read_config(command: list[str]) -> tuple[str | None, dict]:
+    config = _flag_value(command, "--config")
+    if not config:
+        return None, {}
+    try:
+        loaded = yaml.safe_load(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return config, {}  # the full check reports it with the parser's own words
+    return config, loaded if isinstance(loaded, dict) else {}
+
+
+def preflight_data(task, sweep: dict, data_dir: str | None) -> None:
+    """No data folder while the Hub is unreachable: every run would fail loading its data, so stop now."""
+    if task.hub_path is None or data_dir:
+        return
+    command = command_for(sweep, [])
+    config_file, config = _read_config(command)
+    given = (_flag_value(command, "--data.data_dir", "--data.init_args.data_dir")
+             or _config_setting(config, "data", "data_dir")
+             or any(name in ("data.data_dir", "data.init_args.data_dir") for name in sweep["parameters"]))
+    cache_dir = (_flag_value(command, "--data.cache_dir", "--data.init_args.cache_dir")
+                 or _config_setting(config, "data", "cache_dir") or _default_cache_dir())
+    if given or hub_cached(task.hub_path, cache_dir):
+        return
+    reason = hub_offline()
+    if reason:
+        raise UserError(f"no data folder for {task.name}, and its Hub dataset {task.hub_path} cannot be downloaded "
+                        f"({reason}): give the folder of train/validation/test.jsonl with --data-dir DIR "
+                        f"(make sweep: DATA_DIR=DIR)")
+
+
+def _default_cache_dir() -> str:
+    from dq_lightning.data.datamodule import DEFAULT_CACHE_DIR
+
+    return str(DEFAULT_CACHE_DIR)
+
+
+# -- GPUs ---------------------------------------------------------------------------------------------
+def cuda_devices() -> int:
+    import torch
+
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken driver is a machine without usable GPUs
+        return 0
+
+
+def _device_count(devices) -> int | None:
+    """How many devices a `trainer.devices` value asks for (None: "auto" or -1, any number)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip().strip("[]")
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    try:
+        number = int(text)
+    except ValueError:
+        return None
+    return None if number < 0 else number
+
+
+def check_gpus(accelerator, devices, culprit: str, devices_culprit: str | None = None) -> None:
+    """Refuse GPUs (`trainer.accelerator` gpu/cuda) on a machine without them, or more than it has."""
+    if str(accelerator or "").lower() not in ("gpu", "cuda"):
+        return
+    available, wanted = cuda_devices(), _device_count(devices)
+    if available == 0:
+        hint = ("; on CPU use the tiny scale (--scale tiny, make: SCALE=tiny)"
+                if culprit.startswith(("experiments/", "the sweep command")) or "paper" in culprit else "")
+        raise UserError(f"{culprit} asks for GPUs, but this machine has none (torch.cuda.is_available() is "
+                        f"False){hint}")
+    if wanted and wanted > available:
+        raise UserError(f"{devices_culprit or culprit} asks for {wanted} GPUs, but this machine has {available}")
+
+
+def preflight_gpus(sweep: dict, gpus: int | None) -> None:
+    """The GPUs asked for by --gpus or, failing that, by the sweep's command and its config file."""
+    if gpus is not None:
+        if gpus < 1:
+            raise UserError(f"--gpus {gpus} (make: GPUS={gpus}) must be a positive number of GPUs per run")
+        check_gpus("gpu", gpus, f"--gpus {gpus} (make: GPUS={gpus})")
+        return
+    command = command_for(sweep, [])
+    config_file, config = _read_config(command)
+    accelerator = _flag_value(command, "--trainer.accelerator")
+    devices = _flag_value(command, "--trainer.devices") or _config_setting(config, "trainer", "devices")
+    if accelerator is not None:
+        check_gpus(accelerator, devices, f"the sweep command's --trainer.accelerator={accelerator}")
+    else:
+        accelerator = _config_setting(config, "trainer", "accelerator")
+        check_gpus(accelerator, devices, f"{config_file} (trainer.accelerator: {accelerator})")
+
+
+# -- every grid point ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """Capture what building a point prints, at the file-descriptor level too: Lightning's log handlers hold
+    the original streams, and 50 points' "GPU available" lines would bury the one line that matters. The
+    Python-level text (the parser's error) is the StringIO yielded."""
+    text = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield text
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+@contextlib.contextmanager
+def _one_teacher_load() -> Iterator[None]:
+    """Load each teacher once for the whole check instead of once per point (a teacher is the same for every
+    point, and mbart-large takes seconds to read); the students are still copied from it point by point."""
+    from dq_lightning.distill import module
+
+    original, cache = module.load_pretrained, {}
+
+    def load_once(name, flag, attn_implementation="eager", **overrides):
+        key = (str(name), flag, attn_implementation, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = original(name, flag, attn_implementation, **overrides)
+        return cache[key]
+
+    module.load_pretrained = load_once
+    try:
+        yield
+    finally:
+        module.load_pretrained = original
+
+
+def _check_cli(instantiate: bool):
+    """A `DQLightningCLI` that builds its parser once, then parses (and with `instantiate` builds) the points
+    given to it: building the parser is most of a parse's time."""
+    import lightning.pytorch as pl
+
+    from dq_lightning.cli import CLI_OPTIONS, DQLightningCLI
+
+    class CheckCLI(DQLightningCLI):
+        ready = False
+
+        def parse_arguments(self, parser, args) -> None:
+            if self.ready:
+                super().parse_arguments(parser, args)
+            else:  # LightningCLI's __init__: the parser is built; points come through check()
+                self.config = {"subcommand": "fit"}
+
+        def _parse_ckpt_path(self) -> None:
+            if self.ready:
+                super()._parse_ckpt_path()
+
+        def _set_seed(self) -> None:
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            pass  # the run creates its directory; the check writes nothing
+
+        def instantiate_classes(self) -> None:
+            if self.ready:
+                super().instantiate_classes()
+
+        def _run_subcommand(self, subcommand) -> None:
+            pass
+
+        def instantiate_trainer(self, **kwargs):
+            # Lightning's Trainer refuses bad settings (a typo'd accelerator, devices it cannot use) with
+            # ValueError or MisconfigurationException: the user's input, said in one line.
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (ValueError, TypeError, RuntimeError) as error:  # MisconfigurationException is a ValueError
+                text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UserError(f"trainer: {text}") from None
+
+        def build(self, argv: list[str], gpu_culprit: str, devices_culprit: str) -> str:
+            """Parse and build the run of `argv` (from `fit` on); return its model's class path."""
+            try:
+                self.parse_arguments(self.parser, argv)
+            except UserError as error:  # a parser that words its complaints itself, rather than exiting
+                raise ParseRejected(str(error)) from None
+            self.subcommand = "fit"
+            self._parse_ckpt_path()
+            if not instantiate:  # GPUs are the machine's business, not the file's
+                return str(self.config["fit"]["model"]["class_path"])
+            trainer = self.config["fit"]["trainer"]
+            try:
+                check_gpus(trainer.get("accelerator"), trainer.get("devices"), gpu_culprit, devices_culprit)
+            except UserError as error:
+                point_level = str(error).startswith("parameter ")
+                raise (UserError if point_level else GridWide)(str(error)) from None
+            try:
+                self.instantiate_classes()
+            finally:
+                self.model = self.datamodule = self.trainer = self.config_init = None
+            return str(self.config["fit"]["model"]["class_path"])
+
+    cli = CheckCLI(pl.LightningModule, pl.LightningDataModule, **CLI_OPTIONS, args=["fit"])
+    cli.ready = True
+    return cli
+
+
+class GridWide(UserError):
+    """A mistake that every point shares (a flag the config lacks, GPUs from the command): reported at once."""
+
+
+class ParseRejected(UserError):
+    """The parser refused a point's command line, in one line of its own."""
+
+
+def _worded_parse_failure(message: str, point: SweepPoint, config: str) -> UserError:
+    """A parser's own one-line complaint: a parameter it names as an unknown option is the grid's mistake."""
+    unknown = re.search(r"has no option|[Uu]nrecognized|not accepted|no such option", message)
+    culprit = next((name for name in point.params if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)),
+                   None)
+    if unknown and culprit:
+        return GridWide(f"unknown parameter {culprit!r}: {config} has no such option ({message})")
+    if unknown:
+        return GridWide(f"the sweep command is not accepted by {config}: {message}")
+    return UserError(message)
+
+
+def _parse_failure(text: str, point: SweepPoint, fixed: list[str], config: str) -> UserError:
+    """The parser's complaint about a point (pages of usage and union subtypes), as one line naming the
+    parameter or flag at fault."""
+    names = list(point.params)
+    rejected = (re.search(r"Option '([^']+)' is not accepted", text)
+                or re.search(r"[Uu]nrecognized arguments:\s*(\S+)", text))
+    if rejected:
+        option = rejected.group(1).lstrip("-").split("=")[0]
+        culprit = next((name for name in names if name == option or name.split(".")[-1] == option), None)
+        if culprit:
+            return GridWide(f"unknown parameter {culprit!r}: {config} has no such option")
+        flag = next((token for token in fixed if str(token).lstrip("-").split("=")[0].endswith(option)), option)
+        return GridWide(f"the sweep command's flag {flag} is not accepted: {config} has no such option")
+    # `Parser key "model": ... Parser key "lr": Expected a <class 'float'>. Got value: abc` -> model.lr
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    key = ".".join(keys[:1] + [k for k in keys[1:] if k != keys[0]]) if keys else ""
+    expected = re.search(r"Expected a <class '([^']+)'>", text)
+    culprit = next((name for name in names if key and name.replace(".init_args.", ".") == key), None)
+    if culprit is None and key:
+        culprit = next((name for name in names if name.split(".")[-1] == key.split(".")[-1]), None)
+    error_line = next((line.strip() for line in text.splitlines() if line.startswith("error:")), "")
+    reason = f"expected a {expected.group(1)}" if expected else error_line.removeprefix("error: ")
+    if culprit:
+        return UserError(f"parameter {culprit}={point.params[culprit]!r} is not accepted by {config} ({reason})")
+    setting = key or "a setting"
+    return UserError(f"{setting} is not accepted by {config} ({reason})")
+
+
+def _params_text(point: SweepPoint) -> str:
+    return ", ".join(f"{name}={value}" for name, value in point.params.items())
+
+
+def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[str] = (),
+                 instantiate: bool = True) -> dict[str, str]:
+    """Check every point of the grid as its run would meet it; return each run id's module class path.
+
+    Each point is parsed with the sweep command's flags, the point's and `extra` (--data-dir, --gpus), and with
+    `instantiate` its model, data and trainer are built: a typo'd value, an unknown flag, a value of the wrong
+    type, a teacher that cannot be read or GPUs this machine lacks stop the sweep here, naming the point and
+    the parameter. The teacher is read once for all points. Without `instantiate` (no teacher yet), points
+    are only parsed.
+    """
+    from dq_lightning.cli import find_user_error
+
+    command = command_for(sweep, [])
+    if "fit" not in command:
+        raise UserError(f"{path}: the sweep command must run `python -m dq_lightning fit` (it has no fit)")
+    start = command.index("fit") + 1
+    fixed = command[start:]
+    config = _flag_value(fixed, "--config") or "the sweep command"
+    failures: dict[str, tuple[SweepPoint, UserError]] = {}  # by reason: a typo fails many points alike
+    classes, rejected = {}, 0
+    with tempfile.TemporaryDirectory(prefix="dq-sweep-check-") as scratch, _one_teacher_load():
+        # The run's logger would create the run's own directory; the check builds it in a scratch root.
+        root = [f"--trainer.default_root_dir={scratch}"]
+        with _quiet():
+            cli = _check_cli(instantiate)
+        for point in points:
+            argv = ["fit", *command_for(sweep, point.flags)[start:], *extra, *root]
+            with _quiet() as text:
+                try:
+                    classes[point.run_id] = cli.build(argv, *_gpu_culprits(argv, point, extra, config))
+                    continue
+                except SystemExit:
+                    failure = _parse_failure(text.getvalue(), point, fixed, config)
+                except ParseRejected as error:
+                    failure = _worded_parse_failure(str(error), point, config)
+                except Exception as error:  # noqa: BLE001 - user errors are reported, bugs re-raised
+                    failure = find_user_error(error)
+                    if failure is None:
+                        raise  # a bug, not the user's input: it keeps its traceback
+            if isinstance(failure, GridWide):
+                raise UserError(f"{path}: {failure}")
+            rejected += 1
+            failures.setdefault(str(failure), (point, failure))
+    if rejected == len(points) > 1 and len(failures) == 1:  # e.g. a teacher that is not there yet
+        raise UserError(f"{path}: every grid point is rejected: {next(iter(failures))}")
+    if rejected:
+        named = [f"grid point {point.run_id} ({_params_text(point)}): {failure}"
+                 for point, failure in list(failures.values())[:3]]
+        more = f"; and {len(failures) - 3} more reasons" if len(failures) > 3 else ""
+        count = "" if rejected == 1 else f"{rejected} of {len(points)} grid points are rejected before any run starts: "
+        raise UserError(f"{path}: {count}{'; '.join(named)}{more}")
+    return classes
+
+
+def _gpu_culprits(argv: list[str], point: SweepPoint, extra: Sequence[str], config: str) -> tuple[str, str]:
+    """Which settings ask for this point's accelerator and its devices: the last flag wins, as in the CLI."""
+
+    def source(name: str) -> str:
+        flag = next((token for token in reversed(argv) if str(token).startswith(f"--trainer.{name}")), None)
+        if flag is None:
+            return f"{config} (trainer.{name})"
+        if flag in point.flags:
+            return f"parameter {flag.lstrip('-')}"
+        if flag in extra:
+            gpus = _flag_value(list(extra), "--trainer.devices")
+            return f"--gpus {gpus} (make: GPUS={gpus})"
+        return f"the sweep command's {flag}"
+
+    return source("accelerator"), source("devices")

@@ -1,0 +1,173 @@
+"""Claims on grid points, so that sweep workers sharing a sweep folder never train one point twice.
+
+Several offline workers (two sweeps started by mistake, or one per node on a shared filesystem) walk the same
+grid. Before training a point a worker creates `<run_dir>/claim.json` (its host, pid, the pid's start time and
+a random token) in one step that fails if the file exists: a hard link to a fully written file, which is
+atomic on local disks, NFS, Lustre and GPFS and never shows a half-written claim (O_EXCL is the fallback
+where hard links are not supported). The claim is removed when the point ends, whether it finished, failed
+or was interrupted.
+
+A claim whose process died is stale: on its own host a worker can tell (the pid is gone, a zombie, or now a
+different process) and takes the point over. Another host's process cannot be checked from here, so its claim
+is reported with the file to delete if that host is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+CLAIM = "claim.json"
+# A worker holds the ".breaking" lock only for the few system calls of a takeover; one older than this was
+# left by a worker killed in between.
+BREAKING_TIMEOUT_S = 60.0
+
+
+def _process_start(pid: int) -> str | None:
+    """When `pid` started (Linux: clock ticks since boot), so a recycled pid is not taken for the claimer."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        if state in ("Z", "X"):  # killed, not yet reaped by its parent
+            return False
+    except (OSError, IndexError):
+        pass
+    now = _process_start(pid)
+    return not (started and now and now != started)
+
+
+def describe(holder: dict) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+
+
+def stale(holder: dict, claim_path: Path) -> bool:
+    """Whether a claim's process is known to be dead (only knowable on its own host)."""
+    if not holder:  # unreadable: a worker died between O_EXCL create and write (fallback path only)
+        with contextlib.suppress(OSError):
+            return time.time() - claim_path.stat().st_mtime > BREAKING_TIMEOUT_S
+        return False
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(holder["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return not _process_alive(pid, holder.get("pid_start"))
+
+
+def _create_exclusive(path: Path, content: bytes) -> bool:
+    """Create `path` holding `content` unless it exists, in one atomic step; True if this call created it."""
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    staging.write_bytes(content)
+    try:
+        os.link(staging, path)
+        return True
+    except FileExistsError:
+        # Over NFS a retried link whose first reply was lost reports EEXIST although it worked: the
+        # staging file's link count tells.
+        return os.stat(staging).st_nlink == 2
+    except OSError:  # no hard links on this filesystem (some FUSE and SMB mounts)
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(content)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+
+
+def _read(path: Path) -> tuple[bytes | None, dict]:
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None, {}
+    try:
+        holder = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        holder = {}
+    return content, holder if isinstance(holder, dict) else {}
+
+
+@dataclass
+class Claim:
+    """This worker's claim on one run directory."""
+
+    path: Path
+    content: bytes
+    took_over: dict | None = None  # the stale claim it replaced
+
+    def release(self) -> None:
+        """Remove the claim if it is still this worker's (never another's that replaced it)."""
+        content, _ = _read(self.path)
+        if content == self.content:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def _take_over(path: Path, stale_content: bytes) -> None:
+    """Remove a stale claim, unless another worker has replaced it meanwhile.
+
+    Takeovers are serialised by a ".breaking" file: without it, two workers that both judged the same claim
+    stale could each remove one, the second removing the first one's fresh claim.
+    """
+    breaking = path.with_name(path.name + ".breaking")
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+    if not _create_exclusive(breaking, me):
+        with contextlib.suppress(OSError):
+            if time.time() - breaking.stat().st_mtime > BREAKING_TIMEOUT_S:
+                breaking.unlink()
+        return
+    try:
+        content, _ = _read(path)
+        if content == stale_content:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            breaking.unlink()
+
+
+def acquire(run_dir: Path) -> Claim | dict:
+    """Claim `run_dir` for this process: a `Claim`, or the record of the live worker holding it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CLAIM
+    pid = os.getpid()
+    record = {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
+              "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+    content = (json.dumps(record, indent=2) + "\n").encode()
+    took_over = None
+    for _ in range(3):  # a takeover raced by another worker's ends in its claim on the next round
+        if _create_exclusive(path, content):
+            return Claim(path, content, took_over)
+        current, holder = _read(path)
+        if current is None:
+            continue  # released meanwhile
+        if not stale(holder, path):
+            return holder or {"host": "?", "pid": "?"}
+        _take_over(path, current)
+        took_over = holder
+    _, holder = _read(path)
+    return holder or {"host": "?", "pid": "?"}
