@@ -13,17 +13,27 @@ TASK ?= demo
 SCALE ?= tiny
 DATA_DIR ?=
 GPUS ?=
+# make fit only: NODES=n runs torchrun for n nodes (the same command on every node; MASTER_ADDR = a host name of
+# the first node, MASTER_PORT its rendezvous port), CONFIG the config file, ARGS more fit flags.
+NODES ?=
+CONFIG ?=
+ARGS ?=
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
 TASKS := demo xsum cnn_dailymail eli5 wmt16_en_ro
 RUNS := runs/$(TASK)
 
 # Passed to `python -m dq_lightning` when set.
 DATA_ARG := $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
 GPU_ARGS := $(if $(GPUS),--trainer.accelerator=gpu --trainer.devices=$(GPUS) --trainer.strategy=ddp)
+TORCHRUN := $(VENV)/bin/torchrun --nnodes=$(NODES) --nproc-per-node=$(GPUS) $(if $(filter 1,$(NODES)),--standalone,\
+	--rdzv-backend=c10d --rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT) --rdzv-id=dq-lightning)
 
-.PHONY: help install test test-all teacher sweep report check-task clean
+.PHONY: help install test test-all teacher sweep sweep-id fit report check-task clean
 
 help: ## List the targets
 	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n]"
+	@echo "       make fit CONFIG=experiments/<task>/<stage>.yaml [GPUS=n] [NODES=n MASTER_ADDR=host] [ARGS='--flag=value']"
 	@echo "tasks: $(TASKS); scales: tiny (CPU), paper (bart-base / mbart-large-cc25 on GPUs)"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -88,6 +98,20 @@ sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; 
 	@$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --preflight
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS)
+
+# An online sweep across machines: create it once here, then one `wandb agent` per machine
+# (experiments/cluster/slurm-sweep.sbatch runs them as a SLURM job array).
+sweep-id: check-task $(STAMP) ## Create the W&B sweep of TASK at SCALE once and keep its id (for agents on several machines)
+	$(PY) -m dq_lightning.cluster sweep-id --task $(TASK) --scale $(SCALE)
+
+# Without NODES, Lightning starts the GPUS processes of this machine itself; with NODES, torchrun does, on every
+# node (Lightning reads the ranks torchrun sets). global_batch_size keeps the paper configs' 16 sequences per step.
+fit: $(STAMP) ## One fit of CONFIG=file [GPUS=n per node] [NODES=n: torchrun, run on every node] [ARGS=...]
+	@if [ -z "$(CONFIG)" ] || [ ! -f "$(CONFIG)" ]; then echo "error: CONFIG=$(CONFIG) is not a config file; e.g. CONFIG=experiments/xsum/dq-paper.yaml" >&2; exit 2; fi
+	@if [ -n "$(NODES)" ] && [ -z "$(GPUS)" ]; then echo "error: NODES=$(NODES) needs GPUS=<GPUs per node> (torchrun's --nproc-per-node)" >&2; exit 2; fi
+	@if [ -n "$(NODES)" ] && [ "$(NODES)" != 1 ] && [ -z "$(MASTER_ADDR)" ]; then echo "error: NODES=$(NODES) needs MASTER_ADDR=<host name of the first node> (run the same command on every node)" >&2; exit 2; fi
+	$(if $(NODES),$(TORCHRUN) -m,$(PY) -m) dq_lightning fit --config $(CONFIG) $(DATA_ARG) $(GPU_ARGS) \
+		$(if $(NODES),--trainer.num_nodes=$(NODES)) $(ARGS)
 
 report: check-task $(STAMP) ## Rebuild results.csv, tradeoff.png and the table from finished runs
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --report-only

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
+from dq_lightning.cluster import resume_path, with_agent_args
 from dq_lightning.errors import UserError
 
 
@@ -53,6 +56,35 @@ class DQLightningCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: then test the best checkpoint in the same process (one W&B run "
                                  "holds validation and test metrics; a sweep run starts one process, not two)")
+        parser.add_argument("--global_batch_size", type=Optional[int], default=None,
+                            help="fit only: sequences per optimizer step over all devices and nodes; "
+                                 "trainer.accumulate_grad_batches is derived as global_batch_size / (trainer.devices "
+                                 "x trainer.num_nodes x data.batch_size) and recorded in config.yaml (the paper "
+                                 "configs: 16, the DQ-BART recipe)")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self._keep_global_batch()
+
+    def _keep_global_batch(self) -> None:
+        # Derived here, in the launching process before any DDP process starts, so an indivisible global batch
+        # is one error line; the config.yaml the run saves then holds the derived accumulation.
+        if self.subcommand not in (None, "fit"):
+            return
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        global_batch = config.get("global_batch_size") if config is not None else None
+        if not global_batch:
+            return
+        callback = GlobalBatchSize(global_batch)
+        record = callback.apply(self.trainer, self.datamodule, given=config.trainer.accumulate_grad_batches)
+        config.trainer.accumulate_grad_batches = record["accumulate_grad_batches"]
+        self.trainer.callbacks.append(callback)
+
+    def before_fit(self) -> None:
+        # `--ckpt_path last` after a SLURM requeue: the checkpoint Lightning saved on the warning signal, when newer.
+        config = self.config_init[self.subcommand]
+        config.ckpt_path = resume_path(self.trainer, config.get("ckpt_path"))
+
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
@@ -129,6 +161,7 @@ CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_confi
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = with_agent_args(argv)  # a W&B agent's DQ_SWEEP_ARGS (GPUs, data folder of this machine)
     try:
         # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
         DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **CLI_OPTIONS,

@@ -1,0 +1,134 @@
+"""What a run on a cluster needs beyond Lightning's own SLURM and torchrun support.
+
+- `resume_path`: `--ckpt_path last` also considers the checkpoint Lightning writes when SLURM warns of the
+  end of a job (`#SBATCH --signal=SIGUSR1@90`: `hpc_ckpt_<n>.ckpt` in the run directory, then
+  `scontrol requeue`). Lightning's `last` only looks at the `last*.ckpt` of the checkpoint callbacks, so a
+  requeued job would go back to the last periodic save (up to 500 steps at paper scale) and never read the
+  checkpoint written for it; here the newest of both is resumed.
+- `with_agent_args`: the runs a W&B agent starts take their command from the sweep stored on the W&B server,
+  the same for every agent. `DQ_SWEEP_ARGS` (shell words, e.g. `--trainer.devices=4 --data.data_dir=...`) set
+  in an agent's environment is appended to each of its runs' command lines: GPUs and data are the machine's,
+  not the sweep's (experiments/cluster/slurm-sweep.sbatch sets it for its agents).
+- `create_sweep` (`python -m dq_lightning.cluster sweep-id`, `make sweep-id`): create a task's W&B sweep once,
+  its id where the sweep runner keeps it, for one `wandb agent` per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+AGENT_ARGS_ENV = "DQ_SWEEP_ARGS"
+
+
+def launched_by_agent(environ=os.environ) -> bool:
+    """Whether this process is a run started by `wandb agent` for a dq_lightning sweep."""
+    return bool(environ.get("WANDB_SWEEP_ID") and environ.get("DQ_SWEEP_DIR"))
+
+
+def with_agent_args(argv: list[str]) -> list[str]:
+    """`argv` with the agent's `DQ_SWEEP_ARGS` appended (last, so they win over the sweep's flags).
+
+    When `argv` is this process's command line, `sys.argv` is extended too and the variable removed from the
+    environment: Lightning starts the other DDP processes from `sys.argv` with this environment, so each gets
+    the arguments exactly once.
+    """
+    text = os.environ.get(AGENT_ARGS_ENV, "")
+    if not text.strip() or not launched_by_agent():
+        return argv
+    extra = shlex.split(text)
+    if argv == sys.argv[1:]:
+        sys.argv[1:] = [*argv, *extra]
+        os.environ.pop(AGENT_ARGS_ENV, None)
+        return sys.argv[1:]
+    return [*argv, *extra]
+
+
+def _last_candidates(trainer) -> list[Path]:
+    """The files Lightning's `ckpt_path="last"` chooses from: `*last*.ckpt` of each ModelCheckpoint's folder."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
+            found += [path for path in Path(callback.dirpath).iterdir()
+                      if callback.CHECKPOINT_NAME_LAST in path.name and path.name.endswith(callback.FILE_EXTENSION)]
+    return found
+
+
+def hpc_checkpoints(root) -> list[Path]:
+    """Lightning's SLURM requeue checkpoints (`hpc_ckpt_<n>.ckpt`) in a run directory."""
+    directory = Path(root)
+    return sorted(directory.glob("hpc_ckpt_*.ckpt")) if directory.is_dir() else []
+
+
+def resume_path(trainer, ckpt_path):
+    """`ckpt_path` for `trainer.fit`: for "last", the requeue checkpoint when it is newer than every `last.ckpt`
+    (else "last" itself, for Lightning to resolve); any other value unchanged."""
+    if ckpt_path != "last":
+        return ckpt_path
+    hpc = hpc_checkpoints(trainer.default_root_dir)
+    if not hpc:
+        return ckpt_path
+    newest_hpc = max(hpc, key=lambda path: path.stat().st_mtime)
+    last = _last_candidates(trainer)
+    if last and max(path.stat().st_mtime for path in last) >= newest_hpc.stat().st_mtime:
+        return ckpt_path
+    return str(newest_hpc)
+
+
+def create_sweep(task: str, scale: str, runs: str = "runs", sweep_path: str | None = None) -> str:
+    """The W&B sweep of `task` at `scale`: created once, its id kept where `python -m dq_lightning sweep` keeps
+    it (`<runs>/<task>/sweep[-<scale>]/sweep_id`), so agents on other machines, a later `make sweep` and
+    `make report` all use the same sweep. An existing id is returned as it is."""
+    from dq_lightning.errors import UserError
+    from dq_lightning.loggers import resolve_wandb_mode
+    from dq_lightning.sweep.runner import sweep_dir_of, sweep_file
+    from dq_lightning.sweep.spec import expand_grid, load_sweep
+
+    path = Path(sweep_path) if sweep_path else sweep_file(task, scale)
+    sweep = load_sweep(path)
+    id_file = sweep_dir_of(Path(runs), task, scale) / "sweep_id"
+    if id_file.exists() and id_file.read_text().strip():
+        return id_file.read_text().strip()
+    if resolve_wandb_mode("auto") != "online":
+        raise UserError("creating a W&B sweep needs a W&B login (`wandb login` or WANDB_API_KEY); without one, "
+                        "run offline workers instead (python -m dq_lightning sweep, one per machine)")
+    if sweep.get("method") == "grid":
+        expand_grid(sweep, path)  # the same checks of the grid as an offline sweep
+    import wandb
+
+    sweep_id = wandb.sweep(sweep, project=os.environ.get("WANDB_PROJECT", "dq-lightning"))
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = id_file.with_name(f".sweep_id.{os.getpid()}")
+    staging.write_text(sweep_id + "\n")
+    os.replace(staging, id_file)
+    return sweep_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from dq_lightning.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="python -m dq_lightning.cluster",
+                                     description="Cluster helpers. sweep-id: create a task's W&B sweep once "
+                                                 "and print its id (for `wandb agent` on several machines).")
+    parser.add_argument("command", choices=["sweep-id"])
+    parser.add_argument("--task", default="demo")
+    parser.add_argument("--scale", default="paper")
+    parser.add_argument("--sweep-file")
+    parser.add_argument("--runs", default="runs")
+    args = parser.parse_args(argv)
+    try:
+        print(create_sweep(args.task, args.scale, args.runs, args.sweep_file))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
