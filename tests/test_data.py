@@ -64,8 +64,8 @@ def test_max_samples_limits_rows(shared_data, cache_dir):
     assert len(module.datasets["train"]) == 10 and len(module.datasets["validation"]) == 3
 
 
-def test_pretrained_tokenizer_from_directory(shared_data, cache_dir):
-    module = DATAMODULES["xsum"](data_dir=str(shared_data / "xsum"), tokenizer=str(shared_data / "bart_tokenizer"),
+def test_pretrained_tokenizer_from_directory(shared_data, bart_tokenizer_dir, cache_dir):
+    module = DATAMODULES["xsum"](data_dir=str(shared_data / "xsum"), tokenizer=str(bart_tokenizer_dir),
                                  max_eval_samples=2, cache_dir=str(cache_dir))
     module.setup("validate")
     assert len(module.tokenizer) == 50265

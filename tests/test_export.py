@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-from transformers import BartForConditionalGeneration
+from transformers import BartForConditionalGeneration, GenerationConfig
 
 from dq_lightning.data.datamodule import XSumDataModule
 from dq_lightning.distill.module import DQStudentModule
@@ -213,7 +213,18 @@ def test_int8_path_runs_quantized_linears_and_mostly_agrees(exported, shared_dat
         generated = fp32.generate(**batch, num_beams=1, max_length=10)
         a = fp32(**batch, decoder_input_ids=generated).logits
         b = int8(**batch, decoder_input_ids=generated).logits
-        assert int8.generate(**batch, num_beams=1, max_length=10).shape[0] == generated.shape[0]
+        # generate() must run the int8 modules too (not a cached fp32 path): greedy output teacher-forced back
+        # through the int8 forward predicts each next generated token.
+        config = int8.config  # plain greedy: the task's min_length / no-repeat rules would override argmax
+        greedy = GenerationConfig(max_length=10, num_beams=1, do_sample=False, pad_token_id=config.pad_token_id,
+                                  eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id,
+                                  decoder_start_token_id=config.decoder_start_token_id)
+        int8.generation_config = greedy  # replaced, not merged: none of the task's decoding rules applies
+        int8_generated = int8.generate(**batch)
+        forced = int8(**batch, decoder_input_ids=int8_generated).logits.argmax(-1)
+    pad = int8.config.pad_token_id
+    next_tokens, predicted = int8_generated[:, 1:], forced[:, :-1]
+    assert torch.equal(predicted[next_tokens != pad], next_tokens[next_tokens != pad])
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 

@@ -112,7 +112,10 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
 
 def test_vocabulary_mismatch_is_a_clear_error(teacher_dir, shared_data, cache_dir, tmp_path):
     module = DQStudentModule(teacher=str(teacher_dir), generation=QUICK_GENERATION)
-    data = datamodule(shared_data, cache_dir, teacher_dir, tokenizer=str(shared_data / "bart_tokenizer"))
+    other = datamodule(shared_data, cache_dir, teacher_dir, tokenizer=None, vocab_size=700,
+                       max_train_samples=200).build_tokenizer()
+    other.save_pretrained(tmp_path / "other_tokenizer")
+    data = datamodule(shared_data, cache_dir, teacher_dir, tokenizer=str(tmp_path / "other_tokenizer"))
     with pytest.raises(UserError, match="data.tokenizer"):
         trainer(tmp_path).validate(module, datamodule=data)
 

@@ -541,3 +541,24 @@ def test_gpu_sweeps_are_refused_up_front_on_a_machine_without_gpus(tmp_path, tea
     assert "grid point 8-8-8_2-1_gpu" in error_lines(point)[0], error_lines(point)[0]
     assert "parameter trainer.accelerator=gpu asks for GPUs" in error_lines(point)[0]
     assert "fit ..." not in point.stdout and not runs.exists()
+
+
+def test_online_sweep_hands_this_machines_flags_to_the_agents_runs(tmp_path, monkeypatch):
+    """`make sweep GPUS=N DATA_DIR=...` logged in to W&B: the flags reach the runs through the agent's env."""
+    import wandb
+
+    from dq_lightning import cluster
+    from dq_lightning.sweep import runner
+
+    calls = []
+    monkeypatch.setattr(wandb, "sweep", lambda sweep, project: "abc123")
+    monkeypatch.setattr(runner.subprocess, "check_call", lambda command, env: calls.append((command, env)))
+    extra = ["--trainer.devices=4", "--data.data_dir=/data/x sum"]
+    runner.run_online(tmp_path / "sweep.yaml", {"parameters": {}}, tmp_path / "sweep", extra)
+    (command, env), = calls
+    assert command[-1] == "abc123" and (tmp_path / "sweep" / "sweep_id").read_text().strip() == "abc123"
+    assert env["DQ_SWEEP_DIR"] == str(tmp_path / "sweep")
+    for name in ("DQ_SWEEP_DIR", cluster.AGENT_ARGS_ENV):  # as the agent starts a run
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    assert cluster.with_agent_args(["fit", "--config", "c.yaml"]) == ["fit", "--config", "c.yaml", *extra]

@@ -21,12 +21,14 @@ import argparse
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dq_lightning.cluster import AGENT_ARGS_ENV
 from dq_lightning.files import write_json_atomic
 from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError
@@ -296,9 +298,6 @@ def run_online(sweep_path: Path, sweep: dict, sweep_dir: Path, extra: list[str])
     from the agent's single command, so all ranks get the same arguments."""
     import wandb
 
-    if extra:
-        raise UserError("DATA_DIR/GPUS cannot be added to an online W&B sweep's command; put them in the "
-                        f"sweep file's command ({sweep_path})")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     id_file = sweep_dir / "sweep_id"
     project = os.environ.get("WANDB_PROJECT", "dq-lightning")
@@ -307,8 +306,12 @@ def run_online(sweep_path: Path, sweep: dict, sweep_dir: Path, extra: list[str])
     else:
         sweep_id = wandb.sweep(sweep, project=project)
         id_file.write_text(sweep_id + "\n")
+    # The sweep (on W&B's server) holds one command for every machine; this machine's GPUs and data folder
+    # reach the runs its agent starts through the environment (`dq_lightning.cluster.with_agent_args`).
     env = {**os.environ, "DQ_SWEEP_DIR": str(sweep_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if extra:
+        env[AGENT_ARGS_ENV] = shlex.join(extra)
     subprocess.check_call([sys.executable, "-m", "wandb", "agent", "--project", project, sweep_id], env=env)
 
 
