@@ -78,13 +78,18 @@ EXTRA_TEXT := $(if $(DATA_DIR),$(foreach c,$(SIBLING_TEXT),$(if $(filter-out $(T
 	$(if $(wildcard $(DATA_DIR)/../$(firstword $(subst :, ,$(c)))),$(DATA_DIR)/../$(c)))))
 EXTRA_TEXT_ARG := $(if $(strip $(EXTRA_TEXT)),--data.extra_text=[$(subst $(space),$(comma),$(strip $(EXTRA_TEXT)))])
 FROM_PRETRAIN := $(if $(HAS_PRETRAIN),--model.model=$(PRETRAIN_HF) --data.tokenizer=$(PRETRAIN_HF))
+# A fit refuses a run folder holding an earlier run unless it continues it (README, "When things go wrong"):
+# a stage killed half-way continues from its last.ckpt when `make` is run again. Expanded when the recipe runs.
+RESUME = $(if $(wildcard $(1)/checkpoints/last.ckpt),--ckpt_path=last)
 
 $(PRETRAIN_HF)/config.json: | $(STAMP)
-	$(PY) -m dq_lightning fit --config $(PRETRAIN_CONFIG) $(DATA_ARG) $(EXTRA_TEXT_ARG) $(GPU_ARGS)
+	$(PY) -m dq_lightning fit --config $(PRETRAIN_CONFIG) $(DATA_ARG) $(EXTRA_TEXT_ARG) $(GPU_ARGS) \
+		$(call RESUME,$(RUNS)/pretrain-$(SCALE))
 
 $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 	$(if $(HAS_PRETRAIN),@$(MAKE) --no-print-directory $(PRETRAIN_HF)/config.json)
-	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) $(FROM_PRETRAIN)
+	$(PY) -m dq_lightning fit --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) $(FROM_PRETRAIN) \
+		$(call RESUME,$(RUNS)/teacher-$(SCALE))
 	$(PY) -m dq_lightning test --config experiments/$(TASK)/teacher-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) \
 		--model.model=$(RUNS)/teacher-$(SCALE)/hf --data.tokenizer=$(RUNS)/teacher-$(SCALE)/hf
 	$(if $(or $(DATA_DIR),$(filter demo,$(TASK))),$(PY) -m dq_lightning baseline --task $(TASK) \

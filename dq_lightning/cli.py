@@ -5,39 +5,71 @@ parsed in OmegaConf mode, resolved after command-line overrides, so `${trainer.d
 callback follows `--trainer.default_root_dir`. Mistakes in user input
 (`UserError`) end in one line on stderr and exit code 2, not a traceback. Checkpoints are saved atomically on every
 filesystem, and a `--ckpt_path` is checked (readable, saved by the configured module class) before anything is
-built (`dq_lightning.checkpoints`).
+built (`dq_lightning.checkpoints`). The parser's own errors are one line naming the flag
+(`dq_lightning.parser_errors`); GPUs the machine lacks, a data folder that is not there and a run folder that
+cannot be written or already holds another run are refused before anything is built (`dq_lightning.run_folder`).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
 from dq_lightning.cluster import resume_path, with_agent_args
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, make_variables
+from dq_lightning.parser_errors import config_paths, typed_flag
+from dq_lightning.parser_errors import explain as explain_parser_error
+from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
+                                     is_other_rank, move_aside, replace_own_files)
 
 
-class SaveConfigOnStart(SaveConfigCallback):
-    """Write `config.yaml` once the run has really started, not at setup.
+class SaveRunConfig(SaveConfigCallback):
+    """Write the config once the run has produced something, so that it always describes the files beside it.
 
-    A run that fails while setting up (bad data, unreadable teacher, ...) then leaves the `config.yaml` of
-    the run that produced the directory's checkpoints as it was.
+    A fit writes `config.yaml` with its first checkpoint (or at its end, if it saves none): a run that fails
+    while setting up or before its first checkpoint (bad data, a NaN at the first resumed step, ...) leaves the
+    `config.yaml` of the run that wrote the folder's checkpoints as it was. `validate`, `test` and `predict`
+    write `<command>-config.yaml` when they finish, never the fit's `config.yaml`: `make teacher` tests the
+    teacher in its run folder, and the fit's config must survive that.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._stage = stage
 
     def _save(self, trainer, pl_module) -> None:
-        super().setup(trainer, pl_module, self._stage)
+        stage = getattr(self, "_stage", "fit")
+        name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        if name != "fit" and not self.already_saved:
+            self.config_filename = f"{name}-config.yaml"
+        super().setup(trainer, pl_module, stage)
 
-    on_train_start = on_validation_start = on_test_start = on_predict_start = _save
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._save(trainer, pl_module)  # every rank saves checkpoints together, as `setup`'s broadcasts need
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":  # not the validation inside a fit
+            self._save(trainer, pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -56,6 +88,10 @@ class DQLightningCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: then test the best checkpoint in the same process (one W&B run "
                                  "holds validation and test metrics; a sweep run starts one process, not two)")
+        parser.add_argument("--replace_run", type=bool, default=False,
+                            help="fit only: start over in a run folder that holds an earlier run; that run is "
+                                 "first moved to <folder>.replaced-<time> (nothing is deleted). Without it such "
+                                 "a fit is refused unless it continues the run (--ckpt_path=last)")
         parser.add_argument("--global_batch_size", type=Optional[int], default=None,
                             help="fit only: sequences per optimizer step over all devices and nodes; "
                                  "trainer.accumulate_grad_batches is derived as global_batch_size / (trainer.devices "
@@ -85,19 +121,30 @@ class DQLightningCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         config.ckpt_path = resume_path(self.trainer, config.get("ckpt_path"))
 
-
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best_checkpoint(self.trainer))
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        # An accelerator, strategy or precision it cannot use, or whose package is not installed (tpu: torch_xla).
+        except (MisconfigurationException, ModuleNotFoundError) as error:
+            text = str(error).strip()
+            raise UserError(f"trainer settings: {text.splitlines()[0] if text else type(error).__name__}") from None
         use_atomic_checkpoint_io(trainer)
         return trainer
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
         argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        self._argv = [str(token) for token in argv]
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:  # raised, not printed, when main() sets exit_on_error=False
+            subparsers = getattr(self, "_subcommand_parsers", {})
+            subparser = subparsers.get(self._argv[0]) if self._argv else None
+            options = list((subparser or parser)._option_string_actions)
+            raise UserError(explain_parser_error(str(error), self._argv, options)) from None
         self._model_flags = model_settings_given(argv)
         # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
         # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
@@ -136,10 +183,38 @@ class DQLightningCLI(LightningCLI):
             if logger and "init_args" in logger:
                 logger["init_args"]["id"] = run_id
                 logger["init_args"]["save_dir"] = trainer_config["default_root_dir"]
-        # A run directory may not exist yet for the logger and the saved config.
+        # Everything that can be told from the config alone is checked here, before the teacher is loaded,
+        # the data read or anything written: one error line instead of a traceback minutes later.
+        argv = getattr(self, "_argv", [])
+        config = self.config.get(self.subcommand, self.config)
+        check_gpus(trainer_config, argv)
+        check_data_config(config.get("data"))
         root = trainer_config.get("default_root_dir")
+        self._move_aside = []
+        replace_own_files(trainer_config)  # on every rank: their checkpoint callbacks must agree on names
+        if not is_other_rank():
+            for path in dict.fromkeys([str(root or "."), *map(str, checkpoint_dirs(trainer_config))]):
+                check_writable(path, "--trainer.default_root_dir" if path == str(root or ".") else
+                               f"--trainer.default_root_dir={root} (a ModelCheckpoint's dirpath)")
+            if self.subcommand == "fit":
+                self._move_aside = check_run_folder(trainer_config, config.get("ckpt_path"),
+                                                    bool(config.get("replace_run")))
+        # A run directory may not exist yet for the logger and the saved config.
         if root:
-            os.makedirs(root, exist_ok=True)
+            try:
+                os.makedirs(root, exist_ok=True)
+            except OSError as error:
+                raise UserError(f"--trainer.default_root_dir={root}: cannot create it "
+                                f"({error.strerror or error})") from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # The earlier run is moved away only now that the new one is fully built: a mistake found while
+        # building it (a missing teacher, bad bits) leaves the folder as it was.
+        for old, new in move_aside(getattr(self, "_move_aside", [])):
+            print(f"{REPLACE_FLAG}: moved the earlier run {old} to {new}", file=sys.stderr, flush=True)
+            if old == Path(self.trainer.default_root_dir):
+                os.makedirs(old, exist_ok=True)  # the loggers built above write here
+        super()._run_subcommand(subcommand)
 
 
 def model_settings_given(argv: list[str]) -> list[str]:
@@ -154,17 +229,103 @@ def model_settings_given(argv: list[str]) -> list[str]:
     return names
 
 
+def check_data_config(data: dict | None) -> None:
+    """`check_data_source` for the configured DataModule, when it is one of ours (the task from the class or,
+    for the pre-training modules, from `task`)."""
+    if not hasattr(data, "get") or not data.get("class_path"):  # a jsonargparse Namespace, or a dict
+        return
+    from dq_lightning.data.datamodule import DEFAULT_CACHE_DIR, Seq2SeqDataModule, check_data_source
+
+    module, _, name = str(data["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - the parser accepted it; instantiating it reports its own errors
+        return
+    init_args = data.get("init_args") or {}
+    task = init_args.get("task") or getattr(cls, "task_name", "")
+    if isinstance(cls, type) and issubclass(cls, Seq2SeqDataModule) and task:
+        check_data_source(str(task), init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR)
+
+
+def check_gpus(trainer_config: dict, argv: list[str]) -> None:
+    """Refuse GPUs (`trainer.accelerator` gpu or cuda) on a machine without them, or more than it has, naming
+    the flag, config file or make variable that asked for them. Lightning's own refusal came after the teacher
+    was loaded and the run folder created, as a traceback."""
+    accelerator = trainer_config.get("accelerator")
+    if str(accelerator).lower() not in ("gpu", "cuda"):
+        return
+    available, wanted = cuda_devices(), device_count(trainer_config.get("devices"))
+    if available and (wanted is None or wanted <= available):
+        return
+    make = make_variables()
+    name, value = ("accelerator", accelerator) if not available else ("devices", trainer_config.get("devices"))
+    culprit, from_flag = setting_source(f"trainer.{name}", value, argv)
+    hint = "; on CPU use --trainer.accelerator=cpu (or a -tiny config)" if not available else ""
+    if from_flag and make.get("GPUS"):
+        culprit, hint = f"{culprit} (make: GPUS={make['GPUS']})", "; leave GPUS unset to train on the CPU"
+    elif not from_flag and make.get("SCALE") == "paper":
+        culprit, hint = f"{culprit} (make: SCALE=paper)", "; SCALE=paper is for GPU machines, SCALE=tiny trains on CPU"
+    if not available:
+        raise UserError(f"{culprit} asks for a GPU, but this machine has none (torch.cuda.is_available() is "
+                        f"False){hint}")
+    raise UserError(f"{culprit} asks for {wanted} GPUs, but this machine has {available}{hint}")
+
+
+def cuda_devices() -> int:
+    import torch
+
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken driver is a machine without usable GPUs
+        return 0
+
+
+def device_count(devices) -> int | None:
+    """How many devices `trainer.devices` asks for (None: "auto" or -1, whatever there is)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip().strip("[]")
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    try:
+        number = int(text)
+    except ValueError:
+        return None
+    return None if number < 0 else number
+
+
+def setting_source(key: str, value, argv: list[str]) -> tuple[str, bool]:
+    """Who set `key` (e.g. trainer.accelerator): the flag as typed, else the last --config file that sets it;
+    and whether it was a flag."""
+    typed = typed_flag(key, argv)
+    if typed:
+        return typed, True
+    section, _, name = key.partition(".")
+    for path in reversed(config_paths(argv)):
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        part = loaded.get(section) if isinstance(loaded, dict) else None
+        if isinstance(part, dict) and name in part:
+            return f"{path} ({key}: {value})", False
+    return f"{key}={value}", False
+
+
 CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False,
-                   save_config_callback=SaveConfigOnStart, save_config_kwargs={"overwrite": True},
+                   save_config_callback=SaveRunConfig, save_config_kwargs={"overwrite": True},
                    parser_kwargs={"parser_mode": "omegaconf+"})
 
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = with_agent_args(argv)  # a W&B agent's DQ_SWEEP_ARGS (GPUs, data folder of this machine)
+    # The parser raises instead of printing its usage and a page of union subtypes; parse_arguments turns the
+    # error into one line. Only here: the sweep's point check reads the printed text of CLI_OPTIONS' parser.
+    options = {**CLI_OPTIONS, "parser_kwargs": {**CLI_OPTIONS["parser_kwargs"], "exit_on_error": False}}
     try:
         # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
-        DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **CLI_OPTIONS,
+        DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options,
                        args=None if argv == sys.argv[1:] else argv)
     except Exception as error:  # noqa: BLE001 - only user errors are caught; the rest is re-raised
         user_error = find_user_error(error)

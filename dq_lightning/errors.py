@@ -5,9 +5,34 @@ it as one line naming the culprit and exits non-zero without a traceback; anythi
 its traceback.
 """
 
+import os
+import re
+
 
 class UserError(Exception):
     """Bad user input; the message names the file, field or flag at fault."""
 
 # Not a ValueError on purpose: jsonargparse turns ValueErrors raised while it instantiates a class into a
 # multi-line "does not validate against" report that buries the message.
+
+
+def make_variables() -> dict[str, str]:
+    """The variables given to `make` on its command line (`make teacher GPUS=2` -> {"GPUS": "2"}), when this
+    process runs in a Makefile recipe; else {}.
+
+    The Makefile turns GPUS= or SCALE= into flags and config files the user never typed; an error naming only
+    `--trainer.accelerator=gpu` would not tell them what to change. make passes its command-line variables to
+    recipes in MAKEFLAGS, after " -- ", with spaces inside a value escaped by a backslash.
+    """
+    if not os.environ.get("MAKELEVEL"):
+        return {}
+    flags = os.environ.get("MAKEFLAGS", "")
+    _, separator, assignments = flags.partition(" -- ")
+    if not separator and flags.startswith("-- "):
+        assignments = flags[3:]
+    found = {}
+    for token in re.split(r"(?<!\\) ", assignments.strip()):
+        name, equals, value = token.partition("=")
+        if equals and name.isidentifier():
+            found[name] = value.replace("\\ ", " ")
+    return found

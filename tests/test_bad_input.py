@@ -61,15 +61,21 @@ def world(tmp_path_factory, shared_data, cache_dir, teacher_dir):
             "cache": cache_dir, "teacher": teacher_dir}
 
 
+def new_run(w):
+    # Into a new folder beside the protected run: a fit into the run folder itself is refused before any of
+    # these mistakes is looked at (it holds an earlier run; tests/test_bad_input_cli.py).
+    return w["run_dir"].parent / "new-run"
+
+
 def teacher_fit(w, *extra):
     return ["fit", "--config", "experiments/xsum/teacher-tiny.yaml", f"--data.cache_dir={w['cache']}",
-            f"--trainer.default_root_dir={w['run_dir']}", "--model.model=micro", "--data.vocab_size=300", *QUICK,
+            f"--trainer.default_root_dir={new_run(w)}", "--model.model=micro", "--data.vocab_size=300", *QUICK,
             *extra]
 
 
 def student_fit(w, *extra):
     return ["fit", "--config", "experiments/xsum/dq-tiny.yaml", f"--data.cache_dir={w['cache']}",
-            f"--data.data_dir={w['shared'] / 'xsum'}", f"--trainer.default_root_dir={w['run_dir']}",
+            f"--data.data_dir={w['shared'] / 'xsum'}", f"--trainer.default_root_dir={new_run(w)}",
             f"--model.teacher={w['teacher']}", *QUICK, *extra]
 
 

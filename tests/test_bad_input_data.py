@@ -101,6 +101,12 @@ def data_dirs(tmp_path_factory):
     return _data_dirs(tmp_path_factory.mktemp("bad_data"))
 
 
+def new_run(protected):
+    # Beside the protected run: a fit into the run folder itself is refused before its data or settings are
+    # looked at (it holds an earlier run; tests/test_bad_input_cli.py).
+    return protected.parent / "new-run"
+
+
 def teacher_fit(run_dir, cache_dir, *extra):
     return ["fit", "--config", "experiments/xsum/teacher-tiny.yaml", f"--data.cache_dir={cache_dir}",
             f"--trainer.default_root_dir={run_dir}", "--model.model=micro", "--data.vocab_size=300", *QUICK, *extra]
@@ -110,7 +116,7 @@ def teacher_fit(run_dir, cache_dir, *extra):
 def test_bad_data_file_is_one_error_naming_file_line_and_field(case, data_dirs, protected, cache_dir):
     folder, fragments = data_dirs[case]
     before = digest(protected, folder)
-    result = run_cli(*teacher_fit(protected, cache_dir, f"--data.data_dir={folder}"), env=ENV)
+    result = run_cli(*teacher_fit(new_run(protected), cache_dir, f"--data.data_dir={folder}"), env=ENV)
     one_error(result, str(folder), *fragments)
     assert digest(protected, folder) == before
 
@@ -150,7 +156,7 @@ DICT_CASES = {
 def test_unknown_key_of_a_dict_setting_names_key_and_flag(case, protected, cache_dir, shared_data, teacher_dir):
     flags, fragments = DICT_CASES[case]
     before = digest(protected)
-    result = run_cli(*student_fit(protected, cache_dir, shared_data, teacher_dir, *flags), env=ENV)
+    result = run_cli(*student_fit(new_run(protected), cache_dir, shared_data, teacher_dir, *flags), env=ENV)
     one_error(result, *fragments)
     assert digest(protected) == before
 
@@ -158,7 +164,7 @@ def test_unknown_key_of_a_dict_setting_names_key_and_flag(case, protected, cache
 def test_unknown_key_of_a_data_dict_setting_names_key_and_flag(protected, cache_dir, shared_data):
     before = digest(protected)
     result = run_cli("fit", "--config", "experiments/xsum/pretrain-tiny.yaml", f"--data.cache_dir={cache_dir}",
-                     f"--data.data_dir={shared_data / 'xsum'}", f"--trainer.default_root_dir={protected}",
+                     f"--data.data_dir={shared_data / 'xsum'}", f"--trainer.default_root_dir={new_run(protected)}",
                      "--model.model=micro", "--data.objectives={infilling: 1.0, shuffle: 1.0}",
                      "--trainer.max_steps=1", "--trainer.logger=false", env=ENV)
     one_error(result, "data.objectives.shuffle", "--data.objectives", "gap_sentence")

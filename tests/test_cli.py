@@ -43,9 +43,10 @@ def test_fit_then_test_end_to_end(shared_data, cache_dir, tmp_path):
     out = model.generate(torch.tensor([[0, 100, 200, 2]]), max_length=6)
     assert out.shape[0] == 1
 
-    # A second run in the same directory must not fail on the saved config.yaml.
-    again = run_cli("fit", "--config", XSUM_TINY, *common, "--trainer.max_epochs=1")
+    # A second run in the same directory starts over only when asked to, and moves the first run aside.
+    again = run_cli("fit", "--config", XSUM_TINY, *common, "--trainer.max_epochs=1", "--replace_run=true")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.name.split(".replaced-")[0] for p in tmp_path.iterdir() if ".replaced-" in p.name] == ["teacher"]
 
     test = run_cli("test", "--config", XSUM_TINY, *common, f"--model.model={hf_dir}", f"--data.tokenizer={hf_dir}")
     assert test.returncode == 0, test.stderr[-3000:]

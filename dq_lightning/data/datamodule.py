@@ -8,6 +8,7 @@ padding never counts in the loss.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +28,50 @@ SPLITS = ("train", "validation", "test")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
                 "predict": ("test",)}
 DEFAULT_CACHE_DIR = ".cache/dq_lightning"
+
+
+_TRUE = ("1", "on", "yes", "true")
+
+
+def hub_offline() -> str | None:
+    """The setting that keeps `datasets` off the Hugging Face Hub (`HF_DATASETS_OFFLINE=1`), or None."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return f"{name}={os.environ[name]}"
+    return None
+
+
+def hub_cached(hub_path: str, cache_dir) -> bool:
+    """Whether `datasets` holds this Hub dataset under the DataModule's cache (then it loads offline too)."""
+    root = Path(cache_dir) / "hub"
+    return root.is_dir() and any(root.glob(f"{hub_path.replace('/', '___')}*"))
+
+
+def _data_dir_hint() -> str:
+    # Run from a Makefile recipe, the user sets DATA_DIR, not the flag.
+    return " (make: DATA_DIR=DIR)" if os.environ.get("MAKELEVEL") else ""
+
+
+def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR) -> None:
+    """Refuse, before anything is built or written, a data source that cannot work: a `data_dir` that is not a
+    directory, or none while the task's Hub dataset can neither be downloaded (offline) nor read from the cache.
+
+    Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`.
+    """
+    if data_dir is not None:
+        path = Path(str(data_dir)).expanduser()
+        if not path.is_dir():
+            what = "not a directory" if path.exists() else "no such directory"
+            raise UserError(f"--data.data_dir={data_dir}: {what}")
+        return
+    task = get_task(task_name)
+    if task.hub_path is None or hub_cached(task.hub_path, cache_dir):
+        return
+    reason = hub_offline()
+    if reason:
+        raise UserError(f"--data.data_dir is not set, and {task.name}'s Hub dataset {task.hub_path} cannot be "
+                        f"downloaded ({reason}): give the folder of train.jsonl, validation.jsonl and test.jsonl "
+                        f"with --data.data_dir=DIR{_data_dir_hint()}")
 
 
 def column_values(batch: dict, column: str) -> list[str]:
@@ -93,10 +138,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         """Directory of local split files, or None for the Hub."""
         if self.data_dir is None:
             return None
-        path = Path(self.data_dir).expanduser()
-        if not path.is_dir():
-            raise UserError(f"data.data_dir={self.data_dir}: no such directory")
-        return path
+        check_data_source(self.task.name, self.data_dir, self.cache_dir)
+        return Path(self.data_dir).expanduser()
 
     def load_raw(self, splits: tuple[str, ...]):
         import datasets
@@ -104,8 +147,16 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         local = self.local_data_dir()
         columns = (self.task.source_column, self.task.target_column)
         if local is None:
-            raw = datasets.load_dataset(self.task.hub_path, self.task.hub_config,
-                                        cache_dir=str(self.cache_dir / "hub"))
+            check_data_source(self.task.name, None, self.cache_dir)
+            try:
+                raw = datasets.load_dataset(self.task.hub_path, self.task.hub_config,
+                                            cache_dir=str(self.cache_dir / "hub"))
+            except ConnectionError as error:  # no network, though no setting said offline
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UserError(f"--data.data_dir is not set, and {self.task.name}'s Hub dataset "
+                                f"{self.task.hub_path} cannot be loaded ({reason}): give the folder of "
+                                f"train.jsonl, validation.jsonl and test.jsonl with --data.data_dir=DIR"
+                                f"{_data_dir_hint()}") from None
             return {split: raw[split] for split in splits}
         files = {}
         for split in splits:

@@ -1,0 +1,160 @@
+"""The parser's complaints about a command line, as one line naming the flag at fault.
+
+jsonargparse reports a value of the wrong type as the usage of all 60 options followed by the tree of union
+subtypes it tried (`Parser key "model": Does not validate against any of the Union subtypes ... Parser key "lr":
+Expected a <class 'float'>. Got value: abc`): the flag and the expected type are buried 50 lines down. What the
+user needs is the flag as typed, what it expects, and for a misspelt option the nearest real one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from collections.abc import Iterable, Sequence
+
+_ARTICLES = {"int": "an int", "float": "a float", "bool": "a bool (true or false)", "str": "a string",
+             "dict": "a mapping ({key: value, ...})", "list": "a list ([a, b, ...])"}
+
+
+def explain(message: str, argv: Sequence[str], options: Iterable[str] = ()) -> str:
+    """One line for jsonargparse's `message` about `argv` (the subcommand's arguments); `options` are the
+    subcommand's option strings, for suggesting the nearest to an unknown one."""
+    text = str(message).strip()
+    options = sorted({option for option in options if option.startswith("--")})
+    unknown = re.match(r"[Uu]nrecognized arguments:\s*(.+)", text)
+    if unknown:
+        return "; ".join(_unknown_flag(token, options) for token in unknown.group(1).split() if token.startswith("-"))
+    missing = re.match(r"argument (--\S+): expected one argument", text)
+    if missing:  # `--model.lr` at the end or followed by another flag
+        flag = missing.group(1)
+        bare = [token for index, token in enumerate(argv)
+                if (token == flag or token.startswith(flag + ".")) and "=" not in token
+                and (index + 1 == len(argv) or argv[index + 1].startswith("--"))]
+        typed = bare[-1] if bare else flag
+        return f"{typed}: expected a value ({typed}=VALUE)"
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    if not keys:
+        return _one_line(text)
+    classes = re.findall(r"Problem with given class_path '([^']+)':", text)
+    # The keys inside the first class_path tried are the configured class's own (the others are alternatives).
+    first_problem = text.find("Problem with given class_path")
+    nested = re.findall(r'Parser key "([^"]+)"', text[first_problem:]) if first_problem >= 0 else []
+    key = ".".join([keys[0], *nested[:1]])
+    rejected = re.search(r"Option '([^']+)' is not accepted", text)
+    if rejected and classes:
+        name = rejected.group(1)
+        typed = typed_flag(f"{keys[0]}.{name}", argv) or f"{keys[0]}.{name} (in a --config file)"
+        near = difflib.get_close_matches(name, _init_parameters(classes[0]), n=1, cutoff=0.6)
+        hint = f"; did you mean --{keys[0]}.{near[0]}?" if near else ""
+        return f"{typed}: {classes[0].rpartition('.')[2]} has no option {name!r}{hint}"
+    if classes and not nested:  # the class itself is at fault (cannot be imported, not a subclass, ...)
+        reason = _after(text, f"Problem with given class_path '{classes[0]}':")
+        typed = typed_flag(f"{keys[0]}.class_path", argv) or typed_flag(keys[0], argv) or f"{keys[0]}.class_path"
+        return f"{typed}: cannot use class {classes[0]!r} ({reason})"
+    innermost = text[text.rfind(f'Parser key "{(nested or keys)[-1]}"'):]
+    reason = _expected(innermost) or _after(innermost, f'Parser key "{(nested or keys)[-1]}":')
+    value = re.search(r"(?:Got value|Given value): (.*)", innermost)
+    typed = typed_flag(key, argv)
+    if typed and value is None:  # e.g. `File does not exist: '<the path just named>'`
+        reason = re.sub(r": '[^']*'$", "", reason)
+    if typed is None:
+        given = f"={value.group(1).strip()}" if value and "NestedArg" not in value.group(1) else ""
+        typed = f"{key}{given} (from {config_files(argv) or 'the config'})"
+    return f"{typed}: {reason}"
+
+
+def _unknown_flag(token: str, options: list[str]) -> str:
+    name = token.split("=", 1)[0]
+    near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else "; --help lists the options"
+    return f"unknown option {token}{hint}"
+
+
+def typed_flag(key: str, argv: Sequence[str]) -> str | None:
+    """`key` as the user typed it on the command line (`--model.lr=abc`, `--model.init_args.lr abc`), or None
+    when it came from a config file. The last occurrence wins, as in the parser."""
+    head, _, rest = key.partition(".")
+    names = {f"--{key}"} | ({f"--{head}.init_args.{rest}"} if rest else set())
+    found = None
+    for index, token in enumerate(argv):
+        token = str(token)
+        flag = token.split("=", 1)[0]
+        if flag in names:
+            if "=" in token or index + 1 >= len(argv):
+                found = token
+            else:
+                found = f"{token} {argv[index + 1]}"
+    return found
+
+
+def config_paths(argv: Sequence[str]) -> list[str]:
+    """The `--config` files of `argv`, in order (a later one overrides an earlier one)."""
+    files = []
+    for index, token in enumerate(argv):
+        token = str(token)
+        if token in ("--config", "-c") and index + 1 < len(argv):
+            files.append(str(argv[index + 1]))
+        elif token.startswith("--config="):
+            files.append(token.split("=", 1)[1])
+    return files
+
+
+def config_files(argv: Sequence[str]) -> str:
+    return ", ".join(f"--config {name}" for name in config_paths(argv))
+
+
+def _expected(text: str) -> str | None:
+    """'expected an int' from the `Expected a <class 'int'>` lines (None and NoneType dropped)."""
+    kinds = []
+    for found in re.findall(r"Expected an? (.+?)(?:\. Got value:.*)?$", text, flags=re.MULTILINE):
+        found = found.strip()
+        literal = re.match(r"typing\.Literal\[(.*)\]$", found)
+        kind = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", found)
+        kind = re.sub(r"^(dict|list)\[.*\]$", r"\1", kind)
+        if kind == "NoneType":
+            continue
+        if literal:
+            kinds.append(("literal", literal.group(1)))
+        elif kind not in [k for _, k in kinds]:
+            kinds.append(("type", kind))
+    if not kinds:
+        return None
+    literals = [value for kind, value in kinds if kind == "literal"]
+    types = [_ARTICLES.get(value, f"a {value}") for kind, value in kinds if kind == "type"]
+    parts = types + ([f"one of {', '.join(literals)}"] if literals else [])
+    return "expected " + " or ".join(parts)
+
+
+def _after(text: str, marker: str) -> str:
+    """The first line after `marker`: the reason jsonargparse gives there."""
+    rest = text[text.find(marker) + len(marker):] if marker in text else text
+    return _one_line(rest)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip().lstrip("- ").strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else str(text)
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The constructor parameters of `class_path`, following `**kwargs` to the base classes (as the parser does)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        import importlib
+
+        cls = getattr(importlib.import_module(module_name), name)
+    except Exception:  # noqa: BLE001 - only for a suggestion
+        return []
+    found = []
+    for klass in inspect.getmro(cls):
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            break
+        found += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return found
