@@ -29,7 +29,7 @@ GPU_ARGS := $(if $(GPUS),--trainer.accelerator=gpu --trainer.devices=$(GPUS) --t
 TORCHRUN := $(VENV)/bin/torchrun --nnodes=$(NODES) --nproc-per-node=$(GPUS) $(if $(filter 1,$(NODES)),--standalone,\
 	--rdzv-backend=c10d --rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT) --rdzv-id=dq-lightning)
 
-.PHONY: help install test test-all teacher sweep sweep-id fit report check-task clean
+.PHONY: help install test test-slow test-all teacher sweep sweep-id fit report check-task clean
 
 help: ## List the targets
 	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n]"
@@ -51,6 +51,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) ## Fast offline test suite
 	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## Only the tests marked slow (CI runs `make test` then this)
+	$(PY) -m pytest -q -m slow
 
 test-all: $(STAMP) ## All tests, including those marked slow
 	$(PY) -m pytest -q -m ""

@@ -41,7 +41,8 @@ def test_fit_then_test_end_to_end(shared_data, cache_dir, tmp_path):
     assert model.config.encoder_layers == 2
     assert model.generation_config.num_beams == 2
     out = model.generate(torch.tensor([[0, 100, 200, 2]]), max_length=6)
-    assert out.shape[0] == 1
+    assert out[0, 0].item() == model.config.decoder_start_token_id and out.shape[1] >= 2
+    assert int(out.max()) < model.config.vocab_size
 
     # A second run in the same directory starts over only when asked to, and moves the first run aside.
     again = run_cli("fit", "--config", XSUM_TINY, *common, "--trainer.max_epochs=1", "--replace_run=true")
@@ -60,6 +61,7 @@ def test_override_and_print_config():
     assert "lr: 3.0e-05" in result.stdout
 
 
+@pytest.mark.slow  # two training processes: `make test-slow`
 @pytest.mark.timeout(900)
 def test_ddp_two_processes_on_cpu(shared_data, cache_dir, tmp_path):
     root = tmp_path / "ddp"

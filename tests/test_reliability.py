@@ -43,6 +43,7 @@ def step_losses(root) -> dict[int, float]:
     return losses
 
 
+@pytest.mark.slow  # three fits, one killed mid-epoch: `make test-slow`
 @pytest.mark.timeout(900)
 def test_sigkilled_fit_resumes_exactly(tmp_path, shared_data, cache_dir):
     # 64 rows / batch 4 = 16 steps per epoch; 40 steps cross two epoch boundaries.

@@ -120,6 +120,7 @@ def test_vocabulary_mismatch_is_a_clear_error(teacher_dir, shared_data, cache_di
         trainer(tmp_path).validate(module, datamodule=data)
 
 
+@pytest.mark.slow  # two training processes with a teacher: `make test-slow`
 @pytest.mark.timeout(900)
 def test_student_ddp_fit_two_processes(teacher_dir, shared_data, cache_dir, tmp_path):
     root = tmp_path / "ddp"
