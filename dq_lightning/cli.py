@@ -33,6 +33,7 @@ from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
                                      is_other_rank, move_aside, replace_own_files)
+from dq_lightning.devices import cuda_devices, device_count
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -269,29 +270,6 @@ def check_gpus(trainer_config: dict, argv: list[str]) -> None:
         raise UserError(f"{culprit} asks for a GPU, but this machine has none (torch.cuda.is_available() is "
                         f"False){hint}")
     raise UserError(f"{culprit} asks for {wanted} GPUs, but this machine has {available}{hint}")
-
-
-def cuda_devices() -> int:
-    import torch
-
-    try:
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - a broken driver is a machine without usable GPUs
-        return 0
-
-
-def device_count(devices) -> int | None:
-    """How many devices `trainer.devices` asks for (None: "auto" or -1, whatever there is)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip().strip("[]")
-    if "," in text:
-        return len([part for part in text.split(",") if part.strip()])
-    try:
-        number = int(text)
-    except ValueError:
-        return None
-    return None if number < 0 else number
 
 
 def setting_source(key: str, value, argv: list[str]) -> tuple[str, bool]:

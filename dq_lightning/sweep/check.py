@@ -24,6 +24,7 @@ import yaml
 
 from dq_lightning.errors import UserError
 from dq_lightning.sweep.spec import SweepPoint, command_for
+from dq_lightning.devices import cuda_devices, device_count
 
 _TRUE = ("1", "on", "yes", "true")
 
@@ -111,34 +112,11 @@ def _default_cache_dir() -> str:
 
 
 # -- GPUs ---------------------------------------------------------------------------------------------
-def cuda_devices() -> int:
-    import torch
-
-    try:
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - a broken driver is a machine without usable GPUs
-        return 0
-
-
-def _device_count(devices) -> int | None:
-    """How many devices a `trainer.devices` value asks for (None: "auto" or -1, any number)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip().strip("[]")
-    if "," in text:
-        return len([part for part in text.split(",") if part.strip()])
-    try:
-        number = int(text)
-    except ValueError:
-        return None
-    return None if number < 0 else number
-
-
 def check_gpus(accelerator, devices, culprit: str, devices_culprit: str | None = None) -> None:
     """Refuse GPUs (`trainer.accelerator` gpu/cuda) on a machine without them, or more than it has."""
     if str(accelerator or "").lower() not in ("gpu", "cuda"):
         return
-    available, wanted = cuda_devices(), _device_count(devices)
+    available, wanted = cuda_devices(), device_count(devices)
     if available == 0:
         hint = ("; on CPU use the tiny scale (--scale tiny, make: SCALE=tiny)"
                 if culprit.startswith(("experiments/", "the sweep command")) or "paper" in culprit else "")
