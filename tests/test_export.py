@@ -339,5 +339,13 @@ def test_cli_export_then_predict_from_stdin(checkpoints, shared_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.split("\n")
     assert len(lines) == 5 and lines[1] == "" and lines[4] == ""  # one line per input, the empty one kept
+    # A reader that stops early (`| head -n 1`): no traceback, the SIGPIPE status.
+    predict = [sys.executable, "-m", "dq_lightning", "predict", "--model", str(out), "--num-beams", "1",
+               "--max-length", "8", "--batch-size", "1", "--threads", "1", "--no-progress"]
+    piped = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -n 1; echo "status ${PIPESTATUS[0]}" >&2',
+                            "bash", *predict], input="\n".join(texts * 3) + "\n", capture_output=True, text=True,
+                           cwd=PROJECT_ROOT, timeout=300)
+    assert len(piped.stdout.split("\n")) == 2 and "Traceback" not in piped.stderr, piped.stderr[-2000:]
+    assert "status 141" in piped.stderr, piped.stderr[-2000:]
     bad = run_cli("predict", "--model", str(tmp_path), "--input", "-")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --model") and "neither a packed export" in bad.stderr
