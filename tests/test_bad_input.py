@@ -52,6 +52,12 @@ def world(tmp_path_factory, shared_data, cache_dir, teacher_dir):
                                             "  model.bits: {values: [8-8-8, 2-2-8]}\n  model.depth: {values: [6-6\n"
                                             "command: [python, '${args}']\n")
 
+    # A tokenizer whose vocabulary is not the teacher's (any; the real BART files are not on every machine).
+    from dq_lightning.data.datamodule import XSumDataModule
+
+    XSumDataModule(data_dir=str(shared_data / "xsum"), vocab_size=700, max_train_samples=200,
+                   cache_dir=str(cache_dir)).build_tokenizer().save_pretrained(root / "other_tokenizer")
+
     run_dir = root / "runs" / "xsum" / "run"  # results and a checkpoint that no failure may touch
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint bytes")
@@ -117,7 +123,7 @@ CASES = {
                         ["model.teacher=", "no such directory"]),
     "corrupt teacher": (lambda w: student_fit(w, f"--model.teacher={w['corrupt']}"),
                         ["model.teacher=", "cannot load model"]),
-    "vocabulary mismatch": (lambda w: student_fit(w, f"--data.tokenizer={w['shared'] / 'bart_tokenizer'}"),
+    "vocabulary mismatch": (lambda w: student_fit(w, f"--data.tokenizer={w['root'] / 'other_tokenizer'}"),
                             ["vocabulary", "data.tokenizer"]),
     "sweep file is a directory": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "sweeps")),
                                   ["sweeps: is a directory"]),
