@@ -98,6 +98,15 @@ def test_error_after_the_run_started_keeps_config_yaml(copy_of_run, cache_dir, s
     assert digest(copy_of_run) == before
 
 
+def refused_fit(run, tmp_path, cache_dir, shared_data, flags, fragments):
+    """A teacher fit with `flags` into a new folder: one error naming `fragments`, nothing written anywhere."""
+    before, root = digest(run), tmp_path / "new-run"
+    result = run_cli(*teacher_fit(root, cache_dir, shared_data, *flags), env=ENV)
+    one_error(result, *fragments)
+    assert not root.exists() and digest(run) == before
+    return result
+
+
 # -- GPUs this machine does not have ------------------------------------------------------------------------
 GPU_CASES = {
     "--trainer.accelerator=gpu": (["--trainer.accelerator=gpu"], ["--trainer.accelerator=gpu", "has none"]),
@@ -112,11 +121,7 @@ GPU_CASES = {
 @no_gpu
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_on_a_machine_without_one(case, run, tmp_path, cache_dir, shared_data):
-    flags, fragments = GPU_CASES[case]
-    before, root = digest(run), tmp_path / "new-run"
-    result = run_cli(*teacher_fit(root, cache_dir, shared_data, *flags), env=ENV)
-    one_error(result, *fragments)
-    assert not root.exists() and digest(run) == before
+    refused_fit(run, tmp_path, cache_dir, shared_data, *GPU_CASES[case])
 
 
 @pytest.fixture
@@ -169,12 +174,8 @@ PARSER_CASES = {
 
 @pytest.mark.parametrize("case", list(PARSER_CASES))
 def test_parser_error_names_the_flag_in_the_error_line(case, run, tmp_path, cache_dir, shared_data):
-    flags, fragments = PARSER_CASES[case]
-    before, root = digest(run), tmp_path / "new-run"
-    result = run_cli(*teacher_fit(root, cache_dir, shared_data, *flags), env=ENV)
-    one_error(result, *fragments)
+    result = refused_fit(run, tmp_path, cache_dir, shared_data, *PARSER_CASES[case])
     assert "usage:" not in result.stderr and "Union subtypes" not in result.stderr, result.stderr[-3000:]
-    assert not root.exists() and digest(run) == before
 
 
 def test_parser_error_from_a_config_file_names_key_and_file(tmp_path, cache_dir, shared_data):

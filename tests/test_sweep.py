@@ -554,7 +554,7 @@ def test_online_sweep_hands_this_machines_flags_to_the_agents_runs(tmp_path, mon
     monkeypatch.setattr(wandb, "sweep", lambda sweep, project: "abc123")
     monkeypatch.setattr(runner.subprocess, "check_call", lambda command, env: calls.append((command, env)))
     extra = ["--trainer.devices=4", "--data.data_dir=/data/x sum"]
-    runner.run_online(tmp_path / "sweep.yaml", {"parameters": {}}, tmp_path / "sweep", extra)
+    runner.run_online({"parameters": {}}, tmp_path / "sweep", extra)
     (command, env), = calls
     assert command[-1] == "abc123" and (tmp_path / "sweep" / "sweep_id").read_text().strip() == "abc123"
     assert env["DQ_SWEEP_DIR"] == str(tmp_path / "sweep")

@@ -293,7 +293,7 @@ def failure_line(outcome: Outcome, total: int, sweep_dir: Path) -> str:
             f"{sweep_dir}/<run id>/run.log; run the same command again to retry them")
 
 
-def run_online(sweep_path: Path, sweep: dict, sweep_dir: Path, extra: list[str]) -> None:
+def run_online(sweep: dict, sweep_dir: Path, extra: list[str]) -> None:
     """Create (or join) the W&B sweep and run its agent; every DDP rank of a run is launched by Lightning
     from the agent's single command, so all ranks get the same arguments."""
     import wandb
@@ -412,7 +412,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"sweep {path}: {len(points)} runs, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
             started = time.time()
             if wandb_mode == "online":
-                run_online(path, sweep, sweep_dir, extra)
+                run_online(sweep, sweep_dir, extra)
             else:
                 outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes).run()
             print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
