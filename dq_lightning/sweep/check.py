@@ -26,15 +26,17 @@ from dq_lightning.errors import UserError
 from dq_lightning.sweep.spec import SweepPoint, command_for
 from dq_lightning.devices import cuda_devices, device_count
 
-_TRUE = ("1", "on", "yes", "true")
 
 
 # -- data ---------------------------------------------------------------------------------------------
 def hub_offline() -> str | None:
-    """Why the Hugging Face Hub cannot be reached from here, or None when it may be."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(name, "").strip().lower() in _TRUE:
-            return f"{name}={os.environ[name]}"
+    """Why the Hugging Face Hub cannot be reached from here, or None when it may be: the DataModule's offline
+    settings, then (a sweep is about to spend hours) a connection attempt."""
+    from dq_lightning.data.datamodule import hub_offline as offline_setting  # not at import: datasets is slow
+
+    setting = offline_setting()
+    if setting:
+        return setting
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # only the proxy knows; datasets will say if it cannot get through
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
@@ -43,12 +45,6 @@ def hub_offline() -> str | None:
     except OSError:
         return f"{host} is unreachable"
     return None
-
-
-def hub_cached(hub_path: str, cache_dir: str | Path) -> bool:
-    """Whether `datasets` has this Hub dataset in the project's cache (then it loads offline too)."""
-    root = Path(cache_dir) / "hub"
-    return root.is_dir() and any(root.glob(f"{hub_path.replace('/', '___')}*"))
 
 
 def _flag_value(args: Sequence[str], *names: str) -> str | None:
@@ -96,6 +92,8 @@ def preflight_data(task, sweep: dict, data_dir: str | None) -> None:
              or any(name in ("data.data_dir", "data.init_args.data_dir") for name in sweep["parameters"]))
     cache_dir = (_flag_value(command, "--data.cache_dir", "--data.init_args.cache_dir")
                  or _config_setting(config, "data", "cache_dir") or _default_cache_dir())
+    from dq_lightning.data.datamodule import hub_cached  # not at import: datasets is slow to import
+
     if given or hub_cached(task.hub_path, cache_dir):
         return
     reason = hub_offline()
