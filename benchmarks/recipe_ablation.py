@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +57,11 @@ def run(name: str, flags: list[str], args) -> dict[str, float]:
                    "--model.recipe=dq-bart", f"--trainer.default_root_dir={out}", *flags]
         print("$", " ".join(command), flush=True)
         out.mkdir(parents=True, exist_ok=True)
+        # One thread per run: the intra-op thread count changes float reductions, so runs compared with one
+        # another must share it, whatever --jobs is.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with (out / "run.log").open("w") as log:
-            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0 or not result.exists():
             raise SystemExit(f"error: run {name} failed (exit {code}); see {out / 'run.log'}")
     metrics = json.loads(result.read_text())
@@ -71,20 +76,28 @@ def main() -> None:
     parser.add_argument("--depth", default="6-3")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the spread runs")
     parser.add_argument("--runs", default="runs/recipe_ablation")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    teacher = json.loads((ROOT / "runs/xsum/teacher-tiny/hf/config.json").read_text())
+    ablations = choices(args.depth, teacher.get("attention_dropout", 0.0))
 
-    base = {seed: run(f"dq-bart_seed{seed}", [f"--seed_everything={seed}"], args) for seed in seeds}
+    jobs = {f"dq-bart_seed{seed}": [f"--seed_everything={seed}"] for seed in seeds}
+    jobs.update({f"{flag}={value}": [f"--model.{flag}={value}", f"--seed_everything={seeds[0]}"]
+                 for flag, value in ablations.items()})
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(run, name, flags, args) for name, flags in jobs.items()}
+        results = {name: future.result() for name, future in futures.items()}
+
+    base = {seed: results[f"dq-bart_seed{seed}"] for seed in seeds}
     mean = {key: statistics.mean(r[key] for r in base.values()) for key in METRICS}
     spread = {key: max(r[key] for r in base.values()) - min(r[key] for r in base.values()) for key in METRICS}
     rows = [(f"dq-bart, seed {seed}", result) for seed, result in base.items()]
-    teacher = json.loads((ROOT / "runs/xsum/teacher-tiny/hf/config.json").read_text())
-    for flag, value in choices(args.depth, teacher.get("attention_dropout", 0.0)).items():
-        rows.append((f"dq-bart but {flag}={value}",
-                     run(f"{flag}={value}", [f"--model.{flag}={value}", f"--seed_everything={seeds[0]}"], args)))
+    rows += [(f"dq-bart but {flag}={value}", results[f"{flag}={value}"]) for flag, value in ablations.items()]
 
-    print(f"\n{args.bits} {args.depth}; seed spread (max - min over {len(seeds)} seeds): "
-          + ", ".join(f"{k} {spread[k]:.3f}" for k in METRICS))
+    stdev = {key: statistics.stdev(r[key] for r in base.values()) if len(seeds) > 1 else 0.0 for key in METRICS}
+    print(f"\n{args.bits} {args.depth}; seed runs (n={len(seeds)}) mean / sd / max - min: "
+          + ", ".join(f"{k} {mean[k]:.3f} / {stdev[k]:.3f} / {spread[k]:.3f}" for k in METRICS))
     print("| run | " + " | ".join(METRICS) + " | " + " | ".join(f"d {k.split('/')[1]}" for k in METRICS) + " |")
     print("|---" * (1 + 2 * len(METRICS)) + "|")
     for label, result in rows:
