@@ -39,7 +39,7 @@ def choices(depth: str, attention_dropout: float) -> dict[str, str]:
     for name, value in project.items():
         if official.get(name) == value:
             continue
-        flags[name] = "inf" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        flags[name] = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     encoder, decoder = (int(n) for n in depth.split("-"))
     if all(layer_map(6, n, "dq-bart") == layer_map(6, n, "max_spacing") for n in (encoder, decoder)):
         flags.pop("layer_map")  # the two maps agree at this depth: nothing to ablate

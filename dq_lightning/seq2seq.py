@@ -161,22 +161,28 @@ class Seq2SeqModule(pl.LightningModule):
                                  "--ckpt_path=last)")
 
     # Global RNG states travel with the checkpoint, so dropout after a resume draws what an uninterrupted run
-    # would have drawn.
+    # would have drawn. Every rank's states are saved: under DDP the ranks draw different amounts (their batches
+    # differ in shape), so rank 0's states would be wrong for the others.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which class saved it: `--ckpt_path` with another stage's checkpoint is refused (dq_lightning.checkpoints).
         checkpoint["module_class"] = class_path(type(self))
-        kind, keys, position, has_gauss, cached = np.random.get_state()
-        # Plain lists, not numpy arrays: checkpoints must load with torch.load(weights_only=True).
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    "numpy": [kind, keys.tolist(), position, has_gauss, cached]}
+        states = rng_states()
+        checkpoint["rng_states"] = states
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank builds the checkpoint (Lightning's dump_checkpoint); only rank 0 writes it.
+            every_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every_rank, states)
+            checkpoint["rng_states_per_rank"] = every_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.trainer is None or self.trainer.state.fn != "fit":
+            return
         states = checkpoint.get("rng_states")
-        if states and self.trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(states["torch"])
-            random.setstate(states["python"])
-            kind, keys, position, has_gauss, cached = states["numpy"]
-            np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+        every_rank = checkpoint.get("rng_states_per_rank")
+        if every_rank and len(every_rank) == self.trainer.world_size:
+            states = every_rank[self.trainer.global_rank]
+        if states:
+            set_rng_states(states)
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -255,3 +261,21 @@ class Seq2SeqModule(pl.LightningModule):
     def save_hf(self, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
         return save_hf_directory(self.model, self.tokenizer, out_dir,
                                  {"task": self.task.name, "global_step": self.global_step, **(info or {})})
+
+
+def rng_states() -> dict[str, Any]:
+    """The global generators' states, as plain tensors and lists so the checkpoint loads with weights_only."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    # CUDA states only onto as many devices as were saved (a resume may see fewer or none).
+    for device, state in enumerate(states.get("cuda", [])[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, device)

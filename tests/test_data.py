@@ -122,3 +122,39 @@ def test_bad_local_data_is_named(case, expected, tmp_path, cache_dir):
     module = DATAMODULES["xsum"](data_dir=str(data_dir), vocab_size=300, cache_dir=str(cache_dir))
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         module.setup("fit")
+
+
+def test_restored_position_reaches_the_copy_lightning_builds_for_ddp():
+    # Under DDP Lightning iterates a copy of the train loader with a DistributedSampler, built from the
+    # arguments the original was given: a restored skip must reach that copy, and what the copy hands out is
+    # what the original (the one the DataModule saves) reports.
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    from dq_lightning.data.loader import LoaderCursor, ResumableDataLoader
+
+    rows = list(range(40))
+
+    def built_as_the_datamodule_does():
+        generator = torch.Generator().manual_seed(7)
+        return ResumableDataLoader(rows, batch_size=4, shuffle=True, generator=generator, cursor=LoaderCursor())
+
+    def ddp_copy(loader):
+        sampler = DistributedSampler(rows, num_replicas=2, rank=1, shuffle=True, seed=3)
+        sampler.set_epoch(2)
+        return _update_dataloader(loader, sampler)
+
+    uninterrupted = [batch.tolist() for batch in ddp_copy(built_as_the_datamodule_does())]
+    assert len(uninterrupted) == 5  # 40 rows / 2 ranks / batch 4
+
+    original = built_as_the_datamodule_does()
+    copy = ddp_copy(original)
+    batches = iter(copy)
+    seen = [next(batches).tolist() for _ in range(3)]
+    saved = original.position()
+    assert saved["batches"] == 3 and seen == uninterrupted[:3]
+
+    resumed = built_as_the_datamodule_does()
+    resumed.restore_position(saved)
+    assert [batch.tolist() for batch in ddp_copy(resumed)] == uninterrupted[3:]
+    assert resumed.position()["batches"] == 0  # a finished pass: the next one starts from the top

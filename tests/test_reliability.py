@@ -43,18 +43,11 @@ def step_losses(root) -> dict[int, float]:
     return losses
 
 
-@pytest.mark.slow  # three fits, one killed mid-epoch: `make test-slow`
-@pytest.mark.timeout(900)
-def test_sigkilled_fit_resumes_exactly(tmp_path, shared_data, cache_dir):
-    # 64 rows / batch 4 = 16 steps per epoch; 40 steps cross two epoch boundaries.
-    config = quick_config(tmp_path, shared_data, cache_dir, every_n_steps=6, max_steps=40)
-    whole = run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'whole'}")
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    reference = step_losses(tmp_path / "whole")
-    assert len(reference) >= 39
-
-    root = tmp_path / "killed"
-    command = [sys.executable, "-m", "dq_lightning", "fit", "--config", str(config), f"--trainer.default_root_dir={root}"]
+def fit_killed_after_first_checkpoint(config, root, *flags, linger=0.5):
+    """Starts a fit, SIGKILLs its whole process group (every DDP rank) `linger` seconds after its first
+    checkpoint, and returns the step of the checkpoint left on disk."""
+    command = [sys.executable, "-m", "dq_lightning", "fit", "--config", str(config),
+               f"--trainer.default_root_dir={root}", *flags]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     last = root / "checkpoints" / "last.ckpt"
@@ -63,19 +56,51 @@ def test_sigkilled_fit_resumes_exactly(tmp_path, shared_data, cache_dir):
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(linger)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    saved = torch.load(last, weights_only=True, map_location="cpu")
-    resumed_from = saved["global_step"]
-    assert 0 < resumed_from < 40
+    return torch.load(last, weights_only=True, map_location="cpu")["global_step"]
 
-    resumed = run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={root}", f"--ckpt_path={last}")
+
+def assert_resumed_exactly(tmp_path, config, max_steps, steps_per_epoch, *flags, linger=0.5):
+    whole = run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'whole'}", *flags)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = step_losses(tmp_path / "whole")
+    assert len(reference) >= max_steps - 1
+
+    root = tmp_path / "killed"
+    resumed_from = fit_killed_after_first_checkpoint(config, root, *flags, linger=linger)
+    assert 0 < resumed_from < max_steps
+    assert resumed_from % steps_per_epoch != 0  # mid-epoch: the data position matters
+    resumed = run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={root}",
+                      f"--ckpt_path={root / 'checkpoints' / 'last.ckpt'}", *flags)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = {step: loss for step, loss in step_losses(root).items() if step >= resumed_from}
     assert max(after) == max(reference) and len(after) == max(reference) - resumed_from + 1
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed_from)
+
+
+@pytest.mark.slow  # three fits, one killed mid-epoch: `make test-slow`
+@pytest.mark.timeout(900)
+def test_sigkilled_fit_resumes_exactly(tmp_path, shared_data, cache_dir):
+    # 64 rows / batch 4 = 16 steps per epoch; 40 steps cross two epoch boundaries; checkpoints every 6 steps
+    # never fall on an epoch boundary.
+    config = quick_config(tmp_path, shared_data, cache_dir, every_n_steps=6, max_steps=40)
+    assert_resumed_exactly(tmp_path, config, 40, 16)
+
+
+@pytest.mark.slow  # three 2-process fits, one killed mid-epoch: `make test-slow`
+@pytest.mark.timeout(900)
+def test_sigkilled_two_process_ddp_fit_resumes_exactly(tmp_path, shared_data, cache_dir):
+    # Lightning swaps in a DistributedSampler, so the saved data position must reach the loader it iterates,
+    # and each rank's dropout RNG must come back as its own. Rank 0's loss at every step after the resume
+    # depends on both ranks' earlier batches and dropout (through the averaged gradients).
+    # 64 rows / 2 ranks / batch 4 = 8 steps per epoch; checkpoints every 3 steps are never on a boundary.
+    # A 2-process step takes tens of milliseconds: kill soon after the first checkpoint, before the run ends.
+    config = quick_config(tmp_path, shared_data, cache_dir, every_n_steps=3, max_steps=32)
+    assert_resumed_exactly(tmp_path, config, 32, 8, "--trainer.accelerator=cpu", "--trainer.devices=2",
+                           "--trainer.strategy=ddp", linger=0.05)
 
 
 def test_nonfinite_loss_stops_with_the_step_named_and_keeps_the_checkpoint(tmp_path, shared_data, cache_dir):

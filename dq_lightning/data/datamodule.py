@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from dq_lightning.data.jsonl import check_jsonl, get_field
-from dq_lightning.data.loader import ResumableDataLoader
+from dq_lightning.data.loader import LoaderCursor, ResumableDataLoader
 from dq_lightning.data.tasks import TaskSpec, get_task
 from dq_lightning.errors import UserError
 from dq_lightning.models.tokenizer import cached_bpe_tokenizer, load_tokenizer
@@ -236,13 +236,15 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             self._load_splits((split,))
         batch_size = self.hparams.batch_size if split == "train" else (
             self.hparams.eval_batch_size or self.hparams.batch_size)
-        loader_class = ResumableDataLoader if shuffle else DataLoader
+        common = dict(batch_size=batch_size, collate_fn=self.collator(), num_workers=self.hparams.num_workers,
+                      persistent_workers=self.hparams.num_workers > 0)
+        if not shuffle:
+            return DataLoader(self.datasets[split], shuffle=False, **common)
         # The shuffling generator is seeded from the run's seed (seed_everything), not the global RNG, so the
         # order of batches is reproducible and can be restored mid-epoch.
-        generator = torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None
-        return loader_class(self.datasets[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
-                            collate_fn=self.collator(), num_workers=self.hparams.num_workers,
-                            persistent_workers=self.hparams.num_workers > 0)
+        generator = torch.Generator().manual_seed(torch.initial_seed())
+        return ResumableDataLoader(self.datasets[split], shuffle=True, generator=generator, cursor=LoaderCursor(),
+                                   **common)
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader("train", shuffle=True)
