@@ -33,7 +33,7 @@ from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
                                      is_other_rank, move_aside, replace_own_files)
-from dq_lightning.devices import cuda_devices, device_count
+from dq_lightning.devices import check_gpu_request
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -54,7 +54,10 @@ class SaveRunConfig(SaveConfigCallback):
         name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
         if name != "fit" and not self.already_saved:
             self.config_filename = f"{name}-config.yaml"
+        was_saved = self.already_saved
         super().setup(trainer, pl_module, stage)
+        if not was_saved and trainer.is_global_zero and self.save_to_log_dir:
+            keep_paths_relative_to_root(Path(trainer.log_dir) / self.config_filename)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._save(trainer, pl_module)  # every rank saves checkpoints together, as `setup`'s broadcasts need
@@ -71,6 +74,53 @@ class SaveRunConfig(SaveConfigCallback):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module)
+
+
+# Where, relative to a path setting, `trainer.default_root_dir` is, in omegaconf's relative interpolation.
+_ROOT_FROM = {("logger",): "${...default_root_dir}", ("logger", "list"): "${....default_root_dir}",
+              ("callbacks", "list"): "${....default_root_dir}"}
+
+
+def keep_paths_relative_to_root(config_path: Path) -> None:
+    """Write the logger's `save_dir` and the callbacks' `dirpath` of a saved config back as interpolations of
+    `trainer.default_root_dir` when they lie inside it, as the shipped configs spell them.
+
+    The parser resolves `${...default_root_dir}` when it reads a config, so the saved file held the old run's
+    folder literally: `test --config <run>/config.yaml --trainer.default_root_dir=<new>` then wrote its W&B run
+    and checkpoints into the old folder, and a fit that way was refused for the wrong folder."""
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    root = trainer.get("default_root_dir") if isinstance(trainer, dict) else None
+    if not isinstance(root, str) or not root:
+        return
+    root = root.rstrip("/")
+
+    def relative(init_args: dict, key: str, interpolation: str) -> bool:
+        value = init_args.get(key)
+        if not isinstance(value, str) or not (value == root or value.startswith(root + "/")):
+            return False
+        init_args[key] = interpolation + value[len(root):]
+        return True
+
+    changed = False
+    loggers = trainer.get("logger")
+    for section, items, kind, key in (("logger", loggers, "dict", "save_dir"),
+                                      ("logger", loggers, "list", "save_dir"),
+                                      ("callbacks", trainer.get("callbacks"), "list", "dirpath")):
+        entries = [items] if kind == "dict" and isinstance(items, dict) else (
+            items if kind == "list" and isinstance(items, list) else [])
+        interpolation = _ROOT_FROM[(section,) if kind == "dict" else (section, "list")]
+        for entry in entries:
+            init_args = entry.get("init_args") if isinstance(entry, dict) else None
+            if isinstance(init_args, dict):
+                changed |= relative(init_args, key, interpolation)
+    if changed:
+        staging = config_path.with_name(f".{config_path.name}.{os.getpid()}")
+        staging.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(staging, config_path)
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -249,27 +299,24 @@ def check_data_config(data: dict | None) -> None:
 
 
 def check_gpus(trainer_config: dict, argv: list[str]) -> None:
-    """Refuse GPUs (`trainer.accelerator` gpu or cuda) on a machine without them, or more than it has, naming
-    the flag, config file or make variable that asked for them. Lightning's own refusal came after the teacher
-    was loaded and the run folder created, as a traceback."""
-    accelerator = trainer_config.get("accelerator")
+    """`check_gpu_request` for a fit/test: the culprit is the flag as typed, else the config file, and the make
+    variable (GPUS=, SCALE=paper) behind it when make ran the command."""
+    accelerator, devices = trainer_config.get("accelerator"), trainer_config.get("devices")
     if str(accelerator).lower() not in ("gpu", "cuda"):
         return
-    available, wanted = cuda_devices(), device_count(trainer_config.get("devices"))
-    if available and (wanted is None or wanted <= available):
-        return
     make = make_variables()
-    name, value = ("accelerator", accelerator) if not available else ("devices", trainer_config.get("devices"))
-    culprit, from_flag = setting_source(f"trainer.{name}", value, argv)
-    hint = "; on CPU use --trainer.accelerator=cpu (or a -tiny config)" if not available else ""
-    if from_flag and make.get("GPUS"):
-        culprit, hint = f"{culprit} (make: GPUS={make['GPUS']})", "; leave GPUS unset to train on the CPU"
-    elif not from_flag and make.get("SCALE") == "paper":
-        culprit, hint = f"{culprit} (make: SCALE=paper)", "; SCALE=paper is for GPU machines, SCALE=tiny trains on CPU"
-    if not available:
-        raise UserError(f"{culprit} asks for a GPU, but this machine has none (torch.cuda.is_available() is "
-                        f"False){hint}")
-    raise UserError(f"{culprit} asks for {wanted} GPUs, but this machine has {available}{hint}")
+    culprits, hints = {}, {}
+    for name, value in (("accelerator", accelerator), ("devices", devices)):
+        culprit, from_flag = setting_source(f"trainer.{name}", value, argv)
+        hint = "; on CPU use --trainer.accelerator=cpu (or a -tiny config)" if name == "accelerator" else ""
+        if from_flag and make.get("GPUS"):
+            culprit, hint = f"{culprit} (make: GPUS={make['GPUS']})", "; leave GPUS unset to train on the CPU"
+        elif not from_flag and make.get("SCALE") == "paper":
+            culprit, hint = (f"{culprit} (make: SCALE=paper)",
+                             "; SCALE=paper is for GPU machines, SCALE=tiny trains on CPU")
+        culprits[name], hints[name] = culprit, hint
+    check_gpu_request(accelerator, devices, culprits["accelerator"], devices_culprit=culprits["devices"],
+                      no_gpu_hint=hints["accelerator"], too_few_hint=hints["devices"])
 
 
 def setting_source(key: str, value, argv: list[str]) -> tuple[str, bool]:

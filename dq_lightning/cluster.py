@@ -4,7 +4,8 @@
   end of a job (`#SBATCH --signal=SIGUSR1@90`: `hpc_ckpt_<n>.ckpt` in the run directory, then
   `scontrol requeue`). Lightning's `last` only looks at the `last*.ckpt` of the checkpoint callbacks, so a
   requeued job would go back to the last periodic save (up to 500 steps at paper scale) and never read the
-  checkpoint written for it; here the newest of both is resumed.
+  checkpoint written for it; here the newest of both is resumed, and with neither, the newest checkpoint of
+  the run's folders (Lightning would start from scratch beside them).
 - `with_agent_args`: the runs a W&B agent starts take their command from the sweep stored on the W&B server,
   the same for every agent. `DQ_SWEEP_ARGS` (shell words, e.g. `--trainer.devices=4 --data.data_dir=...`) set
   in an agent's environment is appended to each of its runs' command lines: GPUs and data are the machine's,
@@ -46,16 +47,18 @@ def with_agent_args(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
-def _last_candidates(trainer) -> list[Path]:
-    """The files Lightning's `ckpt_path="last"` chooses from: `*last*.ckpt` of each ModelCheckpoint's folder."""
+def _checkpoints_of_callbacks(trainer, last_only: bool) -> list[Path]:
+    """The `*.ckpt` files of each ModelCheckpoint's folder; with `last_only`, the ones Lightning's
+    `ckpt_path="last"` chooses from (`*last*.ckpt`)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     found = []
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
-            found += [path for path in Path(callback.dirpath).iterdir()
-                      if callback.CHECKPOINT_NAME_LAST in path.name and path.name.endswith(callback.FILE_EXTENSION)]
-    return found
+            found += [path for path in Path(callback.dirpath).iterdir() if path.is_file()
+                      and (callback.CHECKPOINT_NAME_LAST in path.name or not last_only)
+                      and path.name.endswith(callback.FILE_EXTENSION)]
+    return sorted(set(found))
 
 
 def hpc_checkpoints(root) -> list[Path]:
@@ -65,15 +68,25 @@ def hpc_checkpoints(root) -> list[Path]:
 
 
 def resume_path(trainer, ckpt_path):
-    """`ckpt_path` for `trainer.fit`: for "last", the requeue checkpoint when it is newer than every `last.ckpt`
-    (else "last" itself, for Lightning to resolve); any other value unchanged."""
+    """`ckpt_path` for `trainer.fit`: for "last", the newest of every `last*.ckpt` and the requeue checkpoints;
+    when there are neither (a run killed before its first periodic save, or saving only its best epochs), the
+    newest other checkpoint of its folders, said on stderr: Lightning would start again from scratch beside
+    them. Any other value unchanged."""
     if ckpt_path != "last":
         return ckpt_path
+    last = _checkpoints_of_callbacks(trainer, last_only=True)
     hpc = hpc_checkpoints(trainer.default_root_dir)
+    if not last and not hpc:
+        others = _checkpoints_of_callbacks(trainer, last_only=False)
+        if not others:
+            return ckpt_path
+        newest = max(others, key=lambda path: path.stat().st_mtime)
+        print(f"--ckpt_path=last: no last checkpoint in {newest.parent}; resuming from {newest.name}, the newest "
+              "checkpoint there", file=sys.stderr)
+        return str(newest)
     if not hpc:
         return ckpt_path
     newest_hpc = max(hpc, key=lambda path: path.stat().st_mtime)
-    last = _last_candidates(trainer)
     if last and max(path.stat().st_mtime for path in last) >= newest_hpc.stat().st_mtime:
         return ckpt_path
     return str(newest_hpc)

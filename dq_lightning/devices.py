@@ -25,3 +25,22 @@ def device_count(devices) -> int | None:
     except ValueError:
         return None
     return None if number < 0 else number
+
+
+def check_gpu_request(accelerator, devices, culprit: str, *, devices_culprit: str | None = None,
+                      no_gpu_hint: str = "", too_few_hint: str = "") -> None:
+    """Refuse GPUs (`trainer.accelerator` gpu or cuda) on a machine without them, or more than it has, as one
+    `UserError` naming `culprit` (the setting that asked for a GPU) or `devices_culprit` (the one that asked for
+    too many). Lightning's own refusal came after the teacher was loaded and the run folder created, as a
+    traceback."""
+    from dq_lightning.errors import UserError
+
+    if str(accelerator or "").lower() not in ("gpu", "cuda"):
+        return
+    available, wanted = cuda_devices(), device_count(devices)
+    if not available:
+        raise UserError(f"{culprit} asks for a GPU, but this machine has none (torch.cuda.is_available() is "
+                        f"False){no_gpu_hint}")
+    if wanted is not None and wanted > available:
+        raise UserError(f"{devices_culprit or culprit} asks for {wanted} GPUs, but this machine has "
+                        f"{available}{too_few_hint}")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,29 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(staging, path)
 
 
+def _pid_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def staging_directory(parent: Path, prefix: str) -> Path:
+    """A new empty directory `<prefix><host>.<pid>.<random>` in `parent`, after removing the ones with the same
+    prefix that a killed process of this host left there (a SIGKILL or power cut runs no `finally`). Another
+    host's, or a live process's, are left alone: on a shared filesystem they may still be in use."""
+    parent = Path(parent)
+    host = socket.gethostname().replace(".", "_")
+    for leftover in parent.glob(f"{prefix}{host}.*.*"):
+        pid = leftover.name[len(prefix) + len(host) + 1:].split(".", 1)[0]
+        if leftover.is_dir() and pid.isdigit() and not _pid_is_running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{host}.{os.getpid()}.", dir=parent))
+
+
 @contextlib.contextmanager
 def replace_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging directory beside `out_dir`; when the block succeeds, it becomes `out_dir`.
@@ -30,7 +54,7 @@ def replace_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = staging_directory(out_dir.parent, f".{out_dir.name}.staging.")
     try:
         yield staging
         previous = out_dir.with_name(f".{out_dir.name}.previous")

@@ -138,7 +138,7 @@ CASES = {
     "sweep without data while offline": (lambda w: sweep(w, env={"HF_DATASETS_OFFLINE": "1"}),
                                          ["no data folder for xsum", "--data-dir", "DATA_DIR", "OFFLINE=1"]),
     "sweep asking for GPUs the machine lacks": (lambda w: sweep(w, "--data-dir", str(w["shared"] / "xsum"),
-                                                                "--gpus", "64"), ["--gpus 64", "GPUS=64", "GPUs"]),
+                                                                "--gpus", "64"), ["--gpus 64", "GPUS=64", "asks for a GPU"]),
     "unknown sweep parameter": (lambda w: sweep(w, "--sweep-file", str(w["root"] / "bad_sweep.yaml"),
                                                 "--data-dir", str(w["shared"] / "xsum")),
                                 ["unknown parameter 'model.w_bitz'"]),

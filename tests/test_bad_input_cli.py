@@ -87,6 +87,40 @@ def test_resume_and_test_keep_one_runs_files(copy_of_run, cache_dir, shared_data
     assert yaml.safe_load((copy_of_run / "test-config.yaml").read_text())["ckpt_path"].endswith("last.ckpt")
 
 
+def test_a_saved_config_reused_with_another_root_writes_only_there(copy_of_run, tmp_path):
+    """config.yaml keeps the run's paths relative to trainer.default_root_dir, as the shipped configs spell
+    them: testing a copied run into a new folder with its config writes nothing into the copied folder."""
+    saved = yaml.safe_load((copy_of_run / "config.yaml").read_text())["trainer"]
+    dirpaths = [c["init_args"]["dirpath"] for c in saved["callbacks"] if c.get("init_args", {}).get("dirpath")]
+    assert dirpaths and all(path.startswith("${....default_root_dir}/") for path in dirpaths), dirpaths
+    before, elsewhere = digest(copy_of_run), tmp_path / "elsewhere"
+    result = run_cli("test", "--config", str(copy_of_run / "config.yaml"), f"--trainer.default_root_dir={elsewhere}",
+                     f"--ckpt_path={copy_of_run / 'checkpoints' / 'last.ckpt'}", env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert digest(copy_of_run) == before
+    assert (elsewhere / "test-config.yaml").is_file(), files(elsewhere)
+
+
+@pytest.mark.parametrize("loggers", ["one", "a list"])
+def test_saved_paths_inside_the_root_become_interpolations_of_it(tmp_path, loggers):
+    from dq_lightning.cli import keep_paths_relative_to_root
+
+    logger = {"class_path": "dq_lightning.loggers.WandbLogger", "init_args": {"save_dir": "runs/a"}}
+    config = {"trainer": {"default_root_dir": "runs/a/", "logger": logger if loggers == "one" else [logger],
+                          "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": "runs/a/ckpt"}},
+                                        {"class_path": "ModelCheckpoint", "init_args": {"dirpath": "runs/ab"}},
+                                        {"class_path": "MetricsFile", "init_args": {"mode": "max"}}]}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    keep_paths_relative_to_root(path)
+    trainer = yaml.safe_load(path.read_text())["trainer"]
+    saved_logger = trainer["logger"] if loggers == "one" else trainer["logger"][0]
+    assert saved_logger["init_args"]["save_dir"] == ("${...default_root_dir}" if loggers == "one"
+                                                     else "${....default_root_dir}")
+    assert [c["init_args"].get("dirpath") for c in trainer["callbacks"]] == [
+        "${....default_root_dir}/ckpt", "runs/ab", None]  # runs/ab is beside the root, not inside it
+
+
 def test_error_after_the_run_started_keeps_config_yaml(copy_of_run, cache_dir, shared_data):
     # Resumed with a learning rate that diverges at the third step, before the first checkpoint of this process
     # (every 50 steps): the run has started, failed, and must leave the earlier run's config.yaml.
@@ -321,3 +355,19 @@ def test_data_dir_that_is_not_a_folder(case, tmp_path, cache_dir):
     one_error(result, f"--data.data_dir={data_dir}", "no such directory" if case == "missing folder"
               else "not a directory")
     assert not root.exists()
+
+
+def test_gpu_request_names_the_setting_that_cannot_be_met(monkeypatch):
+    """One decision for the CLI and the sweep: no GPU blames the accelerator, too many GPUs blames devices."""
+    from dq_lightning import devices
+    from dq_lightning.errors import UserError
+
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 2)
+    devices.check_gpu_request("cpu", 8, "accel")          # a CPU run never asks
+    devices.check_gpu_request("gpu", "auto", "accel")     # whatever there is
+    devices.check_gpu_request("cuda", [0, 1], "accel")
+    with pytest.raises(UserError, match=r"^devs asks for 3 GPUs, but this machine has 2; hint$"):
+        devices.check_gpu_request("gpu", "0,1,2", "accel", devices_culprit="devs", too_few_hint="; hint")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 0)
+    with pytest.raises(UserError, match=r"^accel asks for a GPU, but this machine has none .*; cpu$"):
+        devices.check_gpu_request("GPU", 1, "accel", devices_culprit="devs", no_gpu_hint="; cpu")

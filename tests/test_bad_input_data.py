@@ -315,6 +315,8 @@ def test_export_over_an_earlier_export_keeps_the_users_files(student_checkpoint,
     assert new_manifest["tensors"] == json.loads((earlier_export / MANIFEST).read_text())["tensors"]
     assert "NOTES.md" not in new_manifest["files"] and "old_only.txt" not in new_manifest["files"]
     load_packed(out)  # the new export is whole and verifies
+    for name in [*new_manifest["files"], MANIFEST]:  # exporting a checkpoint again gives the same bytes
+        assert (out / name).read_bytes() == (earlier_export / name).read_bytes(), name
 
 
 def test_export_below_a_file_is_one_error(student_checkpoint, tmp_path):

@@ -313,3 +313,19 @@ def test_sweep_id_is_created_once_and_needs_a_login(tmp_path, monkeypatch, capsy
     id_file.write_text("abc123\n")
     assert cluster.main(["sweep-id", "--task", "xsum", "--scale", "paper", "--runs", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "abc123\n"  # the existing sweep, as `make sweep` would join it
+
+
+def test_ckpt_path_last_without_a_last_checkpoint_resumes_the_newest_epoch_checkpoint(tmp_path, capsys):
+    """A run that saved only its best epochs (or died before its first periodic save) is resumed, not started
+    again beside its own checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer = pl.Trainer(accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
+                         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="val/loss")])
+    _touch(tmp_path / "checkpoints" / "epoch=0-step=10.ckpt", age_s=600)
+    newest = _touch(tmp_path / "checkpoints" / "epoch=1-step=20.ckpt", age_s=60)
+    _touch(tmp_path / "checkpoints" / "notes.txt", age_s=0)
+    assert cluster.resume_path(trainer, "last") == str(newest)
+    assert "resuming from epoch=1-step=20.ckpt" in capsys.readouterr().err
+    last = _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=300)  # a last checkpoint wins even if older
+    assert cluster.resume_path(trainer, "last") == "last" and last.exists()

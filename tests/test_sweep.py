@@ -88,6 +88,7 @@ def sweep_command(path, runs, shared_data):
             "--runs", str(runs), "--data-dir", str(shared_data / "xsum")]
 
 
+@pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)
 @pytest.mark.timeout(900)
 def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, teacher_dir, shared_data, cache_dir):
     path = two_point_sweep(tmp_path, teacher_dir, shared_data, cache_dir)
@@ -270,6 +271,7 @@ def test_stale_claims_are_taken_over_only_when_their_process_is_known_dead(tmp_p
     import json
     import socket
 
+    from dq_lightning.sweep import claims
     from dq_lightning.sweep.claims import Claim, _process_start, acquire
 
     host = socket.gethostname()
@@ -288,11 +290,32 @@ def test_stale_claims_are_taken_over_only_when_their_process_is_known_dead(tmp_p
                                                      "pid_start": str(int(_process_start(os.getpid())) - 1)}))
     assert isinstance(acquire(recycled), Claim)
 
-    remote = tmp_path / "remote"  # another host's process cannot be checked from here: never taken
+    remote = tmp_path / "remote"  # another host's pid cannot be checked from here: its heartbeat tells
     remote.mkdir()
     (remote / "claim.json").write_text(json.dumps({"host": host + "-elsewhere", "pid": dead_pid()}))
     held = json.loads((remote / "claim.json").read_text())
     assert acquire(remote) == held and (remote / "claim.json").read_text() == json.dumps(held)
+    silent = time.time() - claims.STALE_AFTER_S - 5  # that host stopped touching its claim: it died
+    os.utime(remote / "claim.json", (silent, silent))
+    taken = acquire(remote)
+    assert isinstance(taken, Claim) and taken.took_over == held
+    taken.release()
+
+
+def test_a_held_claim_is_touched_until_it_is_released(tmp_path, monkeypatch):
+    from dq_lightning.sweep import claims
+
+    monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
+    claim = claims.acquire(tmp_path)
+    path = tmp_path / "claim.json"
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    deadline = time.time() + 10
+    while path.stat().st_mtime < old + 1800:
+        assert time.time() < deadline, "the heartbeat never touched the claim"
+        time.sleep(0.02)
+    claim.release()
+    assert not path.exists()
 
 
 FAKE_FIT = """
@@ -339,6 +362,7 @@ def fake_runs(log):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)
 def test_two_concurrent_workers_split_the_grid_without_training_a_point_twice(tmp_path, teacher_dir):
     path = fake_sweep(tmp_path, teacher_dir)
     runs, log = tmp_path / "runs", tmp_path / "fits.jsonl"
@@ -364,6 +388,7 @@ def test_two_concurrent_workers_split_the_grid_without_training_a_point_twice(tm
         assert {row["run_id"]: row["status"] for row in csv.DictReader(rows)} == dict.fromkeys(points, "finished")
 
 
+@pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)
 def test_a_terminated_worker_releases_its_claim_and_stops_its_run(tmp_path, teacher_dir):
     """SIGTERM to the worker alone (a scheduler preempting it): its run is stopped, recorded as interrupted and
     its claim released, so any worker, on any host, can take the point; the next start trains it."""
@@ -447,6 +472,7 @@ def test_resume_checkpoint_choices(tmp_path):
     assert not list(checkpoints.glob("*.ckpt"))
 
 
+@pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)
 @pytest.mark.timeout(900)
 def test_an_empty_last_checkpoint_does_not_fail_every_restart(tmp_path, teacher_dir, shared_data, cache_dir):
     """A real run whose last.ckpt is empty (a full disk) starts again from scratch instead of failing on it."""
@@ -527,7 +553,7 @@ def test_gpu_sweeps_are_refused_up_front_on_a_machine_without_gpus(tmp_path, tea
                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert paper.returncode == 2 and "Traceback" not in paper.stderr, paper.stderr
     assert len(error_lines(paper)) == 1, paper.stderr
-    assert "experiments/xsum/dq-paper.yaml (trainer.accelerator: gpu) asks for GPUs" in error_lines(paper)[0]
+    assert "experiments/xsum/dq-paper.yaml (trainer.accelerator: gpu) asks for a GPU" in error_lines(paper)[0]
     assert "SCALE=tiny" in error_lines(paper)[0]
 
     path = two_point_sweep(tmp_path, teacher_dir, shared_data, cache_dir)  # one grid point asks for a GPU
@@ -539,7 +565,7 @@ def test_gpu_sweeps_are_refused_up_front_on_a_machine_without_gpus(tmp_path, tea
     assert point.returncode == 2 and "Traceback" not in point.stderr, point.stderr
     assert len(error_lines(point)) == 1, point.stderr
     assert "grid point 8-8-8_2-1_gpu" in error_lines(point)[0], error_lines(point)[0]
-    assert "parameter trainer.accelerator=gpu asks for GPUs" in error_lines(point)[0]
+    assert "parameter trainer.accelerator=gpu asks for a GPU" in error_lines(point)[0]
     assert "fit ..." not in point.stdout and not runs.exists()
 
 

@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from dq_lightning.errors import UserError
-from dq_lightning.files import replace_directory
+from dq_lightning.files import replace_directory, staging_directory
 from dq_lightning.export.packing import pack, packed_numel, unpack
 from dq_lightning.export.runtime import (attach_input_clip, attach_input_quantizer, int8_available, int8_linear,
                                          kernel_rounding_suffices)
@@ -320,7 +319,7 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
         generation.save_pretrained(staging)
         tok.save_pretrained(str(staging))
         save_file({name: tensor.contiguous() for name, tensor in stored.items()}, str(staging / WEIGHTS),
-                  metadata={"format": FORMAT, "version": str(VERSION)})
+                  metadata={"format": f"{FORMAT} {VERSION}"})  # one key: safetensors writes several in random order
         files = {}
         for path in sorted(staging.rglob("*")):
             if path.is_file():
@@ -404,7 +403,7 @@ def _export_files(out_dir: Path) -> Iterator[Path]:
                 previous = list(json.loads((out_dir / MANIFEST).read_text()).get("files", {}))
             except (ValueError, AttributeError):
                 previous = []  # an unreadable manifest: replace what this export writes, remove nothing else
-        staging = Path(tempfile.mkdtemp(prefix=".dq_export.staging.", dir=out_dir))
+        staging = staging_directory(out_dir, ".dq_export.staging.")
         try:
             yield staging
             written = sorted((path.relative_to(staging) for path in staging.rglob("*") if path.is_file()),

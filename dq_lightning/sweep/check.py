@@ -24,7 +24,7 @@ import yaml
 
 from dq_lightning.errors import UserError
 from dq_lightning.sweep.spec import SweepPoint, command_for
-from dq_lightning.devices import cuda_devices, device_count
+from dq_lightning.devices import check_gpu_request
 
 
 
@@ -111,17 +111,10 @@ def _default_cache_dir() -> str:
 
 # -- GPUs ---------------------------------------------------------------------------------------------
 def check_gpus(accelerator, devices, culprit: str, devices_culprit: str | None = None) -> None:
-    """Refuse GPUs (`trainer.accelerator` gpu/cuda) on a machine without them, or more than it has."""
-    if str(accelerator or "").lower() not in ("gpu", "cuda"):
-        return
-    available, wanted = cuda_devices(), device_count(devices)
-    if available == 0:
-        hint = ("; on CPU use the tiny scale (--scale tiny, make: SCALE=tiny)"
-                if culprit.startswith(("experiments/", "the sweep command")) or "paper" in culprit else "")
-        raise UserError(f"{culprit} asks for GPUs, but this machine has none (torch.cuda.is_available() is "
-                        f"False){hint}")
-    if wanted and wanted > available:
-        raise UserError(f"{devices_culprit or culprit} asks for {wanted} GPUs, but this machine has {available}")
+    """`check_gpu_request` with the sweep's hint: the tiny scale trains on CPU."""
+    tiny_hint = ("; on CPU use the tiny scale (--scale tiny, make: SCALE=tiny)"
+                 if culprit.startswith(("experiments/", "the sweep command")) or "paper" in culprit else "")
+    check_gpu_request(accelerator, devices, culprit, devices_culprit=devices_culprit, no_gpu_hint=tiny_hint)
 
 
 def preflight_gpus(sweep: dict, gpus: int | None) -> None:

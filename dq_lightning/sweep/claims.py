@@ -8,8 +8,10 @@ where hard links are not supported). The claim is removed when the point ends, w
 or was interrupted.
 
 A claim whose process died is stale: on its own host a worker can tell (the pid is gone, a zombie, or now a
-different process) and takes the point over. Another host's process cannot be checked from here, so its claim
-is reported with the file to delete if that host is gone.
+different process) and takes the point over. Another host's process cannot be checked from here, so a worker
+holding a claim touches it every `HEARTBEAT_S` seconds, and another host's claim not touched for
+`STALE_AFTER_S` (a node that crashed or lost power) is stale too. The margin is wide because file times on a
+shared filesystem come from the server's clock while the age is measured with this host's.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CLAIM = "claim.json"
 # A worker holds the ".breaking" lock only for the few system calls of a takeover; one older than this was
 # left by a worker killed in between.
 BREAKING_TIMEOUT_S = 60.0
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 15 * 60.0
 
 
 def _process_start(pid: int) -> str | None:
@@ -60,14 +65,19 @@ def describe(holder: dict) -> str:
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
 
 
+def _untouched_for(path: Path) -> float:
+    with contextlib.suppress(OSError):
+        return time.time() - path.stat().st_mtime
+    return 0.0
+
+
 def stale(holder: dict, claim_path: Path) -> bool:
-    """Whether a claim's process is known to be dead (only knowable on its own host)."""
+    """Whether a claim's process is dead: on its own host, its pid; on another host, no heartbeat for
+    `STALE_AFTER_S`."""
     if not holder:  # unreadable: a worker died between O_EXCL create and write (fallback path only)
-        with contextlib.suppress(OSError):
-            return time.time() - claim_path.stat().st_mtime > BREAKING_TIMEOUT_S
-        return False
+        return _untouched_for(claim_path) > BREAKING_TIMEOUT_S
     if holder.get("host") != socket.gethostname():
-        return False
+        return _untouched_for(claim_path) > STALE_AFTER_S
     try:
         pid = int(holder["pid"])
     except (KeyError, TypeError, ValueError):
@@ -118,9 +128,23 @@ class Claim:
     path: Path
     content: bytes
     took_over: dict | None = None  # the stale claim it replaced
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._heartbeat, name=f"claim heartbeat {self.path}", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """Touch the claim while this worker holds it, so workers on other hosts see it alive."""
+        while not self._stop.wait(HEARTBEAT_S):
+            content, _ = _read(self.path)
+            if content != self.content:
+                return  # taken over: this worker was judged dead
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
 
     def release(self) -> None:
         """Remove the claim if it is still this worker's (never another's that replaced it)."""
+        self._stop.set()
         content, _ = _read(self.path)
         if content == self.content:
             with contextlib.suppress(FileNotFoundError):
