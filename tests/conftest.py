@@ -98,9 +98,10 @@ def teacher_dir(shared_data, cache_dir, tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m dq_lightning ...` in a fresh process, as a user would type it."""
-    return subprocess.run([sys.executable, "-m", "dq_lightning", *args], cwd=cwd or PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    """`python -m dq_lightning ...` in its own process, as a user would type it (see tests/cli_process.py)."""
+    from tests.cli_process import run_cli_process
+
+    return run_cli_process(list(args), Path(cwd or PROJECT_ROOT), {**os.environ, **(env or {})}, timeout)
 
 
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
