@@ -56,8 +56,10 @@ class SaveRunConfig(SaveConfigCallback):
             self.config_filename = f"{name}-config.yaml"
         was_saved = self.already_saved
         super().setup(trainer, pl_module, stage)
-        if not was_saved and trainer.is_global_zero and self.save_to_log_dir:
-            keep_paths_relative_to_root(Path(trainer.log_dir) / self.config_filename)
+        if not was_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, or rank 0 waits forever
+            if trainer.is_global_zero:
+                keep_paths_relative_to_root(Path(log_dir) / self.config_filename)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._save(trainer, pl_module)  # every rank saves checkpoints together, as `setup`'s broadcasts need

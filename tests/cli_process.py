@@ -6,8 +6,8 @@ with the test's argv, environment, working directory and stdio files, running `d
 `__main__`, exiting through `sys.exit` and the `atexit` hooks (W&B's), with its exit code; the one difference
 from a typed command is that those libraries were imported before the environment was set, so only variables
 read at import time (the server's: the suite's offline Hub and W&B settings) cannot vary per command.
-A command whose environment changes a `PYTHON*` variable, and every command under `DQ_TEST_FRESH_PROCESS=1`,
-runs in a fresh interpreter instead.
+A command whose environment changes a `PYTHON*` variable, the commands of tests marked slow (DDP ranks,
+kills; see conftest.py), and every command under `DQ_TEST_FRESH_PROCESS=1` run in a fresh interpreter.
 """
 
 from __future__ import annotations

@@ -119,3 +119,12 @@ def pytest_sessionfinish(session, exitstatus):
     if _require_shared() and skipped and exitstatus == 0:
         reporter.write_line(f"error: {len(skipped)} test(s) skipped under CI; every test must run there", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter_for_slow_tests(request, monkeypatch):
+    """Slow tests run their commands as typed, in fresh interpreters: they start DDP ranks (Lightning launches
+    the other ranks by re-running the command) and kill processes mid-run, where a forked server's child is
+    not what a user runs (tests/cli_process.py)."""
+    if request.node.get_closest_marker("slow"):
+        monkeypatch.setenv("DQ_TEST_FRESH_PROCESS", "1")

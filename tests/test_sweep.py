@@ -171,6 +171,7 @@ def test_every_grid_point_is_checked_before_any_run(tmp_path, teacher_dir, share
     assert digest(runs) == before
 
 
+@pytest.mark.slow  # a real sweep of two failing and one finishing fit (make test-slow)
 def test_failed_runs_are_recorded_and_the_sweep_exits_non_zero_naming_them(tmp_path, teacher_dir, shared_data,
                                                                           cache_dir):
     """A run that fails only once it runs (here: a malformed validation file of one point's data folder) is
