@@ -77,8 +77,13 @@ SIBLING_TEXT := cnn_dailymail/train.jsonl:article eli5/train.jsonl:answer wmt16_
 comma := ,
 empty :=
 space := $(empty) $(empty)
+# A task's own training targets join its pre-training text where the sources alone are not the language the
+# model must write: ELI5's questions are one line, en-ro's sources are English.
+OWN_TEXT_eli5 := eli5/train.jsonl:answer
+OWN_TEXT_wmt16_en_ro := wmt16_en_ro/train.jsonl:translation.ro
 EXTRA_TEXT := $(if $(DATA_DIR),$(foreach c,$(SIBLING_TEXT),$(if $(filter-out $(TASK),$(firstword $(subst /, ,$(c)))),\
-	$(if $(wildcard $(DATA_DIR)/../$(firstword $(subst :, ,$(c)))),$(DATA_DIR)/../$(c)))))
+	$(if $(wildcard $(DATA_DIR)/../$(firstword $(subst :, ,$(c)))),$(DATA_DIR)/../$(c)))) \
+	$(foreach c,$(OWN_TEXT_$(TASK)),$(DATA_DIR)/$(subst $(TASK)/,,$(c))))
 EXTRA_TEXT_ARG := $(if $(strip $(EXTRA_TEXT)),--data.extra_text=[$(subst $(space),$(comma),$(strip $(EXTRA_TEXT)))])
 FROM_PRETRAIN := $(if $(HAS_PRETRAIN),--model.model=$(PRETRAIN_HF) --data.tokenizer=$(PRETRAIN_HF))
 # A fit refuses a run folder holding an earlier run unless it continues it (README, "When things go wrong"):

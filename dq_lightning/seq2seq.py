@@ -38,6 +38,19 @@ def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: f
                            ignore_index=-100, label_smoothing=smoothing)
 
 
+def mbart_generation_settings(model, tokenizer, source_lang: str | None, target_lang: str | None) -> dict:
+    """For an mBART model whose tokenizer has the target code: start the decoder at it, and never write a
+    language code (mBART's labels end `</s> ro_RO`, so a model early in training ranks the code high at every
+    step, and a code is never part of a translation). `{}` for other models and tasks."""
+    if not target_lang or tokenizer is None or model is None or model.config.model_type != "mbart":
+        return {}
+    vocab = tokenizer.get_vocab()
+    if target_lang not in vocab:
+        return {}
+    codes = sorted({vocab[code] for code in (source_lang, target_lang) if code in vocab})
+    return {"decoder_start_token_id": vocab[target_lang], "suppress_tokens": codes}
+
+
 def save_hf_directory(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
                       info: dict[str, Any]) -> Path:
     """Write model + tokenizer as a Hugging Face directory, replacing `out_dir` only once complete."""
@@ -117,11 +130,13 @@ class Seq2SeqModule(pl.LightningModule):
                     "forced_eos_token_id", "forced_bos_token_id"):
             if base.get(key) is not None:
                 settings.setdefault(key, base[key])
-        # mBART generates after the target-language code (en-ro: ro_RO) instead of </s>.
-        if self.task.target_lang and self.tokenizer is not None:
-            lang_id = self.tokenizer.convert_tokens_to_ids(self.task.target_lang)
-            if lang_id is not None and lang_id != self.tokenizer.unk_token_id:
-                settings["decoder_start_token_id"] = lang_id
+        # mBART generates after the target-language code (en-ro: ro_RO) instead of </s>: its shift_tokens_right
+        # starts the decoder on the labels' last token, the code. BART's shift starts on </s>, so a BART model
+        # keeps </s> even when the tokenizer holds language codes.
+        mbart = mbart_generation_settings(self.model, self.tokenizer, self.task.source_lang, self.task.target_lang)
+        if mbart:
+            settings["decoder_start_token_id"] = mbart["decoder_start_token_id"]
+            settings["suppress_tokens"] = sorted({*(settings.get("suppress_tokens") or ()), *mbart["suppress_tokens"]})
         return GenerationConfig(**settings)
 
     # -- training -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dq_lightning.data.jsonl import check_jsonl, get_field
 from dq_lightning.data.loader import LoaderCursor, ResumableDataLoader
 from dq_lightning.data.tasks import TaskSpec, get_task
 from dq_lightning.errors import UserError
-from dq_lightning.models.tokenizer import cached_bpe_tokenizer, load_tokenizer
+from dq_lightning.models.tokenizer import cached_bpe_tokenizer, language_ids, load_tokenizer, to_mbart_layout
 
 SPLITS = ("train", "validation", "test")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
@@ -187,8 +187,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                     yield from column_values(batch, self.task.source_column)
                     yield from column_values(batch, self.task.target_column)
 
+            languages = tuple(code for code in (self.task.source_lang, self.task.target_lang) if code)
             tokenizer = cached_bpe_tokenizer(texts, f"{self.task.name}-{train._fingerprint}",
-                                             self.hparams.vocab_size, self.cache_dir)
+                                             self.hparams.vocab_size, self.cache_dir, language_codes=languages)
         if self.task.source_lang and hasattr(tokenizer, "src_lang"):
             tokenizer.src_lang, tokenizer.tgt_lang = self.task.source_lang, self.task.target_lang
         return tokenizer
@@ -198,11 +199,18 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer, task = self.tokenizer, self.task
         max_source, max_target = self.max_source_length, self.max_target_length
 
+        languages = language_ids(tokenizer, task.source_lang, task.target_lang)
+
         def encode(batch):
             features = tokenizer(column_values(batch, task.source_column), max_length=max_source,
                                  truncation=True)
             features["labels"] = tokenizer(text_target=column_values(batch, task.target_column),
                                            max_length=max_target, truncation=True)["input_ids"]
+            if languages:  # a trained BPE with language codes: mBART's layout, as its own tokenizer makes it
+                bos = tokenizer.bos_token_id
+                features["input_ids"] = [to_mbart_layout(ids, languages[0], bos) for ids in features["input_ids"]]
+                features["labels"] = [to_mbart_layout(ids, languages[1], bos) for ids in features["labels"]]
+                features["attention_mask"] = [[1] * len(ids) for ids in features["input_ids"]]
             return features
 
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names,

@@ -144,11 +144,41 @@ def load_model(directory: str, int8: bool, attn: str | None):
             raise UserError(f"--model {directory}: --int8 needs a packed export (this directory has no "
                             f"{MANIFEST}; make one with python -m dq_lightning export)")
         model = load_pretrained(str(path), flag="--model", attn_implementation=attn or "eager").eval()
-        task = {}
+        task = _languages_of_hf_directory(path)
     tokenizer = load_tokenizer(str(path), flag="--model")
     if task.get("source_lang") and hasattr(tokenizer, "src_lang"):
         tokenizer.src_lang = task["source_lang"]
     return model, tokenizer, task
+
+
+def _languages_of_hf_directory(path: Path) -> dict:
+    """The source and target language codes of the task a teacher directory was trained on (its
+    `dq_lightning.json`), which decide how sources are laid out; {} when it says none."""
+    import json
+
+    from dq_lightning.data.tasks import TASKS
+
+    try:
+        name = json.loads((path / "dq_lightning.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    spec = TASKS.get(name) if isinstance(name, str) else None
+    if spec is None or not spec.source_lang:
+        return {}
+    return {"source_lang": spec.source_lang, "target_lang": spec.target_lang}
+
+
+def encode_sources(tokenizer, texts: list[str], max_source_length: int, task: dict):
+    """A padded batch of sources laid out as in training (`Seq2SeqDataModule.tokenize`): mBART's
+    `tokens </s> <lang>` when the tokenizer holds the task's language codes as plain tokens."""
+    from dq_lightning.models.tokenizer import language_ids, to_mbart_layout
+
+    languages = language_ids(tokenizer, task.get("source_lang"), task.get("target_lang"))
+    if not languages:
+        return tokenizer(texts, truncation=True, max_length=max_source_length, padding=True, return_tensors="pt")
+    encoded = tokenizer(texts, truncation=True, max_length=max_source_length)["input_ids"]
+    laid_out = [to_mbart_layout(ids, languages[0], tokenizer.bos_token_id) for ids in encoded]
+    return tokenizer.pad({"input_ids": laid_out}, return_tensors="pt")
 
 
 def generation_settings(model, args: argparse.Namespace):
@@ -169,7 +199,7 @@ def generation_settings(model, args: argparse.Namespace):
 
 
 def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max_source_length: int,
-            progress: bool, out=None) -> None:
+            progress: bool, out=None, task: dict | None = None) -> None:
     import torch
     from tqdm.auto import tqdm
 
@@ -179,8 +209,7 @@ def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max
         todo = [i for i, text in enumerate(chunk) if text.strip()]
         results = [""] * len(chunk)
         if todo:
-            batch = tokenizer([chunk[i] for i in todo], truncation=True, max_length=max_source_length,
-                              padding=True, return_tensors="pt")
+            batch = encode_sources(tokenizer, [chunk[i] for i in todo], max_source_length, task or {})
             with torch.inference_mode():
                 generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                            generation_config=generation)
@@ -219,7 +248,7 @@ def main(argv: list[str]) -> int:
             # cannot hold must not end the run with fewer lines than inputs.
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")
         progress = not args.no_progress and len(texts) > args.batch_size
-        predict(model, tokenizer, texts, generation, args.batch_size, max_source, progress)
+        predict(model, tokenizer, texts, generation, args.batch_size, max_source, progress, task=task)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ PRESETS: dict[str, Preset] = {
     # Tests: builds in milliseconds.
     "micro": Preset(d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64,
                     max_position_embeddings=256),
+    "micro-mbart": Preset(d_model=32, encoder_layers=2, decoder_layers=2, attention_heads=2, ffn_dim=64,
+                          max_position_embeddings=256, family="mbart"),
     "tiny": Preset(d_model=128, encoder_layers=6, decoder_layers=6, attention_heads=4, ffn_dim=512,
                    max_position_embeddings=512),
     "small": Preset(d_model=256, encoder_layers=6, decoder_layers=6, attention_heads=4, ffn_dim=1024,

@@ -46,29 +46,58 @@ def load_tokenizer(name_or_dir: str, flag: str = "tokenizer") -> PreTrainedToken
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
-                        min_frequency: int = 2) -> PreTrainedTokenizerBase:
-    """Train a byte-level BPE on `texts`, save it as a BART tokenizer in `out_dir` and return it."""
+                        min_frequency: int = 2, language_codes: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE on `texts`, save it as a BART tokenizer in `out_dir` and return it.
+
+    `language_codes` (mBART's `en_XX`, `ro_RO`) become special tokens after BART's five, so they are single
+    ids and `decode(skip_special_tokens=True)` drops them; `language_ids` finds them again."""
     from tokenizers import ByteLevelBPETokenizer
 
     if vocab_size < 300:
         raise UserError(f"vocab_size={vocab_size} is too small for a byte-level BPE (needs at least 300)")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                            special_tokens=BART_SPECIAL_TOKENS, show_progress=False)
+                            special_tokens=[*BART_SPECIAL_TOKENS, *language_codes], show_progress=False)
     # Written beside the target and renamed, so a crash never leaves a half-written tokenizer to be reused.
     with replace_directory(out_dir) as staging:
         bpe.save_model(str(staging))
         tokenizer = BartTokenizer.from_pretrained(str(staging))
+        if language_codes:
+            tokenizer.add_special_tokens({"additional_special_tokens": list(language_codes)})
         tokenizer.save_pretrained(str(staging))
     return load_tokenizer(str(out_dir))
 
 
-def cached_bpe_tokenizer(texts_factory, fingerprint: str, vocab_size: int,
-                         cache_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Train once per (data fingerprint, vocabulary size); later calls (other ranks, `test`) load it."""
-    key = hashlib.sha256(f"{fingerprint}-{vocab_size}".encode()).hexdigest()[:16]
+def cached_bpe_tokenizer(texts_factory, fingerprint: str, vocab_size: int, cache_dir: str | os.PathLike,
+                         language_codes: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
+    """Train once per (data fingerprint, vocabulary size, language codes); later calls (other ranks, `test`)
+    load it."""
+    key = hashlib.sha256(f"{fingerprint}-{vocab_size}-{','.join(language_codes)}".encode()).hexdigest()[:16]
+    if not language_codes:  # the key tokenizers trained before language codes existed were cached under
+        key = hashlib.sha256(f"{fingerprint}-{vocab_size}".encode()).hexdigest()[:16]
     out_dir = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key}"
     if (out_dir / "tokenizer_config.json").exists():
         return load_tokenizer(str(out_dir))
     texts: Iterator[str] = texts_factory()
-    return train_bpe_tokenizer(texts, vocab_size, out_dir)
+    return train_bpe_tokenizer(texts, vocab_size, out_dir, language_codes=language_codes)
+
+
+def language_ids(tokenizer: PreTrainedTokenizerBase, source_lang: str | None,
+                 target_lang: str | None) -> tuple[int, int] | None:
+    """Ids of the source and target language codes that this project must place itself: those of a BART
+    tokenizer that holds them as tokens (a BPE trained for translation). None when the task has no languages,
+    when the tokenizer lacks either code, or when it places them itself (a pretrained mBART tokenizer,
+    through `src_lang`/`tgt_lang`)."""
+    if not source_lang or not target_lang or hasattr(tokenizer, "src_lang"):
+        return None
+    vocab = tokenizer.get_vocab()
+    if source_lang not in vocab or target_lang not in vocab:
+        return None
+    return vocab[source_lang], vocab[target_lang]
+
+
+def to_mbart_layout(ids: list[int], language_id: int, bos_token_id: int) -> list[int]:
+    """BART's `<s> tokens </s>` as mBART lays a sequence out, `tokens </s> <lang>` (the code is last, so
+    mBART's `shift_tokens_right` starts the decoder on it); the length is unchanged, so truncation holds."""
+    body = ids[1:] if ids and ids[0] == bos_token_id else ids
+    return [*body, language_id]
