@@ -54,10 +54,13 @@ def replace_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    previous = out_dir.with_name(f".{out_dir.name}.previous")
+    if previous.is_dir() and not out_dir.exists():
+        # A writer killed between its two renames left the old copy here and none in place: put it back first.
+        previous.rename(out_dir)
     staging = staging_directory(out_dir.parent, f".{out_dir.name}.staging.")
     try:
         yield staging
-        previous = out_dir.with_name(f".{out_dir.name}.previous")
         if out_dir.exists():
             shutil.rmtree(previous, ignore_errors=True)
             out_dir.rename(previous)

@@ -51,3 +51,17 @@ def test_replace_directory_keeps_the_old_one_when_the_block_fails(tmp_path):
         (staging / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "new"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_writer_killed_between_its_renames_leaves_the_old_copy_restored_by_the_next(tmp_path):
+    out = tmp_path / "hf"
+    previous = tmp_path / ".hf.previous"  # what the kill left: the old copy moved aside, none in place
+    previous.mkdir()
+    (previous / "config.json").write_text("old")
+    with pytest.raises(RuntimeError), replace_directory(out):
+        assert (out / "config.json").read_text() == "old"  # in place again before the new one is written
+        raise RuntimeError("this writer fails too")
+    assert (out / "config.json").read_text() == "old" and not previous.exists()
+    with replace_directory(out) as staging:
+        (staging / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "new" and not previous.exists()
