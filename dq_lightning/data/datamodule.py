@@ -22,7 +22,7 @@ from dq_lightning.data.jsonl import check_jsonl, get_field
 from dq_lightning.data.loader import LoaderCursor, ResumableDataLoader
 from dq_lightning.data.tasks import TaskSpec, get_task
 from dq_lightning.errors import UserError
-from dq_lightning.models.tokenizer import cached_bpe_tokenizer, language_ids, load_tokenizer, to_mbart_layout
+from dq_lightning.models.tokenizer import cached_bpe_tokenizer, encode_texts, language_ids, load_tokenizer
 
 SPLITS = ("train", "validation", "test")
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
@@ -199,19 +199,14 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer, task = self.tokenizer, self.task
         max_source, max_target = self.max_source_length, self.max_target_length
 
-        languages = language_ids(tokenizer, task.source_lang, task.target_lang)
+        # A trained BPE with language codes: mBART's layout, as mBART's own tokenizer makes it.
+        source_lang, target_lang = language_ids(tokenizer, task.source_lang, task.target_lang) or (None, None)
 
         def encode(batch):
-            features = tokenizer(column_values(batch, task.source_column), max_length=max_source,
-                                 truncation=True)
-            features["labels"] = tokenizer(text_target=column_values(batch, task.target_column),
-                                           max_length=max_target, truncation=True)["input_ids"]
-            if languages:  # a trained BPE with language codes: mBART's layout, as its own tokenizer makes it
-                bos = tokenizer.bos_token_id
-                features["input_ids"] = [to_mbart_layout(ids, languages[0], bos) for ids in features["input_ids"]]
-                features["labels"] = [to_mbart_layout(ids, languages[1], bos) for ids in features["labels"]]
-                features["attention_mask"] = [[1] * len(ids) for ids in features["input_ids"]]
-            return features
+            sources = encode_texts(tokenizer, column_values(batch, task.source_column), max_source, source_lang)
+            return {"input_ids": sources, "attention_mask": [[1] * len(ids) for ids in sources],
+                    "labels": encode_texts(tokenizer, column_values(batch, task.target_column), max_target,
+                                           target_lang, as_target=True)}
 
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names,
                            desc=f"tokenizing {task.name} {split}")

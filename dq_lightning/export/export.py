@@ -228,15 +228,17 @@ def resolve_task(checkpoint: dict[str, Any], teacher: str, task: str | None):
     for name, datamodule in DATAMODULES.items():
         if datamodule.__name__ == class_name:
             return get_task(name)
-    info = Path(teacher).expanduser() / "dq_lightning.json"
-    if info.is_file():
-        try:
-            name = json.loads(info.read_text()).get("task")
-        except (OSError, ValueError, AttributeError):
-            name = None
-        if name:
-            return get_task(name)
-    return None
+    name = hf_directory_task(Path(teacher).expanduser())
+    return get_task(name) if name else None
+
+
+def hf_directory_task(directory: Path):
+    """The task a Hugging Face directory written by this project records (`dq_lightning.json`), or None; as
+    written, so a value that names no task is the caller's to refuse."""
+    try:
+        return json.loads((directory / "dq_lightning.json").read_text()).get("task") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _generation_config(module, task, tokenizer):

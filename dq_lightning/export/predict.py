@@ -154,14 +154,10 @@ def load_model(directory: str, int8: bool, attn: str | None):
 def _languages_of_hf_directory(path: Path) -> dict:
     """The source and target language codes of the task a teacher directory was trained on (its
     `dq_lightning.json`), which decide how sources are laid out; {} when it says none."""
-    import json
-
     from dq_lightning.data.tasks import TASKS
+    from dq_lightning.export.export import hf_directory_task
 
-    try:
-        name = json.loads((path / "dq_lightning.json").read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
-        return {}
+    name = hf_directory_task(path)
     spec = TASKS.get(name) if isinstance(name, str) else None
     if spec is None or not spec.source_lang:
         return {}
@@ -169,16 +165,15 @@ def _languages_of_hf_directory(path: Path) -> dict:
 
 
 def encode_sources(tokenizer, texts: list[str], max_source_length: int, task: dict):
-    """A padded batch of sources laid out as in training (`Seq2SeqDataModule.tokenize`): mBART's
-    `tokens </s> <lang>` when the tokenizer holds the task's language codes as plain tokens."""
-    from dq_lightning.models.tokenizer import language_ids, to_mbart_layout
+    """A padded batch of sources laid out as in training: mBART's `tokens </s> <lang>` when the tokenizer
+    holds the task's language codes as plain tokens."""
+    from dq_lightning.models.tokenizer import encode_texts, language_ids
 
     languages = language_ids(tokenizer, task.get("source_lang"), task.get("target_lang"))
     if not languages:
         return tokenizer(texts, truncation=True, max_length=max_source_length, padding=True, return_tensors="pt")
-    encoded = tokenizer(texts, truncation=True, max_length=max_source_length)["input_ids"]
-    laid_out = [to_mbart_layout(ids, languages[0], tokenizer.bos_token_id) for ids in encoded]
-    return tokenizer.pad({"input_ids": laid_out}, return_tensors="pt")
+    return tokenizer.pad({"input_ids": encode_texts(tokenizer, texts, max_source_length, languages[0])},
+                         return_tensors="pt")
 
 
 def generation_settings(model, args: argparse.Namespace):

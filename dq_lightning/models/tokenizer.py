@@ -72,9 +72,9 @@ def cached_bpe_tokenizer(texts_factory, fingerprint: str, vocab_size: int, cache
                          language_codes: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
     """Train once per (data fingerprint, vocabulary size, language codes); later calls (other ranks, `test`)
     load it."""
-    key = hashlib.sha256(f"{fingerprint}-{vocab_size}-{','.join(language_codes)}".encode()).hexdigest()[:16]
-    if not language_codes:  # the key tokenizers trained before language codes existed were cached under
-        key = hashlib.sha256(f"{fingerprint}-{vocab_size}".encode()).hexdigest()[:16]
+    # Without codes the key is the one tokenizers trained before language codes existed were cached under.
+    codes = f"-{','.join(language_codes)}" if language_codes else ""
+    key = hashlib.sha256(f"{fingerprint}-{vocab_size}{codes}".encode()).hexdigest()[:16]
     out_dir = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key}"
     if (out_dir / "tokenizer_config.json").exists():
         return load_tokenizer(str(out_dir))
@@ -101,3 +101,14 @@ def to_mbart_layout(ids: list[int], language_id: int, bos_token_id: int) -> list
     mBART's `shift_tokens_right` starts the decoder on it); the length is unchanged, so truncation holds."""
     body = ids[1:] if ids and ids[0] == bos_token_id else ids
     return [*body, language_id]
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                 language_id: int | None = None, as_target: bool = False) -> list[list[int]]:
+    """Token ids of `texts`, truncated to `max_length`, in mBART's layout when `language_id` is given (see
+    `language_ids`): the one encoding of training (`Seq2SeqDataModule.tokenize`) and `predict`."""
+    encoded = (tokenizer(text_target=texts, max_length=max_length, truncation=True) if as_target
+               else tokenizer(texts, max_length=max_length, truncation=True))["input_ids"]
+    if language_id is None:
+        return encoded
+    return [to_mbart_layout(ids, language_id, tokenizer.bos_token_id) for ids in encoded]
