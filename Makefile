@@ -103,7 +103,10 @@ $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 	$(if $(or $(DATA_DIR),$(filter demo,$(TASK))),$(PY) -m dq_lightning baseline --task $(TASK) \
 		$(if $(DATA_DIR),--data-dir $(DATA_DIR)) --run $(RUNS)/teacher-$(SCALE))
 
-SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS))
+# TEST_FILE=path (make sweep / make report): also test every finished run and the teacher on that file.
+TEST_FILE ?=
+SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS)) \
+	$(if $(TEST_FILE),--test-file $(TEST_FILE))
 
 # --preflight first: a malformed sweep file, missing data while offline or GPUs the machine lacks is one error
 # line before the teacher is trained, not after.
@@ -126,7 +129,7 @@ fit: $(STAMP) ## One fit of CONFIG=file [GPUS=n per node] [NODES=n: torchrun, ru
 	$(if $(NODES),$(TORCHRUN) -m,$(PY) -m) dq_lightning fit --config $(CONFIG) $(DATA_ARG) $(GPU_ARGS) \
 		$(if $(NODES),--trainer.num_nodes=$(NODES)) $(ARGS)
 
-report: check-task $(STAMP) ## Rebuild results.csv, tradeoff.png and the table from finished runs
+report: check-task $(STAMP) ## Rebuild results.csv, tradeoff.png and report.md from finished runs [TEST_FILE=path: on that test set]
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --report-only
 
 clean: ## Remove runs/, caches and the virtual environment

@@ -12,15 +12,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON beside `path`, then rename it over `path` (readers see the old or the new file, never half)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path`, then rename it over `path` (readers see the old or the new file, never half)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(descriptor, "w") as out:
-        json.dump(data, out, indent=2, sort_keys=True, default=str)
-        out.write("\n")
-    os.replace(staging, path)
+    try:
+        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide results from the other users of a share
+        with os.fdopen(descriptor, "w", newline="") as out:
+            out.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(staging)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _pid_is_running(pid: int) -> bool:

@@ -22,6 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from dq_lightning.checkpoints import class_path
 from dq_lightning.data.tasks import TaskSpec
 from dq_lightning.errors import UserError
+from dq_lightning.evaluation.per_example import SOURCE_CHARS, gather_rows, score_rows
 from dq_lightning.files import replace_directory
 from dq_lightning.metrics import GenerationMetrics
 
@@ -79,8 +80,10 @@ class Seq2SeqModule(pl.LightningModule):
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
                  label_smoothing: float = 0.1, generation: dict[str, Any] | None = None,
-                 generate_on_validation: bool = True):
+                 generate_on_validation: bool = True, prediction_table_rows: int = 100):
         super().__init__()
+        if prediction_table_rows < 0:
+            raise UserError(f"model.prediction_table_rows={prediction_table_rows} must be 0 or more")
         if lr <= 0:
             raise UserError(f"model.lr={lr} must be positive")
         if not 0 <= warmup_ratio < 1:
@@ -94,6 +97,9 @@ class Seq2SeqModule(pl.LightningModule):
         self.task: TaskSpec | None = None
         self.val_metrics: GenerationMetrics | None = None
         self.test_metrics: GenerationMetrics | None = None
+        self._test_rows: list[dict[str, Any]] = []
+        # The last test's per-example rows, scored (on rank 0): MetricsFile writes them to the run directory.
+        self.test_predictions: list[dict[str, Any]] | None = None
 
     # -- building ---------------------------------------------------------------------------------------
     def build_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -216,7 +222,19 @@ class Seq2SeqModule(pl.LightningModule):
         generated = self.generate(batch)
         lengths = (generated != self.tokenizer.pad_token_id).sum(dim=1) - 1  # minus the start token
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(self.decode(generated), self.decode(batch["labels"]), lengths)
+        predictions, references = self.decode(generated), self.decode(batch["labels"])
+        metrics.update(predictions, references, lengths)
+        if stage == "test":
+            self._test_rows.extend(self._rows_of(batch, predictions, references))
+
+    def _rows_of(self, batch, predictions: list[str], references: list[str]) -> list[dict[str, Any]]:
+        indices = batch.get("example_index")
+        indices = (indices.tolist() if indices is not None
+                   else range(len(self._test_rows), len(self._test_rows) + len(predictions)))
+        sources = self.decode(batch["input_ids"])
+        return [{"index": int(index), "source": source[:SOURCE_CHARS], "reference": reference,
+                 "prediction": prediction}
+                for index, source, reference, prediction in zip(indices, sources, references, predictions)]
 
     def _log_generation_metrics(self, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics
@@ -236,8 +254,49 @@ class Seq2SeqModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_generation_metrics("val")
 
+    def on_test_epoch_start(self) -> None:
+        self._test_rows, self.test_predictions = [], None
+
     def on_test_epoch_end(self) -> None:
         self._log_generation_metrics("test")
+        rows = gather_rows(self._test_rows)  # on every rank: all of them take part in the gather
+        self._test_rows = []
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        ids = getattr(self.trainer.datamodule, "example_ids", lambda split: None)("test") if self.trainer else None
+        if ids is not None:
+            for row in rows:
+                row["id"] = ids[row["index"]]
+        self.test_predictions = score_rows(rows, self.task.is_translation)
+        self.log_prediction_table(self.test_predictions)
+
+    def teacher_predictions(self) -> list[dict[str, Any]] | None:
+        """The teacher's rows on the same test examples, to show beside this model's; None here."""
+        return None
+
+    def log_prediction_table(self, rows: list[dict[str, Any]]) -> None:
+        """The first `prediction_table_rows` test examples as a W&B table (the teacher's output beside this
+        model's where its test wrote them), so outputs can be read in the dashboard."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [logger for logger in (self.loggers if self.trainer else []) if isinstance(logger, WandbLogger)]
+        count = self.hparams.prediction_table_rows
+        if not loggers or not count or not rows:
+            return
+        metric = "bleu" if self.task.is_translation else "rougeL"
+        columns = ["index", "id", "source", "reference", "prediction", metric]
+        teacher = {row["index"]: row for row in self.teacher_predictions() or []}
+        if teacher:
+            columns += ["teacher_prediction", f"teacher_{metric}"]
+        data = []
+        for row in rows[:count]:
+            cells = [row["index"], row.get("id", ""), row["source"], row["reference"], row["prediction"], row[metric]]
+            if teacher:
+                theirs = teacher.get(row["index"], {})
+                cells += [theirs.get("prediction", ""), theirs.get(metric)]
+            data.append(cells)
+        for logger in loggers:
+            logger.log_table(key="test/predictions", columns=columns, data=data)
 
     def predict_step(self, batch, batch_idx):
         return self.decode(self.generate(batch))

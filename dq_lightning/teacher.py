@@ -19,7 +19,8 @@ class TeacherModule(Seq2SeqModule):
     def __init__(self, model: str = "tiny", lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.05, label_smoothing: float = 0.1, dropout: float | None = None,
                  generation: dict[str, Any] | None = None, generate_on_validation: bool = True,
-                 attn_implementation: str = "eager", encoder_aux_weight: float = 0.0):
+                 attn_implementation: str = "eager", encoder_aux_weight: float = 0.0,
+                 prediction_table_rows: int = 100):
         """
         Args:
             model: a preset name (micro, tiny, small, bart-base, ...) built from scratch, a local Hugging Face
@@ -37,10 +38,13 @@ class TeacherModule(Seq2SeqModule):
                 encoder's last hidden state through the tied embedding. A from-scratch post-LN encoder
                 collapses to one output for every input within ~50 steps (the decoder then ignores the
                 source); this term keeps the encoder's outputs input-specific. Used in CPU-scale pre-training.
+            prediction_table_rows: test examples shown as a W&B table (source, reference, output, score); 0
+                logs none. Every example's output and score is written to test_predictions.jsonl regardless.
         """
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                          label_smoothing=label_smoothing, generation=generation,
-                         generate_on_validation=generate_on_validation)
+                         generate_on_validation=generate_on_validation,
+                         prediction_table_rows=prediction_table_rows)
         if encoder_aux_weight < 0:
             raise UserError(f"model.encoder_aux_weight={encoder_aux_weight} must not be negative")
         self.save_hyperparameters()

@@ -42,6 +42,12 @@ def _as_main(args: list[str], cwd: str, env: dict, stdout_path: str, stderr_path
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read by the OpenMP runtime when it loaded
+    # wandb made its media folder (tables, images) when the server imported it, and removes it at exit: the
+    # first child to exit would remove it for every later one. Each child keeps it and leaves it in place.
+    from wandb.sdk.data_types._private import MEDIA_TMP
+
+    MEDIA_TMP._finalizer.detach()
+    os.makedirs(MEDIA_TMP.name, exist_ok=True)
     sys.argv = [str(Path(cwd) / "dq_lightning" / "__main__.py"), *args]
     code = 0
     try:

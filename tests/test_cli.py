@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
+from dq_lightning.evaluation.per_example import corpus_score, read_predictions
 from tests.conftest import run_cli
 
 XSUM_TINY = "experiments/xsum/teacher-tiny.yaml"
@@ -49,10 +50,28 @@ def test_fit_then_test_end_to_end(shared_data, cache_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.name.split(".replaced-")[0] for p in tmp_path.iterdir() if ".replaced-" in p.name] == ["teacher"]
 
-    test = run_cli("test", "--config", XSUM_TINY, *common, f"--model.model={hf_dir}", f"--data.tokenizer={hf_dir}")
+    # The test logs to W&B (offline) too: the per-example table goes there.
+    with_wandb = [arg for arg in common if arg != "--trainer.logger=false"]
+    test = run_cli("test", "--config", XSUM_TINY, *with_wandb, f"--model.model={hf_dir}", f"--data.tokenizer={hf_dir}",
+                   env={"WANDB_MODE": "offline"})
     assert test.returncode == 0, test.stderr[-3000:]
     for key in ("test/rouge1", "test/rouge2", "test/rougeL", "test/rougeLsum", "test/loss"):
         assert key in test.stdout, test.stdout
+
+    # Every test example once, with its own scores; together they give the logged corpus scores.
+    rows = read_predictions(root / "test_predictions.jsonl", "rougeL")
+    test_rows = [json.loads(line) for line in (shared_data / "xsum" / "test.jsonl").read_text().splitlines()][:4]
+    assert [row["index"] for row in rows] == [0, 1, 2, 3]
+    assert [row.get("id") for row in rows] == [str(row["id"]) if "id" in row else None for row in test_rows]
+    assert all(row["prediction"] and row["reference"] and row["source"] for row in rows)
+    logged = json.loads((root / "test_metrics.json").read_text())
+    assert logged["predictions"] == "test_predictions.jsonl" and logged["test_examples"] == 4
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert corpus_score(rows, key) == pytest.approx(logged["metrics"][f"test/{key}"], abs=1e-3)
+    tables = list((root / "wandb").glob("offline-run-*/files/media/table/test/predictions_*.table.json"))
+    assert tables, sorted(str(p) for p in (root / "wandb").rglob("*.json"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:5] == ["index", "id", "source", "reference", "prediction"] and len(table["data"]) == 4
 
 
 def test_override_and_print_config():

@@ -62,6 +62,48 @@ def test_max_samples_limits_rows(shared_data, cache_dir):
                                  max_eval_samples=3, cache_dir=str(cache_dir))
     module.setup("fit")
     assert len(module.datasets["train"]) == 10 and len(module.datasets["validation"]) == 3
+    # max_val_samples limits validation only: the test split keeps max_eval_samples
+    module = DATAMODULES["xsum"](data_dir=str(shared_data / "xsum"), vocab_size=1000, max_val_samples=2,
+                                 max_eval_samples=5, cache_dir=str(cache_dir))
+    module.setup()
+    assert len(module.datasets["validation"]) == 2 and len(module.datasets["test"]) == 5
+
+
+def test_batches_name_their_rows(shared_data, cache_dir):
+    module = DATAMODULES["xsum"](data_dir=str(shared_data / "xsum"), vocab_size=1000, batch_size=4,
+                                 cache_dir=str(cache_dir))
+    module.setup("test")
+    indices = torch.cat([batch["example_index"] for batch in module.test_dataloader()]).tolist()
+    assert indices == list(range(len(module.datasets["test"])))
+    ids = module.example_ids("test")
+    assert ids[0] == str(first_row(shared_data / "xsum" / "test.jsonl")["id"])
+
+
+def test_test_file_replaces_the_test_split(shared_data, cache_dir, tmp_path):
+    rows = [json.loads(line) for line in open(shared_data / "xsum" / "validation.jsonl")][:7]
+    other = tmp_path / "other_test.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    module = DATAMODULES["xsum"](data_dir=str(shared_data / "xsum"), vocab_size=1000, test_file=str(other),
+                                 cache_dir=str(cache_dir))
+    module.setup("test")
+    assert len(module.datasets["test"]) == 7
+    assert module.references("test")[0] == rows[0]["summary"]
+    assert module.example_ids("test") == [str(row["id"]) for row in rows]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"id": "1", "document": "text"}\n', "other_test.jsonl:1: missing column 'summary'"),
+    ('{"id": "1", "document": "a", "summary": "b"}\n{"id": 2,\n', "other_test.jsonl:2: malformed JSON"),
+    (None, "--data.test_file=.*other_test.jsonl: no such file"),
+])
+def test_bad_test_file_is_named(content, expected, shared_data, cache_dir, tmp_path):
+    other = tmp_path / "other_test.jsonl"
+    if content is not None:
+        other.write_text(content)
+    module = DATAMODULES["xsum"](data_dir=str(shared_data / "xsum"), vocab_size=1000, test_file=str(other),
+                                 cache_dir=str(cache_dir))
+    with pytest.raises(UserError, match=expected):
+        module.setup("test")
 
 
 def test_pretrained_tokenizer_from_directory(shared_data, bart_tokenizer_dir, cache_dir):

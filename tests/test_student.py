@@ -1,5 +1,7 @@
 """DQStudentModule on a micro teacher built from scratch (never downloaded)."""
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -127,7 +129,7 @@ def test_student_ddp_fit_two_processes(teacher_dir, shared_data, cache_dir, tmp_
     result = run_cli("fit", "--config", DQ_XSUM, f"--model.teacher={teacher_dir}",
                      f"--data.data_dir={shared_data / 'xsum'}", f"--data.cache_dir={cache_dir}",
                      f"--trainer.default_root_dir={root}", "--model.student_decoder_layers=2",
-                     "--data.max_train_samples=16", "--data.max_eval_samples=4", "--data.max_source_length=64",
+                     "--data.max_train_samples=16", "--data.max_eval_samples=5", "--data.max_source_length=64",
                      "--data.max_target_length=16", "--data.batch_size=4", "--trainer.max_epochs=1",
                      "--model.generation={num_beams: 1, max_length: 6}", "--trainer.logger=false",
                      "--trainer.enable_progress_bar=false", "--trainer.devices=2", "--trainer.strategy=ddp")
@@ -136,3 +138,6 @@ def test_student_ddp_fit_two_processes(teacher_dir, shared_data, cache_dir, tmp_
     assert (root / "checkpoints" / "last.ckpt").exists()
     # test_after_fit (set in dq-tiny.yaml): the converted student reloaded the latent checkpoint and tested
     assert "test/rougeL" in (root / "test_metrics.json").read_text()
+    # 5 test rows over 2 ranks: the sampler repeats one so that both get 3; the file holds each row once.
+    rows = [json.loads(line) for line in (root / "test_predictions.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2, 3, 4]

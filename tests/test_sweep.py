@@ -1,4 +1,5 @@
 import csv
+import json
 import hashlib
 import itertools
 import os
@@ -139,6 +140,26 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, teacher_
     assert float(table[1]["compression"]) > float(table[0]["compression"]) > 1
     assert (sweep_dir / "tradeoff.png").stat().st_size > 10_000
     assert "| 2-2-8_2-1 | dq | 2-2-8 | 2-1 |" in resumed.stdout
+    assert float(table[0]["test/rougeL_low"]) <= float(table[0]["test/rougeL"]) <= float(table[0]["test/rougeL_high"])
+
+    # The finished grid scored on another test file, without retraining; the runs' own results stay as they were.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join((shared_data / "xsum" / "validation.jsonl").read_text().splitlines(True)[:6]))
+    own = {run: (run / "test_metrics.json").read_bytes() for run in (first, second)}
+    retested = subprocess.run([*sweep_command(path, runs, shared_data), "--report-only", "--test-file", str(other)],
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert retested.returncode == 0, retested.stdout + retested.stderr
+    assert f"test set: {other}" in retested.stdout
+    labels = [p.name for p in (first / "tests").iterdir()]
+    assert len(labels) == 1 and labels[0].startswith("other-")
+    for run in (first, second):
+        assert (run / "test_metrics.json").read_bytes() == own[run]
+        rows = (run / "tests" / labels[0] / "test_predictions.jsonl").read_text().splitlines()
+        assert len(rows) == 4  # the sweep's runs keep --data.max_eval_samples=4
+        first_summary = json.loads(other.read_text().splitlines()[0])["summary"]
+        assert first_summary.startswith(json.loads(rows[0])["reference"][:20])
+    with open(sweep_dir / f"results.{labels[0]}.csv") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["finished", "finished"]
 
 
 def error_lines(result):

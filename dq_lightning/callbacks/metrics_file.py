@@ -1,8 +1,9 @@
 """Leave each stage's final metrics in the run directory as JSON, for sweeps and reports to read.
 
 `fit_metrics.json` holds the validation metrics of the best epoch (by `monitor`), the best checkpoint's
-path and the wall time; `test_metrics.json` the test metrics. Files are written atomically (write, then
-rename), so a reader never sees half a file.
+path and the wall time; `test_metrics.json` the test metrics, and `test_predictions.jsonl` every test
+example's output and score (`dq_lightning.evaluation.per_example`). Files are written atomically (write,
+then rename), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, write_predictions
 from dq_lightning.files import write_json_atomic
 
 
@@ -82,7 +84,12 @@ class MetricsFile(pl.Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: v for k, v in _plain(trainer.callback_metrics).items() if k.startswith("test/")}
-        write_json_atomic(self._dir(trainer) / "test_metrics.json", {"metrics": metrics})
+        rows = getattr(pl_module, "test_predictions", None)
+        if rows:
+            write_predictions(self._dir(trainer) / PREDICTIONS_FILE, rows)
+        write_json_atomic(self._dir(trainer) / "test_metrics.json",
+                          {"metrics": metrics, "predictions": PREDICTIONS_FILE if rows else None,
+                           "test_examples": len(rows) if rows else None})
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_metrics": self.best_metrics, "elapsed": self.wall_time()}

@@ -95,6 +95,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         max_target_length: int | None = None,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
+        max_val_samples: int | None = None,
+        test_file: str | None = None,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -111,6 +113,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             max_target_length: target tokens kept; unset uses the task's default.
             max_train_samples: use only the first N training rows (quick runs).
             max_eval_samples: use only the first N validation and test rows.
+            max_val_samples: use only the first N validation rows (overrides max_eval_samples there): model
+                selection beam-searches the validation split at every validation, the test split only once.
+            test_file: a JSON Lines file read as the test split instead of `data_dir`'s test.jsonl or the Hub's
+                (same columns, any size): scores a finished model on another test set without retraining.
             batch_size: training batch size per device.
             eval_batch_size: validation/test batch size per device (default: `batch_size`).
             num_workers: DataLoader worker processes.
@@ -120,7 +126,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.task: TaskSpec = get_task(self.task_name)
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
-                            ("batch_size", batch_size), ("max_source_length", max_source_length),
+                            ("max_val_samples", max_val_samples), ("batch_size", batch_size), ("max_source_length", max_source_length),
                             ("max_target_length", max_target_length)):
             if value is not None and value < 1:
                 raise UserError(f"data.{name}={value} must be a positive integer")
@@ -142,6 +148,26 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return Path(self.data_dir).expanduser()
 
     def load_raw(self, splits: tuple[str, ...]):
+        """The raw splits; the test split from `test_file` when it is set."""
+        test_file = self.hparams.test_file
+        from_file = test_file is not None and "test" in splits
+        raw = self._load_source(tuple(split for split in splits if not (from_file and split == "test")))
+        if from_file:
+            import datasets
+
+            path = Path(test_file).expanduser()
+            if not path.is_file():
+                raise UserError(f"--data.test_file={test_file}: no such file")
+            columns = (self.task.source_column, self.task.target_column)
+            check_jsonl(path, columns, required_text=columns)  # scored, so references are needed
+            raw["test"] = datasets.load_dataset("json", data_files={"test": str(path)},
+                                                cache_dir=str(self.cache_dir / "json"))["test"]
+        return raw
+
+    def _load_source(self, splits: tuple[str, ...]):
+        """The splits from `data_dir` or the Hub."""
+        if not splits:
+            return {}
         import datasets
 
         local = self.local_data_dir()
@@ -171,7 +197,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return {split: raw[split] for split in splits}
 
     def _limit(self, dataset, split: str):
-        limit = self.hparams.max_train_samples if split == "train" else self.hparams.max_eval_samples
+        limit = {"train": self.hparams.max_train_samples,
+                 "validation": self.hparams.max_val_samples or self.hparams.max_eval_samples}.get(
+                     split, self.hparams.max_eval_samples)
         return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
     # -- tokenizer ------------------------------------------------------------------------------------
@@ -202,13 +230,15 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         # A trained BPE with language codes: mBART's layout, as mBART's own tokenizer makes it.
         source_lang, target_lang = language_ids(tokenizer, task.source_lang, task.target_lang) or (None, None)
 
-        def encode(batch):
+        def encode(batch, indices):
             sources = encode_texts(tokenizer, column_values(batch, task.source_column), max_source, source_lang)
             return {"input_ids": sources, "attention_mask": [[1] * len(ids) for ids in sources],
                     "labels": encode_texts(tokenizer, column_values(batch, task.target_column), max_target,
-                                           target_lang, as_target=True)}
+                                           target_lang, as_target=True),
+                    # The row of the split: per-example test results name it, and DDP's repeats are found by it.
+                    "example_index": list(indices)}
 
-        return dataset.map(encode, batched=True, remove_columns=dataset.column_names,
+        return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                            desc=f"tokenizing {task.name} {split}")
 
     def prepare_data(self) -> None:
@@ -280,7 +310,13 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         local = self.local_data_dir()
         if local is None:
             return SPLITS
-        return tuple(split for split in SPLITS if (local / f"{split}.jsonl").exists()) or ("train",)
+        return tuple(split for split in SPLITS if (local / f"{split}.jsonl").exists()
+                     or (split == "test" and self.hparams.test_file)) or ("train",)
+
+    def example_ids(self, split: str) -> list[str] | None:
+        """The split's `id` column in loader order, or None for a dataset without one (WMT16)."""
+        raw = self._limit(self.load_raw((split,))[split], split)
+        return [str(value) for value in raw["id"]] if "id" in raw.column_names else None
 
     def references(self, split: str) -> list[str]:
         """Target texts of a split, in loader order (what generation is scored against)."""

@@ -7,6 +7,7 @@ setting, and the student is rebuilt from it before a checkpoint is restored).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from dq_lightning.distill.objective import DQObjective, ObjectiveConfig
 from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.distill.student import copy_student
 from dq_lightning.errors import UserError
+from dq_lightning.evaluation.bootstrap import align
+from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, read_predictions
 from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.models.loading import load_pretrained
 from dq_lightning.quant import (QuantConfig, is_converted, prepare, return_maps_before_dropout,
@@ -96,6 +99,7 @@ class DQStudentModule(Seq2SeqModule):
         label_smoothing: float = 0.0,
         generation: dict[str, Any] | None = None,
         generate_on_validation: bool = True,
+        prediction_table_rows: int = 100,
     ):
         """
         Args:
@@ -158,12 +162,16 @@ class DQStudentModule(Seq2SeqModule):
             label_smoothing: label smoothing of the task cross-entropy.
             generation: overrides of the task's decoding settings.
             generate_on_validation: generate and score ROUGE/BLEU at every validation.
+            prediction_table_rows: test examples shown as a W&B table beside the teacher's outputs (from the
+                teacher's own test_predictions.jsonl, when it has one); 0 logs none. Every example's output and
+                score is written to test_predictions.jsonl regardless.
         """
         defaults = recipe_settings(recipe)
         weight_decay = defaults["weight_decay"] if weight_decay is None else weight_decay
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                          label_smoothing=label_smoothing, generation=generation,
-                         generate_on_validation=generate_on_validation)
+                         generate_on_validation=generate_on_validation,
+                         prediction_table_rows=prediction_table_rows)
         self.save_hyperparameters()
         _choice("mode", mode, MODES)
         _choice("eval_head", eval_head, EVAL_HEADS)
@@ -332,6 +340,20 @@ class DQStudentModule(Seq2SeqModule):
                 "teacher": self.hparams.teacher}
 
     # -- evaluation -----------------------------------------------------------------------------------
+    def teacher_predictions(self) -> list[dict[str, Any]] | None:
+        """The teacher's test rows, from the run directory it was exported from (`<run>/hf` ->
+        `<run>/test_predictions.jsonl`), when they exist and cover exactly this test's examples."""
+        path = Path(str(self.hparams.teacher)).parent / PREDICTIONS_FILE
+        if not path.is_file() or not self.test_predictions:
+            return None
+        metric = "bleu" if self.task.is_translation else "rougeL"
+        try:
+            rows = read_predictions(path, metric)
+            align(self.test_predictions, rows)
+        except UserError:
+            return None  # another test set (or an older file): no side-by-side rather than a wrong one
+        return rows
+
     def size_metrics(self) -> dict[str, float]:
         """Size (MiB) and compression against the FP32 teacher, DQ-BART's accounting and the strict one."""
         quant = self.quant_config or QuantConfig(w_bits=32, e_bits=32, a_bits=32)

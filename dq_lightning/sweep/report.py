@@ -13,12 +13,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from dq_lightning.files import write_text_atomic
+from dq_lightning.sweep.comparisons import point_key
 from dq_lightning.sweep.spec import SweepPoint
 
 FIXED_COLUMNS = ["run_id", "status", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
-                 "decoder_layers", "size_mb", "compression", "size_mb_strict", "compression_strict"]
+                 "decoder_layers", "seed", "size_mb", "compression", "size_mb_strict", "compression_strict"]
 TAIL_COLUMNS = ["wall_time_s", "error"]
 
 
@@ -37,10 +42,11 @@ def _split(value: str | None, parts: int) -> list[int | None]:
         return [None] * parts
 
 
-def run_row(run_dir: Path, point: SweepPoint | None = None) -> dict[str, Any]:
+def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | None = None) -> dict[str, Any]:
+    """A run's line of results.csv; its test metrics from `test_dir` (a re-test on another test set) if given."""
     status = read_json(run_dir / "status.json")
     fit = read_json(run_dir / "fit_metrics.json")
-    test = read_json(run_dir / "test_metrics.json").get("metrics", {})
+    test = read_json((test_dir or run_dir) / "test_metrics.json").get("metrics", {})
     summary = fit.get("summary", {})
     params = point.params if point else {}
     mode = summary.get("mode") or params.get("model.mode", "")
@@ -51,7 +57,8 @@ def run_row(run_dir: Path, point: SweepPoint | None = None) -> dict[str, Any]:
     encoder_layers, decoder_layers = _split(depth, 2)
     row: dict[str, Any] = {"run_id": run_dir.name, "status": status.get("status", "pending"), "mode": mode,
                            "bits": bits, "w_bits": w, "e_bits": e, "a_bits": a,
-                           "encoder_layers": encoder_layers, "decoder_layers": decoder_layers}
+                           "encoder_layers": encoder_layers, "decoder_layers": decoder_layers,
+                           "seed": params.get("seed_everything"), "params": params}
     val = fit.get("metrics", {})
     for key in ("size_mb", "compression", "size_mb_strict", "compression_strict"):
         row[key] = test.get(f"test/{key}", val.get(f"val/{key}"))
@@ -62,9 +69,9 @@ def run_row(run_dir: Path, point: SweepPoint | None = None) -> dict[str, Any]:
     return row
 
 
-def teacher_row(teacher_dir: Path) -> dict[str, Any] | None:
+def teacher_row(teacher_dir: Path, test_dir: Path | None = None) -> dict[str, Any] | None:
     """The teacher as a reference point (compression 1), from its own test/fit metrics files."""
-    test = read_json(teacher_dir / "test_metrics.json").get("metrics", {})
+    test = read_json((test_dir or teacher_dir) / "test_metrics.json").get("metrics", {})
     fit = read_json(teacher_dir / "fit_metrics.json")
     if not test and not fit:
         return None
@@ -87,12 +94,7 @@ def write_csv_atomic(rows: list[dict], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(descriptor, 0o644)
-    with os.fdopen(descriptor, "w", newline="") as out:
-        out.write(buffer.getvalue())
-    os.replace(staging, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def score_of(row: dict, metric: str) -> float | None:
@@ -109,14 +111,52 @@ def label_of(row: dict) -> str:
     return f"{row.get('bits')} {row.get('encoder_layers')}-{row.get('decoder_layers')}"
 
 
-def pareto_front(points: list[tuple[float, float, dict]]) -> list[tuple[float, float, dict]]:
-    """Points no other point beats on both compression (x) and quality (y), by increasing x."""
-    front, best = [], float("-inf")
-    for x, y, row in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if y > best:
-            front.append((x, y, row))
-            best = y
-    return sorted(front, key=lambda p: p[0])
+@dataclass(frozen=True)
+class PlotPoint:
+    """One marker: a run, or the mean of a grid point's runs over seeds; `low`-`high` is its error bar."""
+
+    x: float
+    y: float
+    low: float
+    high: float
+    row: dict
+    seeds: int = 1
+
+
+def beyond_doubt_front(points: list[PlotPoint]) -> list[PlotPoint]:
+    """The points no other point beats beyond their error bars: none at least as compressed has its whole bar
+    above this point's bar. With no bars (low == high == y) this is the plain Pareto front."""
+    def beaten(p: PlotPoint) -> bool:
+        return any(q is not p and q.x >= p.x and q.low > p.high for q in points)
+
+    return sorted((p for p in points if not beaten(p)), key=lambda p: (p.x, p.y))
+
+
+def plot_points(rows: list[dict], metric: str) -> list[PlotPoint]:
+    """A marker per run; the runs of one grid point and mode over several seeds become one marker at their
+    mean, with a bar of one standard deviation. A single run's bar is its bootstrap interval (where it has one)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("compression") in (None, "") or score_of(row, metric) is None:
+            continue
+        seeded = row.get("seed") not in (None, "")
+        key = (point_key(row), row.get("mode")) if seeded else (row["run_id"],)
+        groups.setdefault(key, []).append(row)
+    points = []
+    for members in groups.values():
+        scores = [score_of(row, metric) for row in members]
+        first = members[0]
+        if len(members) > 1:
+            mean, spread = float(np.mean(scores)), float(np.std(scores, ddof=1))
+            points.append(PlotPoint(float(first["compression"]), mean, mean - spread, mean + spread, first,
+                                    len(members)))
+            continue
+        y = scores[0]
+        low, high = first.get(f"test/{metric}_low"), first.get(f"test/{metric}_high")
+        has_bar = low not in (None, "") and high not in (None, "")
+        points.append(PlotPoint(float(first["compression"]), y, float(low) if has_bar else y,
+                                float(high) if has_bar else y, first))
+    return points
 
 
 def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path:
@@ -125,24 +165,36 @@ def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(float(r["compression"]), score_of(r, metric), r) for r in rows
-              if r.get("compression") not in (None, "") and score_of(r, metric) is not None]
+    points = plot_points(rows, metric)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     markers = {"dq": ("o", "tab:blue"), "quant_only": ("s", "tab:orange"), "distill_only": ("^", "tab:green"),
                "teacher": ("*", "black")}
     for mode, (marker, color) in markers.items():
-        chosen = [(x, y) for x, y, r in points if r.get("mode") == mode]
-        if chosen:
-            ax.scatter(*zip(*chosen), marker=marker, color=color, s=140 if mode == "teacher" else 60,
-                       label=mode, zorder=3)
-    front = pareto_front(points)
+        chosen = [p for p in points if p.row.get("mode") == mode]
+        if not chosen:
+            continue
+        ax.scatter([p.x for p in chosen], [p.y for p in chosen], marker=marker, color=color,
+                   s=140 if mode == "teacher" else 60, label=mode, zorder=3)
+        bars = [p for p in chosen if p.high > p.low]
+        if bars:
+            ax.errorbar([p.x for p in bars], [p.y for p in bars],
+                        yerr=[[p.y - p.low for p in bars], [p.high - p.y for p in bars]], fmt="none",
+                        ecolor=color, alpha=0.6, capsize=3, zorder=2)
+    front = beyond_doubt_front(points)
+    any_bars = any(p.high > p.low for p in points)
     if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", alpha=0.7,
-                label="Pareto front", zorder=2)
+        label = ("front: points no other beats beyond the error bars" if any_bars else "Pareto front")
+        ax.plot([p.x for p in front], [p.y for p in front], "--", color="tab:red", alpha=0.7, label=label, zorder=1)
+    if any_bars:
+        bar_kinds = ["one run: 95% bootstrap interval over test examples"]
+        if any(p.seeds > 1 for p in points):
+            bar_kinds.append("several seeds: mean ± 1 sd")
+        ax.plot([], [], color="gray", label="bars: " + "; ".join(bar_kinds))
     ax.set_xscale("log", base=2)
-    for (x, y, row), offset in zip(points, _label_offsets(ax, points)):
-        ax.annotate(label_of(row), (x, y), xytext=offset, textcoords="offset points", fontsize=8, va="center",
-                    color=markers.get(row.get("mode"), ("", "black"))[1])
+    for point, offset in zip(points, _label_offsets(ax, [(p.x, p.y, p.row) for p in points])):
+        text = label_of(point.row) + (f" (n={point.seeds})" if point.seeds > 1 else "")
+        ax.annotate(text, (point.x, point.y), xytext=offset, textcoords="offset points", fontsize=8,
+                    va="center", color=markers.get(point.row.get("mode"), ("", "black"))[1])
     ax.set_xlabel("compression ratio vs FP32 teacher (DQ-BART accounting, log scale)")
     source = "test" if any(r.get(f"test/{metric}") not in (None, "") for r in rows) else "val"
     ax.set_ylabel(f"{source} {metric}")
@@ -190,7 +242,8 @@ def _label_offsets(ax, points: list[tuple[float, float, dict]], gap: float = 9.0
 
 def markdown_table(rows: list[dict], metric: str) -> str:
     keys = [f"test/{metric}", f"val/{metric}", "test/label_loyalty", "test/prob_loyalty"]
-    header = ["run", "mode", "W-E-A", "enc-dec", "size MiB", "compression", *keys, "wall s", "status"]
+    header = ["run", "mode", "W-E-A", "enc-dec", "seed", "size MiB", "compression", keys[0], "95% interval",
+              "vs teacher [95%]", *keys[1:], "wall s", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(value, digits=2):
@@ -198,13 +251,30 @@ def markdown_table(rows: list[dict], metric: str) -> str:
             return ""
         return f"{float(value):.{digits}f}" if isinstance(value, (int, float)) else str(value)
 
+    def span(row, prefix, signed=False):
+        point, low, high = (row.get(f"{prefix}{suffix}") for suffix in ("", "_low", "_high"))
+        if low in (None, "") or high in (None, ""):
+            return ""
+        sign = "+" if signed else ""
+        return (f"{float(point):{sign}.2f} " if signed else "") + f"[{float(low):{sign}.2f}, {float(high):{sign}.2f}]"
+
     for row in rows:
         cells = [row["run_id"], row.get("mode", ""), row.get("bits", ""),
-                 f"{row.get('encoder_layers') or ''}-{row.get('decoder_layers') or ''}",
-                 fmt(row.get("size_mb"), 3), fmt(row.get("compression"), 1),
-                 *[fmt(row.get(k), 3 if "loyalty" in k else 2) for k in keys],
+                 f"{row.get('encoder_layers') or ''}-{row.get('decoder_layers') or ''}", fmt(row.get("seed"), 0),
+                 fmt(row.get("size_mb"), 3), fmt(row.get("compression"), 1), fmt(row.get(keys[0])),
+                 span(row, f"test/{metric}"), span(row, f"test/{metric}_vs_teacher", signed=True),
+                 *[fmt(row.get(k), 3 if "loyalty" in k else 2) for k in keys[1:]],
                  fmt(row.get("wall_time_s"), 0), row.get("status", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_markdown(summary: list[dict], metric: str) -> str:
+    """Grid points run over several seeds: mean, standard deviation and n of the metric."""
+    lines = [f"| grid point | mode | compression | mean {metric} | sd | n |", "|---|---|---|---|---|---|"]
+    for line in summary:
+        lines.append(f"| {line['point']} | {line['mode']} | {float(line['compression'] or 0):.1f} | "
+                     f"{line['mean']:.2f} | {line['sd']:.2f} | {line['n']} |")
     return "\n".join(lines)
 
 

@@ -29,14 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dq_lightning.cluster import AGENT_ARGS_ENV
-from dq_lightning.files import write_json_atomic
+from dq_lightning.data.jsonl import check_jsonl
+from dq_lightning.files import write_json_atomic, write_text_atomic
 from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError
+from dq_lightning.evaluation.bootstrap import check_resamples
+from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillation_markdown, distillation_table,
+                                            seed_summary)
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
-                                       teacher_row, write_csv_atomic)
+                                       seed_markdown, teacher_row, write_csv_atomic)
 from dq_lightning.sweep import claims
 from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
-from dq_lightning.sweep.spec import SweepPoint, command_for, expand_grid, load_sweep
+from dq_lightning.sweep.spec import SEED_PARAMETER, SweepPoint, command_for, expand_grid, load_sweep, run_id_of
 
 SCALES = ("tiny", "paper")
 
@@ -170,9 +174,12 @@ class LocalSweep:
         command = command_for(self.sweep, point.flags)
         command[command.index("fit")] = stage
         run_dir = self.sweep_dir / point.run_id
+        # The seeds of one grid point are one W&B group; without seeds, the sweep is.
+        seedless = {k: v for k, v in point.params.items() if k != SEED_PARAMETER}
+        group = f"{self.name}-{run_id_of(seedless)}" if SEED_PARAMETER in point.params else self.name
         return [*command, *self.extra, f"--trainer.default_root_dir={run_dir}",
                 f"--trainer.logger.init_args.name={self.name}-{point.run_id}-{stage}",
-                f"--trainer.logger.init_args.group={self.name}"]
+                f"--trainer.logger.init_args.group={group}"]
         # No fixed W&B run id: consecutive processes (fit, then test; a resumed fit) reusing one id race the
         # W&B service still closing the previous run ("run ID is in use"). Name and group tie them together.
 
@@ -315,13 +322,74 @@ def run_online(sweep: dict, sweep_dir: Path, extra: list[str]) -> None:
     subprocess.check_call([sys.executable, "-m", "wandb", "agent", "--project", project, sweep_id], env=env)
 
 
-def collect_rows(points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path) -> list[dict]:
-    rows = [run_row(sweep_dir / point.run_id, point) for point in points]
+@dataclass(frozen=True)
+class TestSet:
+    """Another test file that finished runs are scored on (`--test-file`); `label` names its results, from the
+    file's name and content, so an edited file is tested again rather than mistaken for the old one."""
+
+    path: Path
+    label: str
+
+    @classmethod
+    def of(cls, path: str) -> TestSet:
+        import hashlib
+
+        file = Path(path).expanduser().resolve()
+        if not file.is_file():
+            raise UserError(f"--test-file {path} (make: TEST_FILE): no such file")
+        digest = hashlib.sha1()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return cls(file, f"{file.stem}-{digest.hexdigest()[:8]}")
+
+
+def retest(sweep_runner: LocalSweep, points: list[SweepPoint], teacher_dir: Path, teacher_config: Path,
+           test_set: TestSet, extra: list[str]) -> list[tuple[str, str, str]]:
+    """Test every finished run (and the teacher) on `test_set` from its best checkpoint, once; the results go
+    to `<run>/tests/<label>/`, the run's own files are not touched. Returns the failures."""
+    failures, jobs = [], []
+    for point in points:
+        run_dir = sweep_runner.sweep_dir / point.run_id
+        fit = read_json(run_dir / "fit_metrics.json")
+        checkpoint = fit.get("best_model_path") or fit.get("last_model_path")
+        if read_json(run_dir / "status.json").get("status") != "finished" or not checkpoint:
+            print(f"{point.run_id}: not finished, not tested on {test_set.path.name}", flush=True)
+            continue
+        command = [*sweep_runner.command(point, "test"), f"--ckpt_path={checkpoint}"]
+        jobs.append((point.run_id, run_dir, command))
+    if (teacher_dir / "hf" / "config.json").exists() and teacher_config.exists():
+        jobs.append(("teacher", teacher_dir, [sys.executable, "-m", "dq_lightning", "test", "--config",
+                                              str(teacher_config), f"--model.model={teacher_dir / 'hf'}",
+                                              f"--data.tokenizer={teacher_dir / 'hf'}", *extra]))
+    for run_id, run_dir, command in jobs:
+        out = retest_dir(run_dir, test_set)
+        if (out / "test_metrics.json").exists():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{run_id}: test on {test_set.path.name} ...", flush=True)
+        log = out / "run.log"
+        if _run_logged([*command, f"--data.test_file={test_set.path}", f"--trainer.default_root_dir={out}"], log):
+            failures.append((run_id, "test", last_error(log)))
+            print(f"{run_id}: FAILED in test on {test_set.path.name}: {last_error(log)} (log: {log})", flush=True)
+    return failures
+
+
+def retest_dir(run_dir: Path, test_set: TestSet | None) -> Path:
+    """Where a run's test results on `test_set` are: the run directory for its own test split."""
+    return run_dir if test_set is None else run_dir / "tests" / test_set.label
+
+
+def collect_rows(points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path,
+                 test_set: TestSet | None = None) -> list[dict]:
+    rows = [run_row(sweep_dir / point.run_id, point, retest_dir(sweep_dir / point.run_id, test_set))
+            for point in points]
     known = {point.run_id for point in points}
     # Online agents name run directories by W&B run id; they belong to the report too.
-    rows += [run_row(path) for path in sorted(sweep_dir.iterdir()) if path.is_dir()
-             and path.name not in known and (path / "fit_metrics.json").exists()] if sweep_dir.exists() else []
-    teacher = teacher_row(teacher_dir)
+    rows += [run_row(path, test_dir=retest_dir(path, test_set)) for path in sorted(sweep_dir.iterdir())
+             if path.is_dir() and path.name not in known and (path / "fit_metrics.json").exists()
+             ] if sweep_dir.exists() else []
+    teacher = teacher_row(teacher_dir, retest_dir(teacher_dir, test_set))
     return ([teacher] if teacher else []) + rows
 
 
@@ -331,24 +399,49 @@ def _same(rows: list[dict], others: list[dict]) -> bool:
 
 
 def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path, name: str,
-           wandb_mode: str) -> list[dict]:
+           wandb_mode: str, bootstrap: Bootstrap = Bootstrap(), test_set: TestSet | None = None) -> list[dict]:
+    """Write results.csv, tradeoff.png and report.md (with `test_set`: results.<label>.csv, ...) and print."""
     metric = sweep["metric"]["name"].split("/")[-1]
-    all_rows = collect_rows(points, sweep_dir, teacher_dir)
+    suffix = "" if test_set is None else f".{test_set.label}"
+    csv_path, png_path, md_path = (sweep_dir / f"{stem}{suffix}.{ext}" for stem, ext in
+                                   (("results", "csv"), ("tradeoff", "png"), ("report", "md")))
+
+    def rows_with_intervals() -> tuple[list[dict], dict[str, list[dict]]]:
+        rows = collect_rows(points, sweep_dir, teacher_dir, test_set)
+        test_dirs = {row["run_id"]: retest_dir(sweep_dir / row["run_id"], test_set) for row in rows}
+        test_dirs["teacher"] = retest_dir(teacher_dir, test_set)
+        return rows, add_intervals(rows, test_dirs, metric, bootstrap)
+
+    all_rows, predictions = rows_with_intervals()
+    title = f"{name}: compression vs {metric}" + (f" on {test_set.path.name}" if test_set else "")
     for _ in range(10):
-        write_csv_atomic(all_rows, sweep_dir / "results.csv")
-        png = plot_tradeoff(all_rows, metric, sweep_dir / "tradeoff.png", f"{name}: compression vs {metric}")
+        write_csv_atomic(all_rows, csv_path)
+        plot_tradeoff(all_rows, metric, png_path, title)
         # Another worker may have finished a run and written its report while this one was being written, and
         # this write may have landed last: written again until what it holds is still current, the files are
         # never older than the runs.
-        latest = collect_rows(points, sweep_dir, teacher_dir)
+        latest, latest_predictions = rows_with_intervals()
         if _same(latest, all_rows):
             break
-        all_rows = latest
-    print(markdown_table(all_rows, metric))
-    print(f"\nresults: {sweep_dir / 'results.csv'}\nplot:    {png}")
+        all_rows, predictions = latest, latest_predictions
+    which = (f"test set: {test_set.path} (files in <run>/tests/{test_set.label}/)" if test_set
+             else "test set: each run's own test split")
+    sections = [which, markdown_table(all_rows, metric)]
+    seeds = [line for line in seed_summary(all_rows, metric) if line["n"] > 1]
+    if seeds:
+        sections.append("Seeds: the grid points run with several seeds\n\n" + seed_markdown(seeds, metric))
+    distillation = distillation_table(all_rows, predictions, metric, bootstrap)
+    if distillation:
+        sections.append(f"Does distillation pay off? dq minus quant_only in test {metric}, paired over test examples "
+                        f"({bootstrap.resamples} bootstrap resamples, seed {bootstrap.seed}; several seeds: their "
+                        f"per-example mean)\n\n" + distillation_markdown(distillation, metric))
+    text = "\n\n".join(sections)
+    write_text_atomic(md_path, text + "\n")
+    print(text)
+    print(f"\nresults: {csv_path}\nplot:    {png_path}\nreport:  {md_path}")
     if wandb_mode != "disabled":
         try:
-            log_wandb_summary(all_rows, metric, png, f"{name}-summary", sweep_dir, wandb_mode)
+            log_wandb_summary(all_rows, metric, png_path, f"{name}-summary{suffix}", sweep_dir, wandb_mode)
         except Exception as error:  # noqa: BLE001 - the files above are the result; W&B is a copy of them
             print(f"warning: W&B summary run not written ({type(error).__name__}: {error})", file=sys.stderr)
     return all_rows
@@ -365,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int, help="DDP over this many GPUs per run")
     parser.add_argument("--runs", default="runs", help="root of run directories")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv, plot and table")
+    parser.add_argument("--test-file", metavar="PATH",
+                        help="also test every finished run and the teacher on this JSON Lines file (the task's "
+                             "columns, any size), without retraining; the report then scores that test set")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples of the test examples behind every 95%% interval (at least 100)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
     parser.add_argument("--preflight", action="store_true",
                         help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
                              "exit; `make sweep` runs it before training the teacher")
@@ -387,6 +486,11 @@ def _main(args: argparse.Namespace) -> int:
             raise UserError(f"unknown scale {args.scale!r}; choose from {', '.join(SCALES)}")
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise UserError(f"--data-dir {args.data_dir} (make: DATA_DIR): no such directory")
+        bootstrap = Bootstrap(check_resamples(args.bootstrap, "--bootstrap"), args.bootstrap_seed)
+        test_set = TestSet.of(args.test_file) if args.test_file else None
+        if test_set is not None:  # scored, so references are needed too
+            columns = (task.source_column, task.target_column)
+            check_jsonl(test_set.path, columns, required_text=columns)
         path = Path(args.sweep_file) if args.sweep_file else sweep_file(args.task, args.scale)
         sweep = load_sweep(path)
         points = expand_grid(sweep, path)
@@ -405,7 +509,7 @@ def _main(args: argparse.Namespace) -> int:
         extra = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
         if args.gpus:
             extra += ["--trainer.accelerator=gpu", f"--trainer.devices={args.gpus}", "--trainer.strategy=ddp"]
-        outcome = None
+        outcome, classes = None, {}
         if not args.report_only:
             print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
             classes = check_points(sweep, path, points, extra)
@@ -416,7 +520,13 @@ def _main(args: argparse.Namespace) -> int:
             else:
                 outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes).run()
             print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
-        report(sweep, points, sweep_dir, teacher_dir, name, wandb_mode)
+        if test_set is not None:
+            failures = retest(LocalSweep(sweep, points, sweep_dir, name, extra, classes), points, teacher_dir,
+                              Path("experiments") / args.task / f"teacher-{args.scale}.yaml", test_set, extra)
+            if failures:
+                outcome = outcome or Outcome()
+                outcome.failed.extend(failures)
+        report(sweep, points, sweep_dir, teacher_dir, name, wandb_mode, bootstrap, test_set)
         if outcome and outcome.elsewhere:
             count = len(outcome.elsewhere)
             print(f"{count} {'run is' if count == 1 else 'runs are'} being trained by other workers "

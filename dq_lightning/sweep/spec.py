@@ -21,6 +21,9 @@ import yaml
 from dq_lightning.errors import UserError
 
 SUPPORTED_LOCAL_METHODS = ("grid",)
+# A sweep parameter that repeats every grid point over seeds (LightningCLI's own flag); the report
+# aggregates a point's seeds, and their W&B runs share a group.
+SEED_PARAMETER = "seed_everything"
 _ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
 
 
@@ -72,6 +75,12 @@ def load_sweep(path: str | Path) -> dict:
             raise UserError(f"{path}: parameter {name!r} needs 'values' (a list) or 'value'")
         if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
             raise UserError(f"{path}: parameter {name!r}: 'values' must be a non-empty list")
+    seeds = parameters.get(SEED_PARAMETER)
+    if seeds is not None:
+        values = seeds["values"] if "values" in seeds else [seeds["value"]]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{path}: parameter {SEED_PARAMETER!r}: seeds must be integers, got {value!r}")
     if not isinstance(sweep["command"], list):
         raise UserError(f"{path}: command must be a list (one item per argument, as in sweeps/demo-tiny.yaml)")
     if "${args}" not in sweep["command"]:

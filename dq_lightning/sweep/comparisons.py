@@ -1,0 +1,175 @@
+"""What a sweep's points say beyond their scores: intervals, seeds, and whether distillation pays off.
+
+Every run's test wrote `test_predictions.jsonl` (`dq_lightning.evaluation.per_example`); from those files:
+- each run's 95% bootstrap interval of the sweep's metric, and its paired difference to the teacher;
+- the runs of one grid point over several seeds (`seed_everything` as a sweep parameter) as one point:
+  mean, standard deviation and n of the metric;
+- at every grid point run both as `dq` and as `quant_only`, dq minus quant_only (the seed-averaged systems,
+  compared example by example) with its interval and paired p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dq_lightning.errors import UserError
+from dq_lightning.evaluation.bootstrap import Difference, align, interval, paired_difference
+from dq_lightning.evaluation.per_example import FILE_NAME, read_predictions
+from dq_lightning.sweep.spec import SEED_PARAMETER
+
+COMPARED_MODES = ("dq", "quant_only")
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How the 95% intervals are drawn: resamples of the test examples and their generator's seed."""
+
+    resamples: int = 1000
+    seed: int = 0
+
+
+def predictions_of(run_dir: Path, metric: str) -> list[dict[str, Any]] | None:
+    """A run's per-example rows, or None when it has none (not tested yet, or tested before they existed)."""
+    path = Path(run_dir) / FILE_NAME
+    return read_predictions(path, metric) if path.is_file() else None
+
+
+def point_key(row: dict[str, Any]) -> str:
+    """What makes a grid point, apart from the mode and the seed: the other sweep parameters."""
+    params = {k: v for k, v in (row.get("params") or {}).items() if k not in ("model.mode", SEED_PARAMETER)}
+    if not params:
+        params = {"bits": row.get("bits"), "depth": f"{row.get('encoder_layers')}-{row.get('decoder_layers')}"}
+    return " ".join(f"{k.removeprefix('model.')}={v}" for k, v in params.items())
+
+
+def add_intervals(rows: list[dict[str, Any]], run_dirs: dict[str, Path], metric: str,
+                  bootstrap: Bootstrap) -> dict[str, list[dict]]:
+    """Add `test/<metric>_low/_high` to every row with predictions, and `test/<metric>_vs_teacher` with its
+    interval and p-value where the teacher's predictions cover the same examples. Returns the rows' predictions
+    by run id."""
+    predictions = {}
+    for row in rows:
+        found = predictions_of(run_dirs[row["run_id"]], metric) if row["run_id"] in run_dirs else None
+        if found is None:
+            continue
+        predictions[row["run_id"]] = found
+        bounds = interval(found, metric, bootstrap.resamples, bootstrap.seed)
+        row[f"test/{metric}_low"], row[f"test/{metric}_high"] = bounds.low, bounds.high
+    teacher = predictions.get("teacher")
+    for row in rows:
+        if teacher is None or row["run_id"] == "teacher" or row["run_id"] not in predictions:
+            continue
+        try:
+            delta = paired_difference(predictions[row["run_id"]], teacher, metric, bootstrap.resamples,
+                                      bootstrap.seed)
+        except UserError:
+            continue  # tested on other examples than the teacher: no paired difference
+        row[f"test/{metric}_vs_teacher"] = delta.point
+        row[f"test/{metric}_vs_teacher_low"], row[f"test/{metric}_vs_teacher_high"] = delta.low, delta.high
+        row[f"test/{metric}_vs_teacher_p"] = delta.p_value
+    return predictions
+
+
+@dataclass
+class Group:
+    """The finished runs of one grid point in one mode, over seeds."""
+
+    key: str
+    mode: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def scores(self, metric: str) -> list[float]:
+        return [float(row[f"test/{metric}"]) for row in self.rows if row.get(f"test/{metric}") not in (None, "")]
+
+
+def group_runs(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Group]:
+    groups: dict[tuple[str, str], Group] = {}
+    for row in rows:
+        if row.get("mode") == "teacher" or row.get("status") != "finished":
+            continue
+        key = (point_key(row), row.get("mode", ""))
+        groups.setdefault(key, Group(*key)).rows.append(row)
+    return groups
+
+
+def seed_summary(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One line per grid point and mode: the metric's mean, standard deviation (n - 1) and n over seeds."""
+    summary = []
+    for group in group_runs(rows).values():
+        scores = group.scores(metric)
+        if not scores:
+            continue
+        first = group.rows[0]
+        summary.append({"point": group.key, "mode": group.mode, "compression": first.get("compression"),
+                        "mean": float(np.mean(scores)), "sd": float(np.std(scores, ddof=1)) if len(scores) > 1
+                        else 0.0, "n": len(scores)})
+    return summary
+
+
+def _averaged(runs: list[list[dict[str, Any]]], metric: str) -> list[dict[str, Any]]:
+    """One system whose every example is the mean over seeds (BLEU: the summed n-gram counts)."""
+    key = "bleu_stats" if metric == "bleu" else metric
+    base = runs[0]
+    aligned = [base] + [align(base, other)[1] for other in runs[1:]]
+    averaged = []
+    for position, row in enumerate(base):
+        values = np.mean([np.asarray(run[position][key], dtype=np.float64) for run in aligned], axis=0)
+        averaged.append({**row, key: values.tolist() if metric == "bleu" else float(values)})
+    return averaged
+
+
+def distillation_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]], metric: str,
+                       bootstrap: Bootstrap) -> list[dict[str, Any]]:
+    """At every grid point with finished dq and quant_only runs: dq minus quant_only, paired over examples."""
+    groups = group_runs(rows)
+    table = []
+    for key in dict.fromkeys(key for key, _ in groups):
+        dq, quant_only = groups.get((key, "dq")), groups.get((key, "quant_only"))
+        if dq is None or quant_only is None:
+            continue
+        line: dict[str, Any] = {"point": key, "compression": dq.rows[0].get("compression"),
+                                "dq": float(np.mean(dq.scores(metric))) if dq.scores(metric) else None,
+                                "quant_only": float(np.mean(quant_only.scores(metric)))
+                                if quant_only.scores(metric) else None,
+                                "seeds": f"{len(dq.rows)}/{len(quant_only.rows)}"}
+        sides = [[predictions.get(row["run_id"]) for row in group.rows] for group in (dq, quant_only)]
+        if all(run is not None for side in sides for run in side):
+            try:
+                difference: Difference = paired_difference(_averaged(sides[0], metric), _averaged(sides[1], metric),
+                                                           metric, bootstrap.resamples, bootstrap.seed)
+                line.update(delta=difference.point, low=difference.low, high=difference.high,
+                            p=difference.p_value)
+            except UserError as error:
+                line["note"] = str(error)
+        else:
+            line["note"] = "no per-example predictions (tested before they were written)"
+        table.append(line)
+    return table
+
+
+def distillation_markdown(table: list[dict[str, Any]], metric: str) -> str:
+    """The "does distillation pay off" table."""
+    header = ["grid point", "compression", f"dq {metric}", f"quant_only {metric}", "seeds dq/qo", "dq - quant_only",
+              "95% interval", "p", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, digits=2):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    for line in table:
+        if "delta" in line:
+            verdict = ("dq better" if line["low"] > 0 else "quant_only better" if line["high"] < 0
+                       else "no difference shown")
+            span = f"[{line['low']:+.2f}, {line['high']:+.2f}]"
+        else:
+            verdict, span = line.get("note", ""), ""
+        lines.append("| " + " | ".join([line["point"], fmt(line.get("compression"), 1), fmt(line.get("dq")),
+                                         fmt(line.get("quant_only")), line["seeds"],
+                                         f"{line['delta']:+.2f}" if "delta" in line else "", span,
+                                         fmt(line.get("p"), 3), verdict]) + " |")
+    return "\n".join(lines)
