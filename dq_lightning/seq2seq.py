@@ -261,9 +261,9 @@ class Seq2SeqModule(pl.LightningModule):
         self._log_generation_metrics("test")
         rows = gather_rows(self._test_rows)  # on every rank: all of them take part in the gather
         self._test_rows = []
-        if self.trainer is not None and not self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero:
             return
-        ids = getattr(self.trainer.datamodule, "example_ids", lambda split: None)("test") if self.trainer else None
+        ids = getattr(self.trainer.datamodule, "example_ids", lambda split: None)("test")
         if ids is not None:
             for row in rows:
                 row["id"] = ids[row["index"]]
@@ -279,11 +279,11 @@ class Seq2SeqModule(pl.LightningModule):
         model's where its test wrote them), so outputs can be read in the dashboard."""
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers = [logger for logger in (self.loggers if self.trainer else []) if isinstance(logger, WandbLogger)]
+        loggers = [logger for logger in self.loggers if isinstance(logger, WandbLogger)]
         count = self.hparams.prediction_table_rows
         if not loggers or not count or not rows:
             return
-        metric = "bleu" if self.task.is_translation else "rougeL"
+        metric = self.task.metric
         columns = ["index", "id", "source", "reference", "prediction", metric]
         teacher = {row["index"]: row for row in self.teacher_predictions() or []}
         if teacher:

@@ -126,8 +126,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.task: TaskSpec = get_task(self.task_name)
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
-                            ("max_val_samples", max_val_samples), ("batch_size", batch_size), ("max_source_length", max_source_length),
-                            ("max_target_length", max_target_length)):
+                            ("max_val_samples", max_val_samples), ("batch_size", batch_size),
+                            ("max_source_length", max_source_length), ("max_target_length", max_target_length)):
             if value is not None and value < 1:
                 raise UserError(f"data.{name}={value} must be a positive integer")
         self.data_dir = data_dir
@@ -207,7 +207,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if self.hparams.tokenizer:
             tokenizer = load_tokenizer(self.hparams.tokenizer, flag="data.tokenizer")
         else:
-            train = self._limit(self.load_raw(("train",))["train"], "train")
+            train = self._raw_split("train")
 
             def texts():
                 for start in range(0, len(train), 1000):
@@ -313,15 +313,18 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return tuple(split for split in SPLITS if (local / f"{split}.jsonl").exists()
                      or (split == "test" and self.hparams.test_file)) or ("train",)
 
+    def _raw_split(self, split: str):
+        """One split's raw rows, limited as its loader's are (so in loader order and number)."""
+        return self._limit(self.load_raw((split,))[split], split)
+
     def example_ids(self, split: str) -> list[str] | None:
         """The split's `id` column in loader order, or None for a dataset without one (WMT16)."""
-        raw = self._limit(self.load_raw((split,))[split], split)
+        raw = self._raw_split(split)
         return [str(value) for value in raw["id"]] if "id" in raw.column_names else None
 
     def references(self, split: str) -> list[str]:
         """Target texts of a split, in loader order (what generation is scored against)."""
-        raw = self._limit(self.load_raw((split,))[split], split)
-        return column_values(raw[:], self.task.target_column)
+        return column_values(self._raw_split(split)[:], self.task.target_column)
 
 
 class XSumDataModule(Seq2SeqDataModule):

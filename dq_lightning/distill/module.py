@@ -346,9 +346,8 @@ class DQStudentModule(Seq2SeqModule):
         path = Path(str(self.hparams.teacher)).parent / PREDICTIONS_FILE
         if not path.is_file() or not self.test_predictions:
             return None
-        metric = "bleu" if self.task.is_translation else "rougeL"
         try:
-            rows = read_predictions(path, metric)
+            rows = read_predictions(path, self.task.metric)
             align(self.test_predictions, rows)
         except UserError:
             return None  # another test set (or an older file): no side-by-side rather than a wrong one

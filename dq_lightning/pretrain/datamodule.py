@@ -152,7 +152,7 @@ class DenoisingDataModule(Seq2SeqDataModule):
         return documents, sentence_ids
 
     def _texts(self, split: str) -> list[str]:
-        raw = self._limit(self.load_raw((split,))[split], split)
+        raw = self._raw_split(split)
         texts = list(column_values(raw[:], self.task.source_column))
         if split == "train":
             for path, column in self.extra_text:

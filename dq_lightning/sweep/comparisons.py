@@ -22,9 +22,6 @@ from dq_lightning.evaluation.bootstrap import Difference, align, interval, paire
 from dq_lightning.evaluation.per_example import FILE_NAME, read_predictions
 from dq_lightning.sweep.spec import SEED_PARAMETER
 
-COMPARED_MODES = ("dq", "quant_only")
-
-
 @dataclass(frozen=True)
 class Bootstrap:
     """How the 95% intervals are drawn: resamples of the test examples and their generator's seed."""
@@ -86,6 +83,10 @@ class Group:
     def scores(self, metric: str) -> list[float]:
         return [float(row[f"test/{metric}"]) for row in self.rows if row.get(f"test/{metric}") not in (None, "")]
 
+    def mean(self, metric: str) -> float | None:
+        scores = self.scores(metric)
+        return float(np.mean(scores)) if scores else None
+
 
 def group_runs(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Group]:
     groups: dict[tuple[str, str], Group] = {}
@@ -133,9 +134,7 @@ def distillation_table(rows: list[dict[str, Any]], predictions: dict[str, list[d
         if dq is None or quant_only is None:
             continue
         line: dict[str, Any] = {"point": key, "compression": dq.rows[0].get("compression"),
-                                "dq": float(np.mean(dq.scores(metric))) if dq.scores(metric) else None,
-                                "quant_only": float(np.mean(quant_only.scores(metric)))
-                                if quant_only.scores(metric) else None,
+                                "dq": dq.mean(metric), "quant_only": quant_only.mean(metric),
                                 "seeds": f"{len(dq.rows)}/{len(quant_only.rows)}"}
         sides = [[predictions.get(row["run_id"]) for row in group.rows] for group in (dq, quant_only)]
         if all(run is not None for side in sides for run in side):

@@ -406,24 +406,25 @@ def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: 
     csv_path, png_path, md_path = (sweep_dir / f"{stem}{suffix}.{ext}" for stem, ext in
                                    (("results", "csv"), ("tradeoff", "png"), ("report", "md")))
 
-    def rows_with_intervals() -> tuple[list[dict], dict[str, list[dict]]]:
+    def rows_with_intervals() -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+        """The rows as the run directories hold them, a copy with the bootstrap columns, and the predictions."""
         rows = collect_rows(points, sweep_dir, teacher_dir, test_set)
+        with_intervals = [dict(row) for row in rows]
         test_dirs = {row["run_id"]: retest_dir(sweep_dir / row["run_id"], test_set) for row in rows}
         test_dirs["teacher"] = retest_dir(teacher_dir, test_set)
-        return rows, add_intervals(rows, test_dirs, metric, bootstrap)
+        return rows, with_intervals, add_intervals(with_intervals, test_dirs, metric, bootstrap)
 
-    all_rows, predictions = rows_with_intervals()
+    read_rows, all_rows, predictions = rows_with_intervals()
     title = f"{name}: compression vs {metric}" + (f" on {test_set.path.name}" if test_set else "")
     for _ in range(10):
         write_csv_atomic(all_rows, csv_path)
         plot_tradeoff(all_rows, metric, png_path, title)
         # Another worker may have finished a run and written its report while this one was being written, and
         # this write may have landed last: written again until what it holds is still current, the files are
-        # never older than the runs.
-        latest, latest_predictions = rows_with_intervals()
-        if _same(latest, all_rows):
+        # never older than the runs. Only a change in the runs' files is bootstrapped again.
+        if _same(collect_rows(points, sweep_dir, teacher_dir, test_set), read_rows):
             break
-        all_rows, predictions = latest, latest_predictions
+        read_rows, all_rows, predictions = rows_with_intervals()
     which = (f"test set: {test_set.path} (files in <run>/tests/{test_set.label}/)" if test_set
              else "test set: each run's own test split")
     sections = [which, markdown_table(all_rows, metric)]
