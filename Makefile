@@ -32,7 +32,7 @@ TORCHRUN := $(VENV)/bin/torchrun --nnodes=$(NODES) --nproc-per-node=$(GPUS) $(if
 .PHONY: help install test test-slow test-all teacher sweep sweep-id fit report check-task clean
 
 help: ## List the targets
-	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n]"
+	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n] [WORKERS=auto|n]"
 	@echo "       make fit CONFIG=experiments/<task>/<stage>.yaml [GPUS=n] [NODES=n MASTER_ADDR=host] [ARGS='--flag=value']"
 	@echo "tasks: $(TASKS); scales: tiny (CPU), paper (bart-base / mbart-large-cc25 on GPUs)"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -105,8 +105,10 @@ $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 
 # TEST_FILE=path (make sweep / make report): also test every finished run and the teacher on that file.
 TEST_FILE ?=
+# WORKERS=n runs trained at once; auto: one per core without GPUs (each with its share of the cores), else one.
+WORKERS ?= auto
 SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS)) \
-	$(if $(TEST_FILE),--test-file $(TEST_FILE))
+	$(if $(TEST_FILE),--test-file $(TEST_FILE)) --workers $(WORKERS)
 
 # --preflight first: a malformed sweep file, missing data while offline or GPUs the machine lacks is one error
 # line before the teacher is trained, not after.

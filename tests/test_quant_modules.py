@@ -267,3 +267,44 @@ def test_quant_linear_round_trips_to_a_float_linear_sharing_the_parameters():
     assert type(back) is nn.Linear and back.weight is linear.weight and back.bias is linear.bias
     x = torch.randn(2, 8)
     assert torch.equal(back(x), linear(x))
+
+
+@pytest.mark.parametrize("name", ["2-2-8", "4-4-8-lsq"])
+def test_evaluation_quantizes_each_weight_once_until_a_training_step_changes_it(name):
+    """Beam search runs the decoder once per generated token: without autograd the fake-quantized weights are
+    kept, with exactly the values of quantizing again, and recomputed after the weights (or LSQ steps) move."""
+    model = bart()
+    prepare(model, CONVERT_CONFIGS[name])
+    model.eval()
+    calls = []
+    for module in linears(model).values():
+        if module.weight_quantizer is not None:
+            module.weight_quantizer.register_forward_hook(lambda m, args, out: calls.append(m))
+    quantized = [m for m in linears(model).values() if m.weight_quantizer is not None]
+
+    def logits(grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return model(**batch()).logits.detach()
+
+    fresh = logits(grad=True)  # computes every weight anew
+    state = copy.deepcopy(model.state_dict())
+    calls.clear()
+    with torch.inference_mode():
+        first = model(**batch()).logits
+    assert len(calls) == len(quantized)
+    second = logits(grad=False)
+    assert len(calls) == len(quantized)  # the second evaluation quantized nothing again
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(**batch(), labels=batch()["decoder_input_ids"]).loss.backward()
+    optimizer.step()
+    model.eval()
+    after = logits(grad=False)
+    assert not torch.equal(after, second)
+    assert torch.equal(after, logits(grad=True))  # what quantizing the updated weights gives
+
+    logits(grad=False)
+    model.load_state_dict(state)  # weights changed in place with no training forward in between
+    assert torch.equal(logits(grad=False), fresh)

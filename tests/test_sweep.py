@@ -348,11 +348,14 @@ ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), 
 log = os.environ["FAKE_FIT_LOG"]
 with open(log, "a") as out:
     out.write(json.dumps({"stage": args[0], "root": root, "worker": os.getppid(), "pid": os.getpid(),
-                          "ckpt_path": ckpt}) + "\\n")
+                          "ckpt_path": ckpt, "threads": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+# The first runs wait for the other worker (another process, or with --workers another run of this one): the
+# two really run at once.
+together = os.environ.get("FAKE_FIT_TOGETHER", "worker")
 deadline = time.time() + 60
-while time.time() < deadline:  # the first runs wait for the other worker: the two really run at once
+while time.time() < deadline:
     with open(log) as lines:
-        if len({json.loads(line)["worker"] for line in lines}) >= int(os.environ.get("FAKE_FIT_WORKERS", "1")):
+        if len({json.loads(line)[together] for line in lines}) >= int(os.environ.get("FAKE_FIT_WORKERS", "1")):
             break
     time.sleep(0.1)
 time.sleep(float(os.environ.get("FAKE_FIT_SECONDS", "0.3")))
@@ -408,6 +411,76 @@ def test_two_concurrent_workers_split_the_grid_without_training_a_point_twice(tm
         assert not (sweep_dir / point / "claim.json").exists()
     with open(sweep_dir / "results.csv") as rows:  # the last report holds every result
         assert {row["run_id"]: row["status"] for row in csv.DictReader(rows)} == dict.fromkeys(points, "finished")
+
+
+@pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)
+def test_one_sweep_with_two_workers_trains_two_points_at_once_each_once(tmp_path, teacher_dir, monkeypatch):
+    path = fake_sweep(tmp_path, teacher_dir)
+    runs, log = tmp_path / "runs", tmp_path / "fits.jsonl"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = {**os.environ, "WANDB_MODE": "disabled", "FAKE_FIT_LOG": str(log), "FAKE_FIT_WORKERS": "2",
+           "FAKE_FIT_TOGETHER": "pid"}
+    done = subprocess.run([sys.executable, "-m", "dq_lightning", "sweep", "--task", "demo", "--sweep-file",
+                           str(path), "--runs", str(runs), "--workers", "2"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    fits = fake_runs(log)
+    points = [f"{b}_{d}" for b in ("8-8-8", "2-2-8", "32-32-32") for d in ("2-1", "1-1")]
+    assert sorted(Path(fit["root"]).name for fit in fits) == sorted(points), report  # each once, none lost
+    assert "2 at once" in report and "being trained by another worker" not in report  # its own threads: silent
+    from dq_lightning.sweep.runner import available_cores
+
+    assert {fit["threads"] for fit in fits} == {str(max(1, available_cores() // 2))}
+    with open(runs / "demo" / "sweep" / "results.csv") as rows:
+        assert {row["run_id"]: row["status"] for row in csv.DictReader(rows)} == dict.fromkeys(points, "finished")
+
+
+@pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)
+def test_a_terminated_sweep_with_two_workers_stops_both_runs_and_releases_both_claims(tmp_path, teacher_dir):
+    path = fake_sweep(tmp_path, teacher_dir, bits=("8-8-8", "2-2-8"), depths=("2-1",))
+    runs, log = tmp_path / "runs", tmp_path / "fits.jsonl"
+    command = [sys.executable, "-m", "dq_lightning", "sweep", "--task", "demo", "--sweep-file", str(path),
+               "--runs", str(runs), "--workers", "2"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "FAKE_FIT_LOG": str(log), "FAKE_FIT_SECONDS": "300"}
+    worker = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.time() + 300
+    while len(fake_runs(log)) < 2:
+        assert worker.poll() is None and time.time() < deadline, worker.communicate()
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 143 and "Traceback" not in err, out + err
+    for point in ("8-8-8_2-1", "2-2-8_2-1"):
+        run_dir = runs / "demo" / "sweep" / point
+        assert not (run_dir / "claim.json").exists()
+        assert '"interrupted"' in (run_dir / "status.json").read_text()
+    for fit in fake_runs(log):
+        assert not Path(f"/proc/{fit['pid']}").exists()  # stopped and reaped, not left training
+
+
+def test_workers_setting(monkeypatch):
+    from dq_lightning.errors import UserError
+    from dq_lightning.sweep import runner
+
+    monkeypatch.setattr(runner, "available_cores", lambda: 8)
+    monkeypatch.setattr("dq_lightning.devices.cuda_devices", lambda: 0)
+    assert runner.resolve_workers("auto", points=6, gpus=None) == 6  # no more workers than points
+    assert runner.resolve_workers("auto", points=20, gpus=None) == 8
+    assert runner.resolve_workers("auto", points=20, gpus=2) == 1
+    monkeypatch.setattr("dq_lightning.devices.cuda_devices", lambda: 4)
+    assert runner.resolve_workers("auto", points=20, gpus=None) == 1  # the runs take the GPUs
+    assert runner.resolve_workers("3", points=20, gpus=None) == 3
+    for value, gpus, named in (("0", None, "--workers 0"), ("two", None, "--workers two"),
+                               ("2", 4, "with --gpus 4")):
+        with pytest.raises(UserError, match=named):
+            runner.resolve_workers(value, points=6, gpus=gpus)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own setting is kept
+    env = runner.thread_environment(3)
+    assert env["OMP_NUM_THREADS"] == "2" and env["MKL_NUM_THREADS"] == "3"
+    assert runner.thread_environment(1) is None
 
 
 @pytest.mark.slow  # real sweep workers and their fits: kill-and-resume, two workers (make test-slow)

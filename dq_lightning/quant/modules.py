@@ -40,6 +40,7 @@ class QuantLinear(nn.Linear):
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.quant_enabled = True
+        self._evaluation_weight: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig,
@@ -68,8 +69,24 @@ class QuantLinear(nn.Linear):
             if self.input_quantizer is not None:
                 x = self.input_quantizer(x)
             if self.weight_quantizer is not None:
-                weight = self.weight_quantizer(weight)
+                weight = self._fake_quantized_weight()
         return F.linear(x, weight, self.bias)
+
+    def _fake_quantized_weight(self) -> Tensor:
+        """The fake-quantized weight. Without autograd (validation, test, generation) it is kept until the
+        weight or the quantizer's own tensors change (their in-place version counters tell), so beam search
+        quantizes each weight once rather than at every decoding step; the same values, one weight-sized copy
+        held while evaluating. Training recomputes it at every forward, as the method requires, and frees the
+        copy."""
+        quantizer = self.weight_quantizer
+        if torch.is_grad_enabled() or quantizer.observe:
+            self._evaluation_weight = None
+            return quantizer(self.weight)
+        key = (id(quantizer), *((t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+                                for t in (self.weight, *quantizer.parameters(), *quantizer.buffers())))
+        if self._evaluation_weight is None or self._evaluation_weight[0] != key:
+            self._evaluation_weight = (key, quantizer(self.weight))
+        return self._evaluation_weight[1]
 
 
 class QuantEmbedding(nn.Embedding):

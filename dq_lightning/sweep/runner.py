@@ -12,7 +12,9 @@ interrupted one continues from its `checkpoints/last.ckpt` (an empty or unreadab
 run continues from the newest readable checkpoint or from scratch), and a failed one is recorded with its
 error (and retried on the next start) while the sweep carries on; a sweep with failed runs exits 1 naming
 them. Several workers may run one sweep at once: each point is claimed atomically (`dq_lightning.sweep.claims`),
-so no point is trained twice.
+so no point is trained twice; `--workers N` runs N of them in this one process (on a CPU machine each run then
+gets its share of the cores: small models train faster as several one-thread processes than as one that
+spreads every operation over all cores).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,13 +80,67 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def _run_logged(command: list[str], log: Path) -> int:
+class Stop:
+    """How the main thread tells the worker threads of `--workers N` to stop: with the interrupt it got, so each
+    stops its run as a single worker would (Ctrl-C reached the runs too; a SIGTERM did not)."""
+
+    def __init__(self) -> None:
+        self.reason: KeyboardInterrupt | None = None
+
+    def set(self, reason: KeyboardInterrupt) -> None:
+        self.reason = reason
+
+    def raise_if_set(self) -> None:
+        if self.reason is not None:
+            raise type(self.reason)()
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_workers(value: str, points: int, gpus: int | None) -> int:
+    """`--workers`: a positive number, or `auto`: one per core on a machine without GPUs (at most one per grid
+    point), else one: every run spreads over all the GPUs."""
+    if value == "auto":
+        from dq_lightning.devices import cuda_devices
+
+        return 1 if gpus or cuda_devices() else max(1, min(available_cores(), points))
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise UserError(f"--workers {value} (make: WORKERS): give a positive number of workers or auto")
+    if workers > 1 and gpus:
+        raise UserError(f"--workers {value} (make: WORKERS) with --gpus {gpus}: every run already uses all the "
+                        f"GPUs (DDP); run one worker per machine")
+    return workers
+
+
+def thread_environment(workers: int) -> dict[str, str] | None:
+    """The environment of each run when `workers` share this machine: its share of the cores as the number of
+    threads, unless the user set one; None (inherit) for a single worker."""
+    if workers == 1:
+        return None
+    threads = str(max(1, available_cores() // workers))
+    return {**os.environ, **{name: os.environ.get(name, threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+
+
+def _run_logged(command: list[str], log: Path, env: dict[str, str] | None = None,
+                stopping: Stop | None = None) -> int:
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            return child.wait()
+            if stopping is None:
+                return child.wait()
+            while True:  # a worker thread: signals reach the main thread only, which tells it through `stopping`
+                try:
+                    return child.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    stopping.raise_if_set()
         except BaseException as error:
             # The run must not go on training after this worker let go of its claim. Ctrl-C reached it too (same
             # process group) and it is stopping by itself; a SIGTERM sent to this worker alone did not.
@@ -166,9 +223,12 @@ class Outcome:
 
 class LocalSweep:
     def __init__(self, sweep: dict, points: list[SweepPoint], sweep_dir: Path, name: str, extra: list[str],
-                 classes: dict[str, str]):
+                 classes: dict[str, str], workers: int = 1):
         self.sweep, self.points, self.sweep_dir, self.name, self.extra = sweep, points, sweep_dir, name, extra
         self.classes = classes  # run id -> module class path, from the up-front check (`check_points`)
+        self.workers, self.env = workers, thread_environment(workers)
+        self.stopping = Stop() if workers > 1 else None
+        self._lock = threading.Lock()  # the worker threads' shared outcome and tried points
 
     def command(self, point: SweepPoint, stage: str) -> list[str]:
         command = command_for(self.sweep, point.flags)
@@ -184,36 +244,73 @@ class LocalSweep:
         # W&B service still closing the previous run ("run ID is in use"). Name and group tie them together.
 
     def run(self) -> Outcome:
-        """Train every point not finished and not claimed by another live worker.
+        """Train every point not finished and not claimed by another live worker, with `workers` threads."""
+        self.outcome, self.tried = Outcome(), set()
+        if self.workers == 1:
+            self._work()
+            return self.outcome
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._work()
+            except KeyboardInterrupt:
+                pass  # stopped by the main thread, which raises the interrupt itself
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                errors.append(error)
+                self.stopping.set(Terminated())  # the other workers stop their runs now
+
+        threads = [threading.Thread(target=work, name=f"sweep worker {number}", daemon=True)
+                   for number in range(1, self.workers + 1)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():  # joined in slices: the main thread must stay free to take signals
+                    thread.join(0.2)
+        except KeyboardInterrupt as interrupt:
+            self.stopping.set(interrupt)
+            for thread in threads:
+                thread.join()
+            raise
+        if errors:
+            raise errors[0]
+        return self.outcome
+
+    def _work(self) -> None:
+        """One worker's passes over the grid.
 
         Passes repeat while they train something: meanwhile another worker may have died (its points become
         claimable) or finished. A point is tried at most once per invocation, so a failing one is not retried
-        in a loop.
+        in a loop; this process's worker threads share what they tried, so they never wait on each other.
         """
-        outcome, tried, total = Outcome(), set(), len(self.points)
+        outcome, total = self.outcome, len(self.points)
         progress = True
         while progress:
             progress = False
             for number, point in enumerate(self.points, start=1):
-                if point.run_id in tried or point.run_id in outcome.finished:
-                    continue
+                if self.stopping is not None:
+                    self.stopping.raise_if_set()
                 run_dir = self.sweep_dir / point.run_id
                 prefix = f"[{number}/{total}] {point.run_id}"
-                if read_json(run_dir / "status.json").get("status") == "finished":
-                    by = "by another worker" if point.run_id in outcome.elsewhere else "earlier"
-                    print(f"{prefix}: finished {by}, skipped", flush=True)
+                with self._lock:
+                    if point.run_id in self.tried or point.run_id in outcome.finished:
+                        continue
+                    if read_json(run_dir / "status.json").get("status") == "finished":
+                        by = "by another worker" if point.run_id in outcome.elsewhere else "earlier"
+                        print(f"{prefix}: finished {by}, skipped", flush=True)
+                        outcome.elsewhere.pop(point.run_id, None)
+                        outcome.finished.append(point.run_id)
+                        continue
+                    claim = self.claim(run_dir)
+                    if not isinstance(claim, claims.Claim):
+                        if point.run_id not in outcome.elsewhere:
+                            print(f"{prefix}: being trained by another worker ({claims.describe(claim)}), skipped",
+                                  flush=True)
+                        outcome.elsewhere[point.run_id] = claims.describe(claim)
+                        continue
+                    self.tried.add(point.run_id)
                     outcome.elsewhere.pop(point.run_id, None)
-                    outcome.finished.append(point.run_id)
-                    continue
-                claim = self.claim(run_dir)
-                if not isinstance(claim, claims.Claim):
-                    if point.run_id not in outcome.elsewhere:
-                        print(f"{prefix}: being trained by another worker ({claims.describe(claim)}), skipped",
-                              flush=True)
-                    outcome.elsewhere[point.run_id] = claims.describe(claim)
-                    continue
-                tried.add(point.run_id)
-                outcome.elsewhere.pop(point.run_id, None)
                 try:
                     if claim.took_over:
                         print(f"{prefix}: took over the claim of {claims.describe(claim.took_over)}, which is no "
@@ -222,17 +319,18 @@ class LocalSweep:
                     status = read_json(run_dir / "status.json")
                     if status.get("status") == "finished":
                         print(f"{prefix}: finished by another worker, skipped", flush=True)
-                        outcome.finished.append(point.run_id)
+                        with self._lock:
+                            outcome.finished.append(point.run_id)
                         continue
                     progress = True
                     error = self.run_point(point, run_dir, status, prefix)
                 finally:
                     claim.release()
-                if error:
-                    outcome.failed.append((point.run_id, *error))
-                else:
-                    outcome.finished.append(point.run_id)
-        return outcome
+                with self._lock:
+                    if error:
+                        outcome.failed.append((point.run_id, *error))
+                    else:
+                        outcome.finished.append(point.run_id)
 
     def claim(self, run_dir: Path) -> claims.Claim | dict:
         try:
@@ -266,7 +364,7 @@ class LocalSweep:
                 if resume is not None:
                     fit.append(f"--ckpt_path={resume}")
                 print(f"{prefix}: fit{f' (resumed from {resume.name})' if resume else ''} ...", flush=True)
-                if _run_logged(fit, log) != 0:
+                if _run_logged(fit, log, self.env, self.stopping) != 0:
                     record("failed", stage="fit", error=last_error(log))
                     print(f"{prefix}: FAILED in fit: {last_error(log)} (log: {log})", flush=True)
                     return "fit", last_error(log)
@@ -275,7 +373,7 @@ class LocalSweep:
                 checkpoint = fit_metrics.get("best_model_path") or fit_metrics.get("last_model_path")
                 test = self.command(point, "test") + ([f"--ckpt_path={checkpoint}"] if checkpoint else [])
                 print(f"{prefix}: test ...", flush=True)
-                if _run_logged(test, log) != 0:
+                if _run_logged(test, log, self.env, self.stopping) != 0:
                     record("failed", stage="test", error=last_error(log))
                     print(f"{prefix}: FAILED in test: {last_error(log)} (log: {log})", flush=True)
                     return "test", last_error(log)
@@ -300,9 +398,9 @@ def failure_line(outcome: Outcome, total: int, sweep_dir: Path) -> str:
             f"{sweep_dir}/<run id>/run.log; run the same command again to retry them")
 
 
-def run_online(sweep: dict, sweep_dir: Path, extra: list[str]) -> None:
-    """Create (or join) the W&B sweep and run its agent; every DDP rank of a run is launched by Lightning
-    from the agent's single command, so all ranks get the same arguments."""
+def run_online(sweep: dict, sweep_dir: Path, extra: list[str], workers: int = 1) -> None:
+    """Create (or join) the W&B sweep and run `workers` agents of it; every DDP rank of a run is launched by
+    Lightning from the agent's single command, so all ranks get the same arguments."""
     import wandb
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -315,11 +413,18 @@ def run_online(sweep: dict, sweep_dir: Path, extra: list[str]) -> None:
         id_file.write_text(sweep_id + "\n")
     # The sweep (on W&B's server) holds one command for every machine; this machine's GPUs and data folder
     # reach the runs its agent starts through the environment (`dq_lightning.cluster.with_agent_args`).
-    env = {**os.environ, "DQ_SWEEP_DIR": str(sweep_dir),
+    env = {**(thread_environment(workers) or os.environ), "DQ_SWEEP_DIR": str(sweep_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if extra:
         env[AGENT_ARGS_ENV] = shlex.join(extra)
-    subprocess.check_call([sys.executable, "-m", "wandb", "agent", "--project", project, sweep_id], env=env)
+    command = [sys.executable, "-m", "wandb", "agent", "--project", project, sweep_id]
+    if workers == 1:
+        subprocess.check_call(command, env=env)
+        return
+    agents = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    codes = [agent.wait() for agent in agents]  # Ctrl-C reaches the agents too: they stop their runs
+    if any(codes):
+        raise UserError(f"{sum(1 for code in codes if code)} of {workers} wandb agents failed (exit codes {codes})")
 
 
 @dataclass(frozen=True)
@@ -462,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-file", metavar="PATH",
                         help="also test every finished run and the teacher on this JSON Lines file (the task's "
                              "columns, any size), without retraining; the report then scores that test set")
+    parser.add_argument("--workers", default="1", metavar="N",
+                        help="runs trained at once by this process (auto: one per core on a CPU machine, one with "
+                             "GPUs); each run gets its share of the cores as threads unless OMP_NUM_THREADS is set")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples of the test examples behind every 95%% interval (at least 100)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
@@ -498,6 +606,7 @@ def _main(args: argparse.Namespace) -> int:
         sweep_dir = sweep_dir_of(Path(args.runs), args.task, args.scale)
         name = f"{args.task}-{args.scale}"
         teacher_dir = Path(args.runs) / args.task / f"teacher-{args.scale}"
+        workers = resolve_workers(args.workers, len(points), args.gpus)
         if not args.report_only:
             preflight_data(task, sweep, args.data_dir)
             preflight_gpus(sweep, args.gpus)
@@ -514,12 +623,13 @@ def _main(args: argparse.Namespace) -> int:
         if not args.report_only:
             print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
             classes = check_points(sweep, path, points, extra)
-            print(f"sweep {path}: {len(points)} runs, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
+            at_once = f", {workers} at once" if workers > 1 else ""
+            print(f"sweep {path}: {len(points)} runs{at_once}, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
             started = time.time()
             if wandb_mode == "online":
-                run_online(sweep, sweep_dir, extra)
+                run_online(sweep, sweep_dir, extra, workers)
             else:
-                outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes).run()
+                outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes, workers).run()
             print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
         if test_set is not None:
             failures = retest(LocalSweep(sweep, points, sweep_dir, name, extra, classes), points, teacher_dir,
