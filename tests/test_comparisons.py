@@ -223,3 +223,13 @@ def test_plot_renders_error_bars(tmp_path):
     plot_tradeoff([{**rows[0], "test/rougeL_low": "", "test/rougeL_high": ""}, rows[1]], "rougeL", without, "t")
     assert with_bar.stat().st_size > 10_000
     assert with_bar.read_bytes() != without.read_bytes()
+
+
+@pytest.mark.parametrize("low, high, p, verdict", [
+    (0.2, 1.0, 0.01, "dq better"), (-1.6, -0.1, 0.02, "quant_only better"),
+    (-1.59, -0.02, 0.055, "borderline"),  # measured on the wmt16_en_ro grid: corpus BLEU is skewed
+    (-0.5, 0.5, 0.03, "borderline"), (-0.5, 0.5, 0.6, "no difference shown")])
+def test_a_winner_is_declared_only_when_interval_and_p_agree(low, high, p, verdict):
+    from dq_lightning.sweep.comparisons import distillation_verdict
+
+    assert distillation_verdict({"low": low, "high": high, "p": p}).startswith(verdict)

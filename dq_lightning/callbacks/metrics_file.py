@@ -78,6 +78,8 @@ class MetricsFile(pl.Callback):
             "best_model_path": getattr(checkpoint, "best_model_path", "") or "",
             "last_model_path": last_checkpoint(trainer) or "",
             "global_step": trainer.global_step, "wall_time_s": round(self.wall_time(), 1),
+            # The order of floating-point sums, and so the numbers, depend on it (see `sweep --workers`).
+            "threads": torch.get_num_threads(),
             "summary": pl_module.run_summary() if hasattr(pl_module, "run_summary") else {}})
 
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:

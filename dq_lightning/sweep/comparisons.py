@@ -151,6 +151,19 @@ def distillation_table(rows: list[dict[str, Any]], predictions: dict[str, list[d
     return table
 
 
+def distillation_verdict(line: dict[str, Any], alpha: float = 0.05) -> str:
+    """What a line of the table shows. The percentile interval and the shifted-null p-value are two readings of
+    the same resamples; on a skewed statistic (corpus BLEU) they can disagree near the edge, and then the
+    table says so rather than picking the one that declares a winner."""
+    excludes_zero = line["low"] > 0 or line["high"] < 0
+    significant = line.get("p") is not None and line["p"] < alpha
+    if excludes_zero and significant:
+        return "dq better" if line["low"] > 0 else "quant_only better"
+    if excludes_zero or significant:
+        return "borderline: interval and p disagree"
+    return "no difference shown"
+
+
 def distillation_markdown(table: list[dict[str, Any]], metric: str) -> str:
     """The "does distillation pay off" table."""
     header = ["grid point", "compression", f"dq {metric}", f"quant_only {metric}", "seeds dq/qo", "dq - quant_only",
@@ -162,8 +175,7 @@ def distillation_markdown(table: list[dict[str, Any]], metric: str) -> str:
 
     for line in table:
         if "delta" in line:
-            verdict = ("dq better" if line["low"] > 0 else "quant_only better" if line["high"] < 0
-                       else "no difference shown")
+            verdict = distillation_verdict(line)
             span = f"[{line['low']:+.2f}, {line['high']:+.2f}]"
         else:
             verdict, span = line.get("note", ""), ""

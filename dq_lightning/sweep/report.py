@@ -24,7 +24,7 @@ from dq_lightning.sweep.spec import SweepPoint
 
 FIXED_COLUMNS = ["run_id", "status", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
                  "decoder_layers", "seed", "size_mb", "compression", "size_mb_strict", "compression_strict"]
-TAIL_COLUMNS = ["wall_time_s", "error"]
+TAIL_COLUMNS = ["wall_time_s", "threads", "error"]
 
 
 def read_json(path: Path) -> dict:
@@ -65,6 +65,7 @@ def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | Non
     row.update({k: v for k, v in val.items() if k.startswith("val/")})
     row.update(test)
     row["wall_time_s"] = status.get("wall_time_s")
+    row["threads"] = fit.get("threads")
     row["error"] = status.get("error", "")
     return row
 
@@ -77,7 +78,7 @@ def teacher_row(teacher_dir: Path, test_dir: Path | None = None) -> dict[str, An
         return None
     row = {"run_id": "teacher", "status": "finished", "mode": "teacher", "bits": "32-32-32", "w_bits": 32,
            "e_bits": 32, "a_bits": 32, "compression": 1.0, "compression_strict": 1.0,
-           "wall_time_s": fit.get("wall_time_s"), "error": ""}
+           "wall_time_s": fit.get("wall_time_s"), "threads": fit.get("threads"), "error": ""}
     row.update({k: v for k, v in fit.get("metrics", {}).items() if k.startswith("val/")})
     row.update(test)
     return row
