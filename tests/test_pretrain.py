@@ -51,6 +51,40 @@ def test_bad_settings_are_named(shared_data, tmp_path):
         DenoisingDataModule(task="xsum", data_dir=str(shared_data / "xsum"), extra_text=[str(tmp_path / "x.jsonl:text")])
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.0])
+def test_lead_objective_takes_the_lead_three(shared_data, cache_dir, keep):
+    module = DenoisingDataModule(task="cnn_dailymail", data_dir=str(shared_data / "cnn_dailymail"), vocab_size=500,
+                                 max_train_samples=6, max_eval_samples=2, objectives={"lead": 1.0},
+                                 lead_sentences=3, lead_keep_prob=keep, gap_keep_prob=0.5,
+                                 max_source_length=1024, max_target_length=1024, cache_dir=str(cache_dir))
+    module.setup("fit")
+    tokenizer, train = module.tokenizer, module.datasets["train"]
+    for index in range(len(train)):
+        sentences = train.documents[index]
+        assert len(sentences) > 3  # news articles: the lead is not the whole document
+        example = train[index]
+        source = tokenizer.decode(example["input_ids"], skip_special_tokens=False)
+        target = tokenizer.decode(example["labels"], skip_special_tokens=True)
+        lead = " ".join(sentences[:3])
+        assert target.strip() == tokenizer.decode(tokenizer(text_target=lead)["input_ids"],
+                                                  skip_special_tokens=True).strip()
+        masks = source.count(tokenizer.mask_token)
+        if keep == 1.0:  # "copy the lead": the target is in the source, nothing masked
+            assert masks == 0 and target.strip().split()[:8] == source.replace("<s>", "").split()[:8]
+        else:
+            assert masks == 3 and sentences[3].split()[0] in source
+
+
+@pytest.mark.parametrize("setting, flag", [({"lead_sentences": 0}, "data.lead_sentences"),
+                                           ({"lead_sentences": 2.5}, "data.lead_sentences"),
+                                           ({"lead_keep_prob": 1.5}, "data.lead_keep_prob"),
+                                           ({"gap_keep_prob": -0.1}, "data.gap_keep_prob"),
+                                           ({"gap_keep_prob": "often"}, "data.gap_keep_prob")])
+def test_bad_lead_and_gap_settings_are_named(shared_data, setting, flag):
+    with pytest.raises(UserError, match=flag.replace(".", r"\.")):
+        DenoisingDataModule(task="cnn_dailymail", data_dir=str(shared_data / "cnn_dailymail"), **setting)
+
+
 def test_encoder_auxiliary_loss_is_added_and_trains_the_encoder(denoising):
     batch = next(iter(denoising.train_dataloader()))
     losses = {}

@@ -78,12 +78,14 @@ class DenoisingDataset(Dataset):
         return {"input_ids": self._wrap(noised, hp.chunk_tokens), "labels": self._wrap(clean, hp.chunk_tokens)}
 
     def _gap_sentence(self, index: int, generator: torch.Generator, strategy: str) -> dict[str, list[int]]:
-        """PEGASUS: a salient (or the lead) sentence masked in the document is the target."""
-        module = self.module
+        """PEGASUS: a salient sentence (or the lead sentences) masked in the document is the target."""
+        module, hp = self.module, self.module.hparams
         tokenizer, mask = module.tokenizer, module.tokenizer.mask_token
+        lead = strategy == "lead"
+        keep_prob = hp.lead_keep_prob if lead and hp.lead_keep_prob is not None else hp.gap_keep_prob
         source, target = gap_sentence_example(self.documents[index], mask, strategy=strategy, generator=generator,
-                                              keep_gap_prob=module.hparams.gap_keep_prob,
-                                              top_k=module.hparams.gap_top_k)
+                                              num_gaps=hp.lead_sentences if lead else 1,
+                                              keep_gap_prob=keep_prob, top_k=hp.gap_top_k)
         return {"input_ids": tokenizer(source, max_length=module.max_source_length, truncation=True)["input_ids"],
                 "labels": tokenizer(text_target=target, max_length=module.max_target_length,
                                     truncation=True)["input_ids"]}
@@ -96,13 +98,14 @@ class DenoisingDataModule(Seq2SeqDataModule):
                  objectives: dict[str, float] | None = None, chunk_tokens: int = 128, min_chunk_tokens: int = 0,
                  mask_ratio: float = 0.3,
                  poisson_lambda: float = 3.0, permute_sentences: bool = True, gap_keep_prob: float = 0.2,
-                 gap_top_k: int = 3, seed: int = 0, **kwargs):
+                 gap_top_k: int = 3, lead_sentences: int = 1, lead_keep_prob: float | None = None, seed: int = 0,
+                 **kwargs):
         """
         Args:
             task: the task whose training sources (and tokenizer) are pre-trained on.
             extra_text: more offline text, as "<file.jsonl>:<column>" (dotted columns read nested fields).
             objectives: sampling weights of infilling (BART), gap_sentence (PEGASUS, principal sentence)
-                and lead (PEGASUS, first sentence); default {infilling: 1.0}.
+                and lead (PEGASUS, the first `lead_sentences`); default {infilling: 1.0}.
             chunk_tokens: length of the sentence-aligned chunks that infilling reconstructs.
             min_chunk_tokens: if > 0, each chunk's length is drawn uniformly from [min_chunk_tokens,
                 chunk_tokens], so the model also sees short inputs (summary-length reconstruction).
@@ -111,10 +114,21 @@ class DenoisingDataModule(Seq2SeqDataModule):
             permute_sentences: shuffle the chunk's sentences before infilling (BART's permutation).
             gap_keep_prob: probability that a gap sentence stays in the source (PEGASUS keeps 20%).
             gap_top_k: draw the gap sentence among the k most salient.
+            lead_sentences: how many leading sentences the lead objective takes as its target (news
+                highlights follow about three).
+            lead_keep_prob: probability that each lead sentence stays in the source; default gap_keep_prob.
+                1.0 makes the lead objective "copy the lead", the extractive habit a summarizer of news starts from.
             seed: seed of the noise.
             **kwargs: the task DataModule's settings (data_dir, tokenizer, vocab_size, lengths, batch sizes).
         """
         self.task_name = task
+        if isinstance(lead_sentences, bool) or not isinstance(lead_sentences, int) or lead_sentences < 1:
+            raise UserError(f"data.lead_sentences={lead_sentences!r}: give a whole number >= 1")
+        for name, prob in (("gap_keep_prob", gap_keep_prob), ("lead_keep_prob", lead_keep_prob)):
+            if prob is None and name == "lead_keep_prob":
+                continue
+            if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+                raise UserError(f"data.{name}={prob!r}: a probability in [0, 1]")
         super().__init__(**kwargs)
         objectives = objectives or {"infilling": 1.0}
         for key, weight in objectives.items():
