@@ -124,9 +124,10 @@ class DenoisingDataModule(Seq2SeqDataModule):
         self.task_name = task
         if isinstance(lead_sentences, bool) or not isinstance(lead_sentences, int) or lead_sentences < 1:
             raise UserError(f"data.lead_sentences={lead_sentences!r}: give a whole number >= 1")
-        for name, prob in (("gap_keep_prob", gap_keep_prob), ("lead_keep_prob", lead_keep_prob)):
-            if prob is None and name == "lead_keep_prob":
-                continue
+        probabilities = {"gap_keep_prob": gap_keep_prob}
+        if lead_keep_prob is not None:  # None: the lead objective keeps gap_keep_prob
+            probabilities["lead_keep_prob"] = lead_keep_prob
+        for name, prob in probabilities.items():
             if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
                 raise UserError(f"data.{name}={prob!r}: a probability in [0, 1]")
         super().__init__(**kwargs)
