@@ -4,7 +4,8 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-# Override for GPU machines, e.g. TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+# PyPI's Linux wheel of torch 2.13.0 is a CUDA build; for another CUDA or a CPU-only build pick PyTorch's index,
+# e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu". environment.yml installs the same.
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

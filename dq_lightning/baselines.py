@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from dq_lightning.data.jsonl import check_jsonl, get_field, read_records
 from dq_lightning.data.tasks import get_task
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, command_line
 from dq_lightning.metrics import GenerationMetrics, split_sentences
 
 
@@ -74,6 +73,14 @@ def read_split(task_name: str, data_dir: Path, split: str) -> tuple[list[str], l
     return ([get_field(row, task.source_column) for row in rows], [get_field(row, task.target_column) for row in rows])
 
 
+def _teacher_scores(run: Path, stage: str) -> dict[str, float]:
+    """The teacher run's `stage` metrics without their prefix (`val/rougeL` -> `rougeL`); {} if not written."""
+    path = run / ("fit_metrics.json" if stage == "val" else "test_metrics.json")
+    metrics = json.loads(path.read_text()).get("metrics", {}) if path.exists() else {}
+    return {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith(f"{stage}/")}
+
+
+@command_line
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m dq_lightning baseline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,35 +90,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--run", help="a teacher run directory (fit_metrics.json / test_metrics.json) to compare")
     parser.add_argument("--max-samples", type=int, help="score only the first N rows (as data.max_eval_samples)")
     args = parser.parse_args(argv)
-    try:
-        task = get_task(args.task)
-        if args.data_dir:
-            data_dir = Path(args.data_dir)
-        elif args.task == "demo":
-            from dq_lightning.data.datamodule import DemoDataModule
+    task = get_task(args.task)
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+    elif args.task == "demo":
+        from dq_lightning.data.datamodule import DemoDataModule
 
-            data_dir = DemoDataModule().local_data_dir()
-        else:
-            raise UserError("--data-dir is required for this task (local {train,validation,test}.jsonl)")
-        sources, references = read_split(args.task, data_dir, args.split)
-        if args.max_samples:
-            sources, references = sources[:args.max_samples], references[:args.max_samples]
-        stage = "val" if args.split == "validation" else "test"
-        metric = task.metric
-        kinds = default_baselines(args.task)
-        constant = constant_output(read_split(args.task, data_dir, "train")[1]) if "constant" in kinds else None
-        rows = [(kind, score(args.task, baseline_outputs(args.task, sources, kind, constant), references))
-                for kind in kinds]
-        if args.run:
-            run = Path(args.run)
-            source = (json.loads((run / "fit_metrics.json").read_text()).get("metrics", {}) if stage == "val"
-                      else json.loads((run / "test_metrics.json").read_text()).get("metrics", {})) \
-                if (run / ("fit_metrics.json" if stage == "val" else "test_metrics.json")).exists() else {}
-            if source:
-                rows.insert(0, ("teacher", {k.split("/", 1)[1]: v for k, v in source.items() if k.startswith(f"{stage}/")}))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        data_dir = DemoDataModule().local_data_dir()
+    else:
+        raise UserError("--data-dir is required for this task (local {train,validation,test}.jsonl)")
+    sources, references = read_split(args.task, data_dir, args.split)
+    if args.max_samples:
+        sources, references = sources[:args.max_samples], references[:args.max_samples]
+    stage = "val" if args.split == "validation" else "test"
+    metric = task.metric
+    kinds = default_baselines(args.task)
+    constant = constant_output(read_split(args.task, data_dir, "train")[1]) if "constant" in kinds else None
+    rows = [(kind, score(args.task, baseline_outputs(args.task, sources, kind, constant), references))
+            for kind in kinds]
+    if args.run:
+        teacher = _teacher_scores(Path(args.run), stage)
+        if teacher:
+            rows.insert(0, ("teacher", teacher))
     keys = ["bleu"] if task.is_translation else ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     keys += ["gen_len", "distinct"]
     print(f"{args.task} {args.split} split ({len(references)} rows)")

@@ -28,7 +28,7 @@ from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
 from dq_lightning.cluster import resume_path, with_agent_args
-from dq_lightning.errors import UserError, make_variables
+from dq_lightning.errors import UserError, command_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
@@ -344,31 +344,13 @@ CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_confi
                    parser_kwargs={"parser_mode": "omegaconf+"})
 
 
+@command_line
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = with_agent_args(argv)  # a W&B agent's DQ_SWEEP_ARGS (GPUs, data folder of this machine)
     # The parser raises instead of printing its usage and a page of union subtypes; parse_arguments turns the
     # error into one line. Only here: the sweep's point check reads the printed text of CLI_OPTIONS' parser.
     options = {**CLI_OPTIONS, "parser_kwargs": {**CLI_OPTIONS["parser_kwargs"], "exit_on_error": False}}
-    try:
-        # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
-        DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options,
-                       args=None if argv == sys.argv[1:] else argv)
-    except Exception as error:  # noqa: BLE001 - only user errors are caught; the rest is re-raised
-        user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return 2
+    # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
+    DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options, args=None if argv == sys.argv[1:] else argv)
     return 0
-
-
-def find_user_error(error: BaseException | None) -> UserError | None:
-    """The `UserError` behind `error`: jsonargparse re-raises errors from a class's __init__ as its own."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None

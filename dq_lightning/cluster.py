@@ -21,6 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from dq_lightning.errors import command_line
+
 AGENT_ARGS_ENV = "DQ_SWEEP_ARGS"
 
 
@@ -121,10 +123,9 @@ def create_sweep(task: str, scale: str, runs: str = "runs", sweep_path: str | No
     return sweep_id
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     import argparse
-
-    from dq_lightning.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m dq_lightning.cluster",
                                      description="Cluster helpers. sweep-id: create a task's W&B sweep once "
@@ -135,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-file")
     parser.add_argument("--runs", default="runs")
     args = parser.parse_args(argv)
-    try:
-        print(create_sweep(args.task, args.scale, args.runs, args.sweep_file))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(create_sweep(args.task, args.scale, args.runs, args.sweep_file))
     return 0
 
 

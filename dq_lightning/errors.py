@@ -5,8 +5,11 @@ it as one line naming the culprit and exits non-zero without a traceback; anythi
 its traceback.
 """
 
+import functools
 import os
 import re
+import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -14,6 +17,36 @@ class UserError(Exception):
 
 # Not a ValueError on purpose: jsonargparse turns ValueErrors raised while it instantiates a class into a
 # multi-line "does not validate against" report that buries the message.
+
+
+def find_user_error(error: BaseException | None) -> UserError | None:
+    """The `UserError` behind `error`: jsonargparse re-raises errors from a class's __init__ as its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def command_line(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """The one boundary between a command's `main(argv) -> int` and the user: a `UserError` (also one that a
+    library wrapped in its own exception) becomes a single `error: ...` line on stderr and exit status 2.
+    Anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - re-raised unless a UserError is behind it
+            user_error = find_user_error(error)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def make_variables() -> dict[str, str]:

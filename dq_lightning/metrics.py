@@ -8,6 +8,7 @@ torchmetrics uses NLTK's `punkt_tab` model, which it downloads on first use; tha
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import torch
 from torch import nn
@@ -16,6 +17,10 @@ from torchmetrics.functional.text import rouge as _torchmetrics_rouge
 from torchmetrics.text import ROUGEScore, SacreBLEUScore
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+if not hasattr(_torchmetrics_rouge, "_split_sentence"):
+    raise ImportError("this torchmetrics version no longer has rouge._split_sentence; dq_lightning's offline "
+                      "ROUGE-Lsum (OfflineROUGEScore) must be adapted to it")
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,10 +36,16 @@ def split_sentences(text: str) -> list[str]:
     return [sentence.strip() for sentence in _segmenter().segment(text) if sentence.strip()]
 
 
-if not hasattr(_torchmetrics_rouge, "_split_sentence"):
-    raise ImportError("this torchmetrics version no longer has rouge._split_sentence; dq_lightning's offline "
-                      "ROUGE-Lsum must be adapted to it")
-_torchmetrics_rouge._split_sentence = split_sentences
+class OfflineROUGEScore(ROUGEScore):
+    """torchmetrics' `ROUGEScore` with ROUGE-Lsum's sentences split by `split_sentences` instead of NLTK.
+
+    torchmetrics takes no splitter argument, so the swap of its module-level splitter lasts only while this
+    metric scores a batch: plain `ROUGEScore`s elsewhere in the process keep NLTK's.
+    """
+
+    def update(self, preds, target) -> None:
+        with mock.patch.object(_torchmetrics_rouge, "_split_sentence", split_sentences):
+            super().update(preds, target)
 
 
 def text_hash(text: str) -> float:
@@ -56,7 +67,7 @@ class GenerationMetrics(nn.Module):
         if translation:
             self.bleu = SacreBLEUScore(tokenize="13a")
         else:
-            self.rouge = ROUGEScore(use_stemmer=True, rouge_keys=ROUGE_KEYS)
+            self.rouge = OfflineROUGEScore(use_stemmer=True, rouge_keys=ROUGE_KEYS)
         self.gen_len = MeanMetric()
         # Hashes of the generated texts: `distinct` (share of different outputs) shows a model that ignores its
         # input and says the same thing for everything; hashes, unlike strings, gather across DDP ranks.

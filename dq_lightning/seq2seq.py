@@ -75,7 +75,7 @@ def _check_generation_keys(generation: dict[str, Any] | None) -> None:
 class Seq2SeqModule(pl.LightningModule):
     """Base LightningModule for a seq2seq model trained on a `Seq2SeqDataModule`.
 
-    Subclasses build `self.model` in `build_model()` and may extend `_step`.
+    Subclasses build `self.model` in `build_model()` and may add terms to the loss in `auxiliary_losses()`.
     """
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
@@ -150,10 +150,23 @@ class Seq2SeqModule(pl.LightningModule):
         labels = batch["labels"]
         outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
-        loss = label_smoothed_loss(outputs.logits, labels,
-                                   self.hparams.label_smoothing if stage == "train" else 0.0)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=labels.size(0), sync_dist=stage != "train")
+        task = label_smoothed_loss(outputs.logits, labels, self.hparams.label_smoothing if stage == "train" else 0.0)
+        auxiliary = self.auxiliary_losses(batch, outputs)
+        loss = task
+        for weight, term in auxiliary.values():
+            loss = loss + weight * term
+        size, sync = labels.size(0), stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
+        if auxiliary:
+            terms = {"task": task, **{name: term for name, (_, term) in auxiliary.items()}}
+            self.log_dict({f"{stage}/loss_{name}": term for name, term in terms.items()}, batch_size=size,
+                          sync_dist=sync)
+            self.last_loss_terms = {name: term.detach() for name, term in terms.items()}
         return loss
+
+    def auxiliary_losses(self, batch: dict[str, torch.Tensor], outputs) -> dict[str, tuple[float, torch.Tensor]]:
+        """Terms added to the task loss, by name: (weight, value). Each is logged as `<stage>/loss_<name>`."""
+        return {}
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")

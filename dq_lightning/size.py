@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, command_line
 from dq_lightning.quant.api import is_converted, quant_config_of, token_embedding_weight
 from dq_lightning.quant.config import FULL_PRECISION, RECIPES, QuantConfig, parse_wea
 from dq_lightning.quant.quantizers import FakeQuantizer
@@ -382,6 +381,7 @@ def _config_from_args(args: argparse.Namespace):
         raise UserError(f"--model {args.model}: cannot read config.json ({str(error).splitlines()[0]})") from None
 
 
+@command_line
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -393,12 +393,11 @@ def main(argv: list[str]) -> int:
         conventions = CONVENTIONS if args.convention == "both" else (args.convention,)
         reports = [model_size(config, quant, encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers,
                               convention=c, name=name) for c in conventions]
-    except UserError as error:
+    except UserError as error:  # the library names its fields; this tool's user typed flags
         message = str(error)
         for field, flag in (("w_bits", "--w-bits"), ("e_bits", "--e-bits"), ("a_bits", "--a-bits"),
                             ("encoder_layers", "--encoder-layers"), ("decoder_layers", "--decoder-layers")):
             message = message.replace(f"{field}=", f"{flag} ")
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        raise UserError(message) from None
     print(format_reports(reports))
     return 0

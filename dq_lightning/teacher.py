@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dq_lightning.models.loading import load_or_build_model
 from dq_lightning.errors import UserError
-from dq_lightning.seq2seq import Seq2SeqModule, label_smoothed_loss
+from dq_lightning.models.loading import load_or_build_model
+from dq_lightning.pretrain.noising import encoder_reconstruction_loss
+from dq_lightning.seq2seq import Seq2SeqModule
 
 
 class TeacherModule(Seq2SeqModule):
@@ -57,22 +57,11 @@ class TeacherModule(Seq2SeqModule):
         # without this, fine-tuning a pretrained BART would run without dropout.
         return model.train()
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def auxiliary_losses(self, batch: dict[str, torch.Tensor], outputs) -> dict[str, tuple[float, torch.Tensor]]:
         weight = self.hparams.encoder_aux_weight
         if weight == 0:
-            return super()._step(batch, stage)
-        labels = batch["labels"]
-        outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
-        task = label_smoothed_loss(outputs.logits, labels, self.hparams.label_smoothing if stage == "train" else 0.0)
-        encoder_logits = F.linear(outputs.encoder_last_hidden_state, self.model.get_input_embeddings().weight)
-        special = torch.tensor(self.tokenizer.all_special_ids, device=labels.device)
-        source = batch["input_ids"].masked_fill(torch.isin(batch["input_ids"], special), -100)
-        auxiliary = F.cross_entropy(encoder_logits.flatten(0, 1).float(), source.flatten(), ignore_index=-100)
-        loss = task + weight * auxiliary
-        size, sync = labels.size(0), stage != "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=size, sync_dist=sync)
-        self.log_dict({f"{stage}/loss_task": task, f"{stage}/loss_encoder_aux": auxiliary}, batch_size=size,
-                      sync_dist=sync)
-        self.last_loss_terms = {"task": task.detach(), "encoder_aux": auxiliary.detach()}
-        return loss
+            return {}
+        reconstruction = encoder_reconstruction_loss(outputs.encoder_last_hidden_state,
+                                                     self.model.get_input_embeddings().weight, batch["input_ids"],
+                                                     self.tokenizer.all_special_ids)
+        return {"encoder_aux": (weight, reconstruction)}

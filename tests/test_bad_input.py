@@ -107,7 +107,7 @@ CASES = {
                     ["validation.jsonl", "split is empty"]),
     "unsupported bits": (lambda w: student_fit(w, "--model.w_bits=5"), ["w_bits=5"]),
     "unsupported W-E-A": (lambda w: student_fit(w, "--model.bits=2-2-7"), ["a_bits=7"]),
-    "unknown recipe": (lambda w: student_fit(w, "--model.recipe=dq-bert"), ["model.recipe='dq-bert'"]),
+    "unknown recipe": (lambda w: student_fit(w, "--model.recipe=dq-bert"), ["--model.recipe=dq-bert", "'dq-bart', 'dq_lightning'"]),
     "ternary at 8 bits": (lambda w: student_fit(w, "--model.bits=8-8-8", "--model.weight_method=ternary"),
                           ["weight_method", "ternary"]),
     "unknown attention quantization": (lambda w: student_fit(w, "--model.attention_quant=sometimes"),
@@ -174,3 +174,24 @@ def test_user_error(case, world):
         assert fragment in errors[0], errors[0]
     after = {k: v for k, v in digest(protected).items() if k in before}
     assert after == before, "a failed command altered an existing checkpoint or results file"
+
+
+def test_command_line_boundary_turns_user_errors_into_one_line(capsys):
+    from dq_lightning.errors import UserError, command_line
+
+    @command_line
+    def refuses(argv):
+        try:
+            raise UserError(f"--flag {argv[0]}: not a number")
+        except UserError as error:  # wrapped, as jsonargparse wraps the errors of a class's __init__
+            raise RuntimeError("could not instantiate") from error
+
+    assert refuses(["abc"]) == 2
+    assert capsys.readouterr().err == "error: --flag abc: not a number\n"
+
+    @command_line
+    def has_a_bug(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):  # not the user's fault: the traceback stays
+        has_a_bug([])

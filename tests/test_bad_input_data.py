@@ -282,7 +282,7 @@ def student_checkpoint(teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def earlier_export(student_checkpoint, tmp_path_factory):
-    from dq_lightning.export.export import export_student
+    from dq_lightning.export import export_student
 
     out = tmp_path_factory.mktemp("earlier") / "packed"
     export_student(student_checkpoint, out)
@@ -290,7 +290,8 @@ def earlier_export(student_checkpoint, tmp_path_factory):
 
 
 def test_export_over_an_earlier_export_keeps_the_users_files(student_checkpoint, earlier_export, tmp_path):
-    from dq_lightning.export.export import MANIFEST, WEIGHTS, load_packed
+    from dq_lightning.export import load_packed
+    from dq_lightning.export.manifest import MANIFEST, WEIGHTS
 
     out = tmp_path / "packed"
     shutil.copytree(earlier_export, out)

@@ -27,3 +27,15 @@ def test_config_parses(config: Path, capsys):
     assert "class_path: dq_lightning." in printed
     assert f"runs/{config.parent.name}/" in printed  # interpolated run paths resolved
     assert "${" not in printed
+
+
+def test_conda_environment_installs_the_makefiles_torch():
+    import re
+
+    import yaml
+
+    makefile_torch = re.search(r"^TORCH \?= (\S+)", (PROJECT_ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
+    environment = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
+    pip = next(entry["pip"] for entry in environment["dependencies"] if isinstance(entry, dict))
+    assert makefile_torch in pip
+    assert pip.index(makefile_torch) < pip.index("-e .[dev]")

@@ -18,7 +18,8 @@ from transformers import BartForConditionalGeneration, GenerationConfig
 from dq_lightning.data.datamodule import XSumDataModule
 from dq_lightning.distill.module import DQStudentModule
 from dq_lightning.errors import UserError
-from dq_lightning.export.export import MANIFEST, WEIGHTS, export_student, load_packed
+from dq_lightning.export import export_student, load_packed
+from dq_lightning.export.manifest import MANIFEST, WEIGHTS
 from dq_lightning.export.packing import code_range, pack, packed_numel, unpack
 from dq_lightning.export.predict import routes_here
 from dq_lightning.models.tokenizer import load_tokenizer

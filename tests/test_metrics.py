@@ -32,6 +32,24 @@ def test_rouge_lsum_scores_sentence_by_sentence(monkeypatch):
     assert scores["gen_len"] == 12
 
 
+def test_offline_splitter_is_used_only_while_scoring(monkeypatch):
+    from torchmetrics.functional.text import rouge as torchmetrics_rouge
+
+    import dq_lightning.metrics as metrics_module
+
+    nltk_splitter = torchmetrics_rouge._split_sentence
+    seen = []
+
+    def recording_split(text):
+        seen.append(text)
+        return split_sentences(text)
+
+    monkeypatch.setattr(metrics_module, "split_sentences", recording_split)
+    metrics_module.OfflineROUGEScore(rouge_keys=("rougeLsum",)).update(["one. two."], ["two. one."])
+    assert seen == ["one. two.", "two. one."]
+    assert torchmetrics_rouge._split_sentence is nltk_splitter  # other ROUGEScores keep NLTK's
+
+
 def test_bleu_for_translation():
     metrics = GenerationMetrics(translation=True)
     metrics.update(["the cat is on the mat"], ["the cat is on the mat"], torch.tensor([6]))

@@ -236,3 +236,19 @@ def test_parse_wea():
 
 def test_full_precision_builds_no_quantizer():
     assert make_weight_quantizer(32, "minmax") is None
+
+
+@pytest.mark.parametrize("bits,method,granularity,clip", [
+    (8, "minmax", "tensor", 2.5), (4, "asym_minmax", "row", None), (8, "lsq", "tensor", None)])
+def test_activation_quantizer_rebuilt_from_its_spec_computes_the_same(bits, method, granularity, clip):
+    from dataclasses import asdict
+
+    from dq_lightning.quant.quantizers import make_activation_quantizer
+
+    original = make_activation_quantizer(bits, method, granularity, clip)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 3
+    original(x)  # an LSQ step is initialised from its first batch: the state to carry over
+    rebuilt = make_activation_quantizer(**asdict(original.spec))
+    rebuilt.load_state_dict(original.state_dict())
+    assert rebuilt.spec == original.spec
+    assert torch.equal(rebuilt(x), original(x))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 from dq_lightning.errors import UserError
 
-STRATEGIES = ("dq-bart", "max_spacing", "uniform", "first", "last")
+LayerMapStrategy = Literal["dq-bart", "max_spacing", "uniform", "first", "last"]
+STRATEGIES = get_args(LayerMapStrategy)
 
 # The official DQ-BART table (`distill_mappings` in run_summarization_no_trainer.py), for 6-layer teachers
 # (bart-base, and each stack of the CPU-scale teachers). It differs from max_spacing at 4 and 5 layers.

@@ -8,15 +8,15 @@ setting, and the student is rebuilt from it before a checkpoint is restored).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dq_lightning.callbacks.quantize import QuantizeOnForward
-from dq_lightning.distill.layer_map import layer_map as make_layer_map
+from dq_lightning.distill.layer_map import LayerMapStrategy, layer_map as make_layer_map
 from dq_lightning.distill.loyalty import Loyalty
-from dq_lightning.distill.objective import DQObjective, ObjectiveConfig
+from dq_lightning.distill.objective import DQObjective, LogitsLoss, ObjectiveConfig
 from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.distill.student import copy_student
 from dq_lightning.errors import UserError
@@ -26,13 +26,14 @@ from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.models.loading import load_pretrained
 from dq_lightning.quant import (QuantConfig, is_converted, prepare, return_maps_before_dropout,
                                 use_deployed_head)
-from dq_lightning.quant.config import FULL_PRECISION, parse_wea
+from dq_lightning.quant.config import FULL_PRECISION, AttentionQuant, Granularity, Recipe, WeightMethod, parse_wea
 from dq_lightning.seq2seq import Seq2SeqModule
 from dq_lightning.size import model_size
 
-MODES = ("dq", "quant_only", "distill_only")
-ATTENTION_MAPS = ("before_dropout", "after_dropout")
-EVAL_HEADS = ("trained", "deployed")
+Mode = Literal["dq", "quant_only", "distill_only"]
+AttentionMaps = Literal["before_dropout", "after_dropout"]
+EvalHead = Literal["trained", "deployed"]
+MODES, ATTENTION_MAPS, EVAL_HEADS = get_args(Mode), get_args(AttentionMaps), get_args(EvalHead)
 
 
 def parse_depth(depth: str) -> tuple[int, int]:
@@ -50,6 +51,49 @@ def _choice(flag: str, value: Any, choices: tuple[str, ...]) -> Any:
     return value
 
 
+def _gradient_clip(value: float) -> float:
+    if not value >= 0:
+        raise UserError(f"model.gradient_clip={value!r} must be 0 (none) or positive")
+    return value
+
+
+def _objective_config(recipe: str, mode: str, final_encoder_weight: float | None, mask_padding: bool | None,
+                      **settings: Any) -> ObjectiveConfig:
+    """The DQ loss of `mode`; the two settings left unset (None) take the recipe's value."""
+    recipe_choices = dict(final_encoder_weight=final_encoder_weight, mask_padding=mask_padding)
+    return ObjectiveConfig.recipe(recipe, distill=mode != "quant_only", **settings,
+                                  **{name: value for name, value in recipe_choices.items() if value is not None})
+
+
+_BITS = ("w_bits", "e_bits", "a_bits")
+
+
+def _student_quant_config(recipe: str, mode: str, bits: str | None, wea: tuple[int, int, int],
+                          quant_settings: dict[str, Any] | None, **named: Any) -> QuantConfig | None:
+    """The student's `QuantConfig`, or None for a full-precision student (distill_only, or 32-32-32). `bits`
+    (W-E-A) overrides `wea`; `named` are the QuantConfig fields that are module arguments of their own."""
+    w_bits, e_bits, a_bits = parse_wea(bits) if bits is not None else wea
+    # Checked whatever the mode: a distill_only or 32-32-32 student builds no QuantConfig, and would
+    # otherwise accept any key in silence.
+    for key in quant_settings or {}:
+        if key in named or key in _BITS:
+            raise UserError(f"model.quant_settings.{key}: {key} is a setting of its own; set it as "
+                            f"--model.{key}" + (" (or --model.bits)" if key.endswith("_bits") else ""))
+        if key not in QuantConfig.__dataclass_fields__:
+            known = sorted(set(QuantConfig.__dataclass_fields__) - set(named) - set(_BITS))
+            raise UserError(f"model.quant_settings.{key}: unknown key in --model.quant_settings; known: "
+                            f"{', '.join(known)}")
+    if mode == "distill_only" or (w_bits, e_bits, a_bits) == (FULL_PRECISION,) * 3:
+        return None
+    given = {name: value for name, value in {**named, **(quant_settings or {})}.items() if value is not None}
+    if given.get("weight_clip") == float("inf"):
+        given["weight_clip"] = None
+    try:
+        return QuantConfig.recipe(recipe, w_bits, e_bits, a_bits, **given)
+    except UserError as error:
+        raise UserError(f"model.{error} (recipe {recipe})") from None
+
+
 class DQStudentModule(Seq2SeqModule):
     """A shallower, quantized student trained against a frozen teacher.
 
@@ -57,115 +101,94 @@ class DQStudentModule(Seq2SeqModule):
     task loss only) and `distill_only` (full-precision student, distillation losses). `recipe` chooses the
     defaults of every setting left unset (None): `dq-bart`, the official code's method, or `dq_lightning`,
     this project's choices (table in `dq_lightning.distill.recipe`).
+
+    Args:
+        teacher: the teacher's Hugging Face directory (what TeacherModule exports) or Hub id.
+        mode: dq (distillation + quantization), quant_only (quantized, task loss only) or distill_only
+            (full precision, distillation losses).
+        recipe: defaults of every setting below left unset: dq-bart (the official DQ-BART code) or
+            dq_lightning (this project's choices); see dq_lightning.distill.recipe.
+        w_bits: bits of the Linear weights (2 = ternary by default, 3, 4, 8, or 32 = full precision).
+        e_bits: bits of the token embedding (the matrix tied to the LM head).
+        a_bits: bits of the Linear layers' input activations (and of the attention operands).
+        bits: the paper's W-E-A notation ("2-2-8"); overrides w_bits, e_bits and a_bits. "32-32-32" is a
+            full-precision student (with mode dq, the distill_only baseline).
+        depth: student "encoder-decoder" layers ("6-3"); overrides student_encoder_layers and
+            student_decoder_layers.
+        student_encoder_layers: encoder depth of the student (default: the teacher's).
+        student_decoder_layers: decoder depth of the student (default: the teacher's).
+        layer_map: which teacher layers the student copies: dq-bart (the official table for 6-layer
+            teachers, max_spacing's formula for other depths), max_spacing (first to last, evenly),
+            uniform, first, last. Unset: the recipe's (dq-bart; dq_lightning: max_spacing).
+        encoder_layer_map: explicit teacher encoder layers to copy (overrides layer_map for the encoder).
+        decoder_layer_map: explicit teacher decoder layers to copy (overrides layer_map for the decoder).
+        task_weight: weight of the task cross-entropy.
+        logits_weight: weight of the logits distillation loss.
+        hidden_weight: weight of the hidden-state MSE (encoder + decoder, summed over layers).
+        attention_weight: weight of the attention-map MSE (encoder self, decoder self, cross).
+        final_encoder_weight: weight of the official extra final-encoder-state term (one MSE per example,
+            summed over the batch). Unset: the recipe's (dq-bart 1; dq_lightning 0).
+        logits_loss: mse (the paper's) or kl (with `temperature`).
+        temperature: softening temperature of the KL logits loss.
+        mask_padding: distillation means over real tokens only (true) or over every position, padding
+            included (false). Unset: the recipe's (dq-bart false; dq_lightning true).
+        attention_maps: which attention map is distilled: before_dropout (the softmax, as the official code)
+            or after_dropout (what transformers returns). Unset: the recipe's (dq-bart before_dropout;
+            dq_lightning after_dropout).
+        weight_method: weight quantizer: auto (ternary at 2 bits, min-max otherwise), minmax, ternary, lsq.
+        weight_granularity: Linear weights: tensor (one scale per matrix) or row (one per output row). The
+            token embedding is per row in both recipes (quant_settings.embedding_granularity). Unset: the
+            recipe's (dq-bart tensor; dq_lightning row).
+        weight_clip: Linear weights and the embedding are clipped to +-weight_clip before quantization; inf
+            for no clip. Unset: the recipe's (dq-bart 2.5; dq_lightning inf).
+        quantize_lm_head: quantize the LM head (the tied embedding at e_bits, its input at a_bits), or train
+            it in full precision (false; export still ships the E-bit matrix, see eval_head). Unset: the
+            recipe's (dq-bart false; dq_lightning true).
+        attention_quant: attention operands at a_bits: dq-bart (q after scaling, k, v, probabilities after
+            dropout, symmetric per tensor), asym_probs (q before scaling, k, v with the activation quantizer,
+            probabilities asymmetric before dropout) or off. Unset: the recipe's (dq-bart; dq_lightning off).
+        quant_settings: further `QuantConfig` fields (e.g. {act_clip: 2.5, embedding_granularity: tensor}).
+        quant_warmup_steps: optimizer steps in full precision before quantization starts.
+        eval_head: with a full-precision-trained LM head (quantize_lm_head false), which head validation and
+            test use: trained (the latent full-precision head, the official evaluation) or deployed (the
+            E-bit tied matrix that export writes and the size accounting counts).
+        evaluate_teacher: at test time also generate with the teacher and log test/teacher_<metric>.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's
+            (dq-bart 0; dq_lightning 0.01).
+        gradient_clip: clip the gradient norm at this value; 0 for none. --trainer.gradient_clip_val, when
+            set, takes precedence. Unset: the recipe's (dq-bart 0; dq_lightning 1.0).
+        warmup_ratio: share of the steps spent warming the learning rate up linearly.
+        label_smoothing: label smoothing of the task cross-entropy.
+        generation: overrides of the task's decoding settings.
+        generate_on_validation: generate and score ROUGE/BLEU at every validation.
+        prediction_table_rows: test examples shown as a W&B table beside the teacher's outputs (from the
+            teacher's own test_predictions.jsonl, when it has one); 0 logs none. Every example's output and
+            score is written to test_predictions.jsonl regardless.
     """
 
     def __init__(
-        self,
-        teacher: str,
-        mode: str = "dq",
-        recipe: str = "dq-bart",
-        w_bits: int = 2,
-        e_bits: int = 2,
-        a_bits: int = 8,
-        bits: str | None = None,
-        depth: str | None = None,
-        student_encoder_layers: int | None = None,
-        student_decoder_layers: int | None = None,
-        layer_map: str | None = None,
-        encoder_layer_map: list[int] | None = None,
+        self, teacher: str, mode: Mode = "dq", recipe: Recipe = "dq-bart",
+        # what the student is: bits and depth
+        w_bits: int = 2, e_bits: int = 2, a_bits: int = 8, bits: str | None = None, depth: str | None = None,
+        student_encoder_layers: int | None = None, student_decoder_layers: int | None = None,
+        layer_map: LayerMapStrategy | None = None, encoder_layer_map: list[int] | None = None,
         decoder_layer_map: list[int] | None = None,
-        task_weight: float = 1.0,
-        logits_weight: float = 1.0,
-        hidden_weight: float = 1.0,
-        attention_weight: float = 1.0,
-        final_encoder_weight: float | None = None,
-        logits_loss: str = "mse",
-        temperature: float = 1.0,
-        mask_padding: bool | None = None,
-        attention_maps: str | None = None,
-        weight_method: str = "auto",
-        weight_granularity: str | None = None,
-        weight_clip: float | None = None,
-        quantize_lm_head: bool | None = None,
-        attention_quant: str | None = None,
-        quant_settings: dict[str, Any] | None = None,
+        # the objective
+        task_weight: float = 1.0, logits_weight: float = 1.0, hidden_weight: float = 1.0,
+        attention_weight: float = 1.0, final_encoder_weight: float | None = None, logits_loss: LogitsLoss = "mse",
+        temperature: float = 1.0, mask_padding: bool | None = None, attention_maps: AttentionMaps | None = None,
+        # the quantizers
+        weight_method: WeightMethod = "auto", weight_granularity: Granularity | None = None,
+        weight_clip: float | None = None, quantize_lm_head: bool | None = None,
+        attention_quant: AttentionQuant | None = None, quant_settings: dict[str, Any] | None = None,
         quant_warmup_steps: int = 0,
-        eval_head: str = "trained",
-        evaluate_teacher: bool = False,
-        lr: float = 3e-5,
-        weight_decay: float | None = None,
-        gradient_clip: float | None = None,
-        warmup_ratio: float = 0.05,
-        label_smoothing: float = 0.0,
-        generation: dict[str, Any] | None = None,
-        generate_on_validation: bool = True,
-        prediction_table_rows: int = 100,
+        # evaluation and optimization
+        eval_head: EvalHead = "trained", evaluate_teacher: bool = False, lr: float = 3e-5,
+        weight_decay: float | None = None, gradient_clip: float | None = None, warmup_ratio: float = 0.05,
+        label_smoothing: float = 0.0, generation: dict[str, Any] | None = None,
+        generate_on_validation: bool = True, prediction_table_rows: int = 100,
     ):
-        """
-        Args:
-            teacher: the teacher's Hugging Face directory (what TeacherModule exports) or Hub id.
-            mode: dq (distillation + quantization), quant_only (quantized, task loss only) or distill_only
-                (full precision, distillation losses).
-            recipe: defaults of every setting below left unset: dq-bart (the official DQ-BART code) or
-                dq_lightning (this project's choices); see dq_lightning.distill.recipe.
-            w_bits: bits of the Linear weights (2 = ternary by default, 3, 4, 8, or 32 = full precision).
-            e_bits: bits of the token embedding (the matrix tied to the LM head).
-            a_bits: bits of the Linear layers' input activations (and of the attention operands).
-            bits: the paper's W-E-A notation ("2-2-8"); overrides w_bits, e_bits and a_bits. "32-32-32" is a
-                full-precision student (with mode dq, the distill_only baseline).
-            depth: student "encoder-decoder" layers ("6-3"); overrides student_encoder_layers and
-                student_decoder_layers.
-            student_encoder_layers: encoder depth of the student (default: the teacher's).
-            student_decoder_layers: decoder depth of the student (default: the teacher's).
-            layer_map: which teacher layers the student copies: dq-bart (the official table for 6-layer
-                teachers, max_spacing's formula for other depths), max_spacing (first to last, evenly),
-                uniform, first, last. Unset: the recipe's (dq-bart; dq_lightning: max_spacing).
-            encoder_layer_map: explicit teacher encoder layers to copy (overrides layer_map for the encoder).
-            decoder_layer_map: explicit teacher decoder layers to copy (overrides layer_map for the decoder).
-            task_weight: weight of the task cross-entropy.
-            logits_weight: weight of the logits distillation loss.
-            hidden_weight: weight of the hidden-state MSE (encoder + decoder, summed over layers).
-            attention_weight: weight of the attention-map MSE (encoder self, decoder self, cross).
-            final_encoder_weight: weight of the official extra final-encoder-state term (one MSE per example,
-                summed over the batch). Unset: the recipe's (dq-bart 1; dq_lightning 0).
-            logits_loss: mse (the paper's) or kl (with `temperature`).
-            temperature: softening temperature of the KL logits loss.
-            mask_padding: distillation means over real tokens only (true) or over every position, padding
-                included (false). Unset: the recipe's (dq-bart false; dq_lightning true).
-            attention_maps: which attention map is distilled: before_dropout (the softmax, as the official code)
-                or after_dropout (what transformers returns). Unset: the recipe's (dq-bart before_dropout;
-                dq_lightning after_dropout).
-            weight_method: weight quantizer: auto (ternary at 2 bits, min-max otherwise), minmax, ternary, lsq.
-            weight_granularity: Linear weights: tensor (one scale per matrix) or row (one per output row). The
-                token embedding is per row in both recipes (quant_settings.embedding_granularity). Unset: the
-                recipe's (dq-bart tensor; dq_lightning row).
-            weight_clip: Linear weights and the embedding are clipped to +-weight_clip before quantization; inf
-                for no clip. Unset: the recipe's (dq-bart 2.5; dq_lightning inf).
-            quantize_lm_head: quantize the LM head (the tied embedding at e_bits, its input at a_bits), or train
-                it in full precision (false; export still ships the E-bit matrix, see eval_head). Unset: the
-                recipe's (dq-bart false; dq_lightning true).
-            attention_quant: attention operands at a_bits: dq-bart (q after scaling, k, v, probabilities after
-                dropout, symmetric per tensor), asym_probs (q before scaling, k, v with the activation quantizer,
-                probabilities asymmetric before dropout) or off. Unset: the recipe's (dq-bart; dq_lightning off).
-            quant_settings: further `QuantConfig` fields (e.g. {act_clip: 2.5, embedding_granularity: tensor}).
-            quant_warmup_steps: optimizer steps in full precision before quantization starts.
-            eval_head: with a full-precision-trained LM head (quantize_lm_head false), which head validation and
-                test use: trained (the latent full-precision head, the official evaluation) or deployed (the
-                E-bit tied matrix that export writes and the size accounting counts).
-            evaluate_teacher: at test time also generate with the teacher and log test/teacher_<metric>.
-            lr: peak learning rate of AdamW.
-            weight_decay: AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's
-                (dq-bart 0; dq_lightning 0.01).
-            gradient_clip: clip the gradient norm at this value; 0 for none. --trainer.gradient_clip_val, when
-                set, takes precedence. Unset: the recipe's (dq-bart 0; dq_lightning 1.0).
-            warmup_ratio: share of the steps spent warming the learning rate up linearly.
-            label_smoothing: label smoothing of the task cross-entropy.
-            generation: overrides of the task's decoding settings.
-            generate_on_validation: generate and score ROUGE/BLEU at every validation.
-            prediction_table_rows: test examples shown as a W&B table beside the teacher's outputs (from the
-                teacher's own test_predictions.jsonl, when it has one); 0 logs none. Every example's output and
-                score is written to test_predictions.jsonl regardless.
-        """
         defaults = recipe_settings(recipe)
         weight_decay = defaults["weight_decay"] if weight_decay is None else weight_decay
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
@@ -178,60 +201,31 @@ class DQStudentModule(Seq2SeqModule):
         self.attention_maps = _choice("attention_maps", attention_maps or defaults["attention_maps"],
                                       ATTENTION_MAPS)
         self.layer_strategy = layer_map or defaults["layer_map"]
-        self.gradient_clip = defaults["gradient_clip"] if gradient_clip is None else gradient_clip
-        if not self.gradient_clip >= 0:
-            raise UserError(f"model.gradient_clip={gradient_clip!r} must be 0 (none) or positive")
+        self.gradient_clip = _gradient_clip(defaults["gradient_clip"] if gradient_clip is None else gradient_clip)
         if weight_decay < 0:
             raise UserError(f"model.weight_decay={weight_decay} must not be negative")
-        recipe_choices = dict(final_encoder_weight=final_encoder_weight, mask_padding=mask_padding)
-        self.objective = DQObjective(ObjectiveConfig.recipe(
-            recipe, distill=mode != "quant_only", task_weight=task_weight, logits_weight=logits_weight,
-            hidden_weight=hidden_weight, attention_weight=attention_weight, logits_loss=logits_loss,
-            temperature=temperature, label_smoothing=label_smoothing,
-            **{name: value for name, value in recipe_choices.items() if value is not None}))
-        if bits is not None:
-            w_bits, e_bits, a_bits = parse_wea(bits)
+        self.objective = DQObjective(_objective_config(
+            recipe, mode, task_weight=task_weight, logits_weight=logits_weight, hidden_weight=hidden_weight,
+            attention_weight=attention_weight, logits_loss=logits_loss, temperature=temperature,
+            label_smoothing=label_smoothing, final_encoder_weight=final_encoder_weight, mask_padding=mask_padding))
+        self.quant_config = _student_quant_config(
+            recipe, mode, bits, (w_bits, e_bits, a_bits), quant_settings, weight_method=weight_method,
+            weight_granularity=weight_granularity, weight_clip=weight_clip, quantize_lm_head=quantize_lm_head,
+            attention_quant=attention_quant)
         if depth is not None:
             student_encoder_layers, student_decoder_layers = parse_depth(depth)
-        full_precision = (w_bits, e_bits, a_bits) == (FULL_PRECISION,) * 3
-        named = dict(weight_method=weight_method, weight_granularity=weight_granularity, weight_clip=weight_clip,
-                     quantize_lm_head=quantize_lm_head, attention_quant=attention_quant)
-        # Checked whatever the mode: a distill_only or 32-32-32 student builds no QuantConfig, and would
-        # otherwise accept any key in silence.
-        for key in quant_settings or {}:
-            if key in named or key in ("w_bits", "e_bits", "a_bits"):
-                raise UserError(f"model.quant_settings.{key}: {key} is a setting of its own; set it as "
-                                f"--model.{key}" + (" (or --model.bits)" if key.endswith("_bits") else ""))
-            if key not in QuantConfig.__dataclass_fields__:
-                known = sorted(set(QuantConfig.__dataclass_fields__) - set(named) - {"w_bits", "e_bits", "a_bits"})
-                raise UserError(f"model.quant_settings.{key}: unknown key in --model.quant_settings; known: "
-                                f"{', '.join(known)}")
-        self.quant_config = None if mode == "distill_only" or full_precision else self._quant_config(
-            recipe, w_bits, e_bits, a_bits, **named, **(quant_settings or {}))
-
-        teacher_model = load_pretrained(teacher, flag="model.teacher", attn_implementation="eager")
-        teacher_model.eval().requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher_model)  # not a child module: see the module docstring
-        config = teacher_model.config
+        self._load_teacher(teacher)
+        config = self.teacher.config
         self.encoder_map = self._map("encoder", config.encoder_layers, student_encoder_layers, encoder_layer_map)
         self.decoder_map = self._map("decoder", config.decoder_layers, student_decoder_layers, decoder_layer_map)
         self.model = self._copy_student()
         self.val_loyalty, self.test_loyalty = Loyalty(), Loyalty()
         self.teacher_test_metrics: GenerationMetrics | None = None
 
-    @staticmethod
-    def _quant_config(recipe: str, w_bits: int, e_bits: int, a_bits: int, **settings: Any) -> QuantConfig:
-        """The recipe's `QuantConfig` with the settings given (None: the recipe's); errors name the flag."""
-        given = {name: value for name, value in settings.items() if value is not None}
-        if given.get("weight_clip") == float("inf"):
-            given["weight_clip"] = None
-        unknown = sorted(set(given) - set(QuantConfig.__dataclass_fields__))
-        if unknown:
-            raise UserError(f"model.quant_settings: unknown QuantConfig field(s) {', '.join(unknown)}")
-        try:
-            return QuantConfig.recipe(recipe, w_bits, e_bits, a_bits, **given)
-        except UserError as error:
-            raise UserError(f"model.{error} (recipe {recipe})") from None
+    def _load_teacher(self, teacher: str) -> None:
+        teacher_model = load_pretrained(teacher, flag="model.teacher", attn_implementation="eager")
+        teacher_model.eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher_model)  # not a child module: see the module docstring
 
     def _copy_student(self) -> PreTrainedModel:
         """A trainable full-precision student copied from the teacher's layers of the two maps."""

@@ -20,7 +20,7 @@ average over them too.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
@@ -28,7 +28,8 @@ from dq_lightning.distill.losses import attention_loss, hidden_states_loss, logi
 from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.errors import UserError
 
-LOGITS_LOSSES = ("mse", "kl")
+LogitsLoss = Literal["mse", "kl"]
+LOGITS_LOSSES = get_args(LogitsLoss)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ObjectiveConfig:
     """Weight of the final-encoder-state term, one MSE per example summed over the batch (official: 1, the
     same weight as the other hidden-state terms; recipe dq_lightning: 0, as that state is already the last
     encoder hidden state)."""
-    logits_loss: Literal["mse", "kl"] = "mse"
+    logits_loss: LogitsLoss = "mse"
     """mse (official) or kl (temperature^2 * KL(teacher || student))."""
     temperature: float = 1.0
     """Softening temperature of the KL logits loss."""

@@ -22,7 +22,7 @@ import torch
 from dq_lightning.data.jsonl import read_records
 from dq_lightning.errors import UserError
 from dq_lightning.files import write_text_atomic
-from dq_lightning.metrics import ROUGE_KEYS
+from dq_lightning.metrics import ROUGE_KEYS, OfflineROUGEScore
 
 FILE_NAME = "test_predictions.jsonl"
 SOURCE_CHARS = 500
@@ -79,11 +79,7 @@ def score_rows(rows: list[dict[str, Any]], translation: bool) -> list[dict[str, 
             row["bleu_stats"] = bleu_stats(row["prediction"], row["reference"], metric)
             row["bleu"] = sentence_bleu(row["bleu_stats"])
         return rows
-    from torchmetrics.text import ROUGEScore
-
-    import dq_lightning.metrics  # noqa: F401  (its offline sentence splitter serves ROUGE-Lsum)
-
-    metric = ROUGEScore(use_stemmer=True, rouge_keys=ROUGE_KEYS)
+    metric = OfflineROUGEScore(use_stemmer=True, rouge_keys=ROUGE_KEYS)
     for row in rows:
         metric.reset()
         scores = metric([row["prediction"]], [row["reference"]])

@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, command_line
 
 OWN_FLAGS = ("--input", "--int8")
 
@@ -126,7 +126,8 @@ def read_texts(source: str, invalid_utf8: str = "error") -> list[str]:
 
 def load_model(directory: str, int8: bool, attn: str | None):
     """(model, tokenizer, task info) of a packed export or a Hugging Face directory."""
-    from dq_lightning.export.export import MANIFEST, load_packed
+    from dq_lightning.export.loading import load_packed
+    from dq_lightning.export.manifest import MANIFEST
     from dq_lightning.models.loading import load_pretrained
     from dq_lightning.models.tokenizer import load_tokenizer
 
@@ -155,7 +156,7 @@ def _languages_of_hf_directory(path: Path) -> dict:
     """The source and target language codes of the task a teacher directory was trained on (its
     `dq_lightning.json`), which decide how sources are laid out; {} when it says none."""
     from dq_lightning.data.tasks import TASKS
-    from dq_lightning.export.export import hf_directory_task
+    from dq_lightning.export.checkpoint import hf_directory_task
 
     name = hf_directory_task(path)
     spec = TASKS.get(name) if isinstance(name, str) else None
@@ -220,6 +221,7 @@ def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max
     bar.close()
 
 
+@command_line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -244,9 +246,6 @@ def main(argv: list[str]) -> int:
             sys.stdout.reconfigure(encoding="utf-8", newline="\n")
         progress = not args.no_progress and len(texts) > args.batch_size
         predict(model, tokenizer, texts, generation, args.batch_size, max_source, progress, task=task)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # The reader stopped early (`predict ... | head`): what it took was written; no traceback, and no
         # second one when Python flushes stdout at exit.

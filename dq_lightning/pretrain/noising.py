@@ -15,14 +15,12 @@ the source and copy from it before the model ever sees a summary:
   from the document, replaced by one `<mask>` each, and become the target. This is the objective closest
   to abstractive single-sentence summarization (XSum).
 
-Measured on 2 CPU cores (6+6-layer d128 BART, XSum 800 rows): denoising alone does NOT fix the problem. The
-post-LN encoder of a from-scratch BART collapses within ~50 optimizer steps (lr 1e-3, AdamW): the last encoder
-layer outputs the same vector at every position of every document, so cross-attention carries no information
-and the decoder can only learn an unconditional LM (NLL of the targets is identical with the true source and
-with another document's source). `encoder_reconstruction_loss` - predicting every source token from the last
-encoder state through the tied embedding, added with weight 0.5 during pre-training - prevents the collapse;
-with it, denoising pre-training teaches the decoder to read the source and fine-tuning then gives
-input-dependent summaries.
+Denoising alone does not make a from-scratch post-LN BART read its input: its encoder can collapse early in
+training to one output vector for every position of every document, after which cross-attention carries no
+information and the decoder learns an unconditional language model. `encoder_reconstruction_loss` (predict
+every source token from the last encoder state through the tied embedding, `TeacherModule`'s
+`encoder_aux_weight`) keeps every encoder position tied to its token, which is what the decoder needs to
+learn to copy.
 
 All functions are pure and deterministic given a `torch.Generator` (or a seed); they work on lists of
 token ids (text infilling, permutation) or on sentence strings (gap sentences), never on Lightning objects.
@@ -40,23 +38,14 @@ import torch
 T = TypeVar("T")
 
 __all__ = [
-    "make_generator",
     "poisson_span_lengths",
     "text_infilling",
     "permute_sentences",
     "principal_sentence_scores",
     "gap_sentence_example",
     "unigram_f1",
-    "bart_denoising_example",
     "encoder_reconstruction_loss",
 ]
-
-
-def make_generator(seed: int) -> torch.Generator:
-    """A CPU `torch.Generator` seeded with `seed`, for reproducible noise."""
-    generator = torch.Generator()
-    generator.manual_seed(int(seed))
-    return generator
 
 
 def poisson_span_lengths(num_to_mask: int, poisson_lambda: float, generator: torch.Generator,
@@ -129,10 +118,16 @@ def text_infilling(ids: Sequence[int], mask_token_id: int, mask_ratio: float = 0
             else:
                 segment.append(token)
         return out + tail
-    n = len(body)
-    num_to_mask = int(round(mask_ratio * n))
+    num_to_mask = int(round(mask_ratio * len(body)))
     if num_to_mask == 0:
         return ids
+    return head + _infill(body, mask_token_id, num_to_mask, poisson_lambda, generator) + tail
+
+
+def _infill(body: list[int], mask_token_id: int, num_to_mask: int, poisson_lambda: float,
+            generator: torch.Generator) -> list[int]:
+    """`body` with `num_to_mask` of its tokens removed in Poisson spans, each span one `mask_token_id`."""
+    n = len(body)
     # Spans need distinct slots among the n - num_to_mask + 1 gaps around the kept tokens.
     lengths = poisson_span_lengths(num_to_mask, poisson_lambda, generator)
     kept = n - num_to_mask
@@ -143,7 +138,7 @@ def text_infilling(ids: Sequence[int], mask_token_id: int, mask_ratio: float = 0
     slots = sorted(torch.randperm(kept + 1, generator=generator)[: len(lengths)].tolist())
     order = torch.randperm(len(lengths), generator=generator).tolist()  # spans in random order
     span_at = {slot: lengths[i] for slot, i in zip(slots, order)}
-    out = list(head)
+    out: list[int] = []
     pos = 0  # index into body
     for gap in range(kept + 1):
         if gap in span_at:
@@ -153,7 +148,7 @@ def text_infilling(ids: Sequence[int], mask_token_id: int, mask_ratio: float = 0
             out.append(body[pos])
             pos += 1
     assert pos == n
-    return out + tail
+    return out
 
 
 def permute_sentences(sentences: Sequence[T], generator: torch.Generator | None = None,
@@ -254,43 +249,22 @@ def gap_sentence_example(sentences: Sequence[str], mask_token: str = "<mask>", s
     return " ".join(source_parts), target
 
 
-def bart_denoising_example(sentences: Sequence[Sequence[int]], mask_token_id: int, bos_token_id: int = 0,
-                           eos_token_id: int = 2, max_length: int = 128, mask_ratio: float = 0.3,
-                           poisson_lambda: float = 3.0, permute: bool = True,
-                           generator: torch.Generator | None = None) -> tuple[list[int], list[int]]:
-    """One BART denoising pair from a chunk of tokenized sentences: (noised source, clean target).
-
-    The target is `<s> sentences... </s>` (truncated to `max_length`); the source is the same sentences,
-    permuted (if `permute`), then text-infilled (`mask_ratio`, Poisson(`poisson_lambda`) spans), and wrapped
-    in `<s> ... </s>`. Callers choose chunks of whole sentences of at most `max_length - 2` tokens; short
-    chunks (e.g. lengths drawn between 16 and 128) are cheaper and give many easy alignment cases early on.
-    """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    body = max_length - 2
-    clean = [t for s in sentences for t in s][:body]
-    order = permute_sentences(list(sentences), generator) if permute else list(sentences)
-    noised = [t for s in order for t in s][:body]
-    noised = text_infilling(noised, mask_token_id, mask_ratio, poisson_lambda, generator, protected_ids=())
-    return [bos_token_id] + noised[:body] + [eos_token_id], [bos_token_id] + clean + [eos_token_id]
-
-
 def encoder_reconstruction_loss(encoder_hidden: torch.Tensor, embedding_weight: torch.Tensor,
-                                input_ids: torch.Tensor, num_special_tokens: int = 5) -> torch.Tensor:
+                                input_ids: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
     """Cross-entropy of predicting each source token from the last encoder state via the (tied) embedding.
 
     `encoder_hidden` is (batch, src_len, d_model), `embedding_weight` (vocab, d_model) - BART's shared
-    embedding, which is also its output projection - and `input_ids` (batch, src_len). Ids below
-    `num_special_tokens` (`<s>`, `<pad>`, `</s>`, `<unk>`, `<mask>` = 0..4) are ignored.
+    embedding, which is also its output projection - and `input_ids` (batch, src_len). Positions holding one of
+    `special_ids` (`<s>`, `<pad>`, `</s>`, `<mask>`, language codes, ...) are not predicted.
 
-    Why: from scratch, the post-LN BART encoder collapses to a constant within ~50 steps (see the module
-    docstring), because while cross-attention is still unfocused any variation in the encoder output is noise
-    to the decoder's language model. This auxiliary term makes every encoder position keep its token's
-    identity, which is exactly what the decoder needs to learn to copy; add it with weight ~0.5 to the
-    denoising loss during pre-training (fine-tuning does not need it once the decoder reads the source).
-    It adds one (src_len x vocab) projection per batch, about 10-15% of a step at d_model 128 and vocab 4k.
+    Why: while cross-attention is still unfocused, any variation in the encoder output is noise to the
+    decoder's language model, so a from-scratch encoder is pushed towards a constant (the module docstring).
+    This term makes every encoder position keep its token's identity. It costs one (src_len x vocab)
+    projection per batch.
     """
     logits = torch.nn.functional.linear(encoder_hidden, embedding_weight)
-    targets = input_ids.masked_fill(input_ids < num_special_tokens, -100)
+    special = torch.as_tensor(list(special_ids), device=input_ids.device)
+    targets = input_ids.masked_fill(torch.isin(input_ids, special), -100)
     if not bool((targets != -100).any()):
         return logits.sum() * 0.0  # nothing to predict: a zero that keeps the graph
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

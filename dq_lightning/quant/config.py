@@ -11,16 +11,23 @@ defaults; "dq_lightning", this project's own choices, each of which is a field o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 from dq_lightning.errors import UserError
 
 SUPPORTED_BITS = (2, 3, 4, 8, 32)
 FULL_PRECISION = 32
-WEIGHT_METHODS = ("auto", "minmax", "ternary", "lsq")
-ACT_METHODS = ("minmax", "asym_minmax", "lsq")
-GRANULARITIES = ("row", "tensor")
-ATTENTION_QUANT = ("off", "dq-bart", "asym_probs")
-RECIPES = ("dq-bart", "dq_lightning")
+# The choices as types, so that the command line's --help lists them; the tuples are for checks and messages.
+WeightMethod = Literal["auto", "minmax", "ternary", "lsq"]
+ActMethod = Literal["minmax", "asym_minmax", "lsq"]
+Granularity = Literal["row", "tensor"]
+AttentionQuant = Literal["off", "dq-bart", "asym_probs"]
+Recipe = Literal["dq-bart", "dq_lightning"]
+WEIGHT_METHODS = get_args(WeightMethod)
+ACT_METHODS = get_args(ActMethod)
+GRANULARITIES = get_args(Granularity)
+ATTENTION_QUANT = get_args(AttentionQuant)
+RECIPES = get_args(Recipe)
 
 
 def parse_wea(notation: str) -> tuple[int, int, int]:
@@ -80,25 +87,25 @@ class QuantConfig:
     """Bits of the activations entering every quantized Linear and, with `attention_quant`, of the attention
     operands. 2, 3, 4, 8, or 32."""
 
-    weight_method: str = "auto"
+    weight_method: WeightMethod = "auto"
     """Weight quantizer: "minmax" (symmetric uniform), "ternary" (TWN, 2 bits only), "lsq" (learned step
     size) or "auto": ternary at 2 bits and minmax otherwise, as in DQ-BART."""
 
-    embedding_method: str = "auto"
+    embedding_method: WeightMethod = "auto"
     """Quantizer of the token embedding, with the same choices as `weight_method`."""
 
-    act_method: str = "minmax"
+    act_method: ActMethod = "minmax"
     """Activation quantizer: "minmax" (symmetric, the official choice), "asym_minmax" (min-max with a
     zero point, for inputs that are mostly one-signed) or "lsq" (learned step size)."""
 
-    weight_granularity: str = "tensor"
+    weight_granularity: Granularity = "tensor"
     """Linear weights: "tensor", one scale per matrix (official: `layerwise=True`), or "row", one scale per
     output row (recipe dq_lightning; much finer at 2 bits)."""
 
-    embedding_granularity: str = "row"
+    embedding_granularity: Granularity = "row"
     """Token embedding (and a quantized LM head): "row", one scale per token (official), or "tensor"."""
 
-    act_granularity: str = "tensor"
+    act_granularity: Granularity = "tensor"
     """"tensor": one dynamic scale per activation tensor (official); "row": one per token."""
 
     weight_clip: float | None = 2.5
@@ -120,7 +127,7 @@ class QuantConfig:
     E bits, so `export` always writes the E-bit tied matrix: a False student is deployed with a head it was
     not trained with (the manifest says so)."""
 
-    attention_quant: str = "dq-bart"
+    attention_quant: AttentionQuant = "dq-bart"
     """Attention operands at `a_bits`: "dq-bart" (official): the query after the 1/sqrt(head_dim) scaling,
     key, value, and the probabilities after dropout, each symmetric per tensor with `act_clip`;
     "asym_probs": query (before the scaling), key and value with the activation quantizer, the

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,17 @@ def _group_extremes(x: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
     return x.amin(), x.amax()
 
 
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """What a quantizer is, enough to build it again (`make_activation_quantizer(**asdict(spec))`); its
+    learned state (LSQ steps) travels separately, in its state dict."""
+
+    method: str
+    bits: int
+    granularity: str
+    clip: float | None
+
+
 class FakeQuantizer(nn.Module):
     """Base class. Set `observe = True` to record `last_stats` (mean scale, share of values clipped) on the
     next forward passes; the Lightning callback does so at a low rate."""
@@ -122,6 +134,10 @@ class FakeQuantizer(nn.Module):
         self.bits, self.granularity, self.clip = bits, granularity, clip
         self.observe = False
         self.last_stats: dict[str, Tensor] | None = None
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        return QuantizerSpec(self.method, self.bits, self.granularity, self.clip)
 
     # -- the grid -----------------------------------------------------------------------------------------
     def qparams(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -182,72 +182,10 @@ def _one_teacher_load() -> Iterator[None]:
 
 
 def _check_cli(instantiate: bool):
-    """A `DQLightningCLI` that builds its parser once, then parses (and with `instantiate` builds) the points
-    given to it: building the parser is most of a parse's time."""
-    import lightning.pytorch as pl
+    """A `CheckCLI` (its own module: it imports Lightning, which the preflight does not need)."""
+    from dq_lightning.sweep.check_cli import CheckCLI
 
-    from dq_lightning.cli import CLI_OPTIONS, DQLightningCLI
-
-    class CheckCLI(DQLightningCLI):
-        ready = False
-
-        def parse_arguments(self, parser, args) -> None:
-            if self.ready:
-                super().parse_arguments(parser, args)
-            else:  # LightningCLI's __init__: the parser is built; points come through check()
-                self.config = {"subcommand": "fit"}
-
-        def _parse_ckpt_path(self) -> None:
-            if self.ready:
-                super()._parse_ckpt_path()
-
-        def _set_seed(self) -> None:
-            pass
-
-        def before_instantiate_classes(self) -> None:
-            pass  # the run creates its directory; the check writes nothing
-
-        def instantiate_classes(self) -> None:
-            if self.ready:
-                super().instantiate_classes()
-
-        def _run_subcommand(self, subcommand) -> None:
-            pass
-
-        def instantiate_trainer(self, **kwargs):
-            # Lightning's Trainer refuses bad settings (a typo'd accelerator, devices it cannot use) with
-            # ValueError or MisconfigurationException: the user's input, said in one line.
-            try:
-                return super().instantiate_trainer(**kwargs)
-            except (ValueError, TypeError, RuntimeError) as error:  # MisconfigurationException is a ValueError
-                text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise UserError(f"trainer: {text}") from None
-
-        def build(self, argv: list[str], gpu_culprit: str, devices_culprit: str) -> str:
-            """Parse and build the run of `argv` (from `fit` on); return its model's class path."""
-            try:
-                self.parse_arguments(self.parser, argv)
-            except UserError as error:  # a parser that words its complaints itself, rather than exiting
-                raise ParseRejected(str(error)) from None
-            self.subcommand = "fit"
-            self._parse_ckpt_path()
-            if not instantiate:  # GPUs are the machine's business, not the file's
-                return str(self.config["fit"]["model"]["class_path"])
-            trainer = self.config["fit"]["trainer"]
-            try:
-                check_gpus(trainer.get("accelerator"), trainer.get("devices"), gpu_culprit, devices_culprit)
-            except UserError as error:
-                point_level = str(error).startswith("parameter ")
-                raise (UserError if point_level else GridWide)(str(error)) from None
-            try:
-                self.instantiate_classes()
-            finally:
-                self.model = self.datamodule = self.trainer = self.config_init = None
-            return str(self.config["fit"]["model"]["class_path"])
-
-    cli = CheckCLI(pl.LightningModule, pl.LightningDataModule, **CLI_OPTIONS, args=["fit"])
-    cli.ready = True
-    return cli
+    return CheckCLI.build_once(instantiate)
 
 
 class GridWide(UserError):
@@ -312,7 +250,7 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
     the parameter. The teacher is read once for all points. Without `instantiate` (no teacher yet), points
     are only parsed.
     """
-    from dq_lightning.cli import find_user_error
+    from dq_lightning.errors import find_user_error
 
     command = command_for(sweep, [])
     if "fit" not in command:

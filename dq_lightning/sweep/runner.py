@@ -35,7 +35,7 @@ from dq_lightning.cluster import AGENT_ARGS_ENV
 from dq_lightning.data.jsonl import check_jsonl
 from dq_lightning.files import write_json_atomic, write_text_atomic
 from dq_lightning.data.tasks import TASKS, get_task
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, command_line
 from dq_lightning.evaluation.bootstrap import check_resamples
 from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillation_markdown, distillation_table,
                                             seed_summary)
@@ -579,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -586,6 +587,34 @@ def main(argv: list[str]) -> int:
         return _main(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _test_set(test_file: str | None, task) -> TestSet | None:
+    """`--test-file`'s test set, its rows checked: it is scored, so references are needed too."""
+    if not test_file:
+        return None
+    test_set = TestSet.of(test_file)
+    columns = (task.source_column, task.target_column)
+    check_jsonl(test_set.path, columns, required_text=columns)
+    return test_set
+
+
+def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[str], workers: int,
+           wandb_mode: str):
+    """Check every grid point, then train the grid (here, or through a W&B sweep when online); returns the
+    local sweep's outcome (None online) and the points' model classes."""
+    print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
+    classes = check_points(sweep, path, points, extra)
+    at_once = f", {workers} at once" if workers > 1 else ""
+    print(f"sweep {path}: {len(points)} runs{at_once}, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
+    started = time.time()
+    outcome = None
+    if wandb_mode == "online":
+        run_online(sweep, sweep_dir, extra, workers)
+    else:
+        outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes, workers).run()
+    print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
+    return outcome, classes
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -596,10 +625,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise UserError(f"--data-dir {args.data_dir} (make: DATA_DIR): no such directory")
         bootstrap = Bootstrap(check_resamples(args.bootstrap, "--bootstrap"), args.bootstrap_seed)
-        test_set = TestSet.of(args.test_file) if args.test_file else None
-        if test_set is not None:  # scored, so references are needed too
-            columns = (task.source_column, task.target_column)
-            check_jsonl(test_set.path, columns, required_text=columns)
+        test_set = _test_set(args.test_file, task)
         path = Path(args.sweep_file) if args.sweep_file else sweep_file(args.task, args.scale)
         sweep = load_sweep(path)
         points = expand_grid(sweep, path)
@@ -619,18 +645,8 @@ def _main(args: argparse.Namespace) -> int:
         extra = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
         if args.gpus:
             extra += ["--trainer.accelerator=gpu", f"--trainer.devices={args.gpus}", "--trainer.strategy=ddp"]
-        outcome, classes = None, {}
-        if not args.report_only:
-            print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
-            classes = check_points(sweep, path, points, extra)
-            at_once = f", {workers} at once" if workers > 1 else ""
-            print(f"sweep {path}: {len(points)} runs{at_once}, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
-            started = time.time()
-            if wandb_mode == "online":
-                run_online(sweep, sweep_dir, extra, workers)
-            else:
-                outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes, workers).run()
-            print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
+        outcome, classes = (None, {}) if args.report_only else \
+            _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode)
         if test_set is not None:
             failures = retest(LocalSweep(sweep, points, sweep_dir, name, extra, classes), points, teacher_dir,
                               Path("experiments") / args.task / f"teacher-{args.scale}.yaml", test_set, extra)
@@ -647,9 +663,6 @@ def _main(args: argparse.Namespace) -> int:
         if outcome and outcome.failed:
             print(f"error: {failure_line(outcome, len(points), sweep_dir)}", file=sys.stderr)
             return 1
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as error:
         print("\nsweep interrupted; run the same command again to continue", file=sys.stderr)
         return 143 if isinstance(error, Terminated) else 130
