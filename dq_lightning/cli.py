@@ -28,7 +28,7 @@ from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
 from dq_lightning.cluster import resume_path, with_agent_args
-from dq_lightning.errors import UserError, command_line, make_variables
+from dq_lightning.errors import UserError, command_line, first_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
@@ -183,8 +183,7 @@ class DQLightningCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         # An accelerator, strategy or precision it cannot use, or whose package is not installed (tpu: torch_xla).
         except (MisconfigurationException, ModuleNotFoundError) as error:
-            text = str(error).strip()
-            raise UserError(f"trainer settings: {text.splitlines()[0] if text else type(error).__name__}") from None
+            raise UserError(f"trainer settings: {first_line(error)}") from None
         use_atomic_checkpoint_io(trainer)
         return trainer
 

@@ -19,6 +19,12 @@ class UserError(Exception):
 # multi-line "does not validate against" report that buries the message.
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none (for a one-line report)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def find_user_error(error: BaseException | None) -> UserError | None:
     """The `UserError` behind `error`: jsonargparse re-raises errors from a class's __init__ as its own."""
     seen = set()

@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 from dq_lightning.data.jsonl import check_jsonl, get_field
 from dq_lightning.data.loader import LoaderCursor, ResumableDataLoader
 from dq_lightning.data.tasks import TaskSpec, get_task
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, first_line
 from dq_lightning.models.tokenizer import cached_bpe_tokenizer, encode_texts, language_ids, load_tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -178,9 +178,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                 raw = datasets.load_dataset(self.task.hub_path, self.task.hub_config,
                                             cache_dir=str(self.cache_dir / "hub"))
             except ConnectionError as error:  # no network, though no setting said offline
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise UserError(f"--data.data_dir is not set, and {self.task.name}'s Hub dataset "
-                                f"{self.task.hub_path} cannot be loaded ({reason}): give the folder of "
+                                f"{self.task.hub_path} cannot be loaded ({first_line(error)}): give the folder of "
                                 f"train.jsonl, validation.jsonl and test.jsonl with --data.data_dir=DIR"
                                 f"{_data_dir_hint()}") from None
             return {split: raw[split] for split in splits}

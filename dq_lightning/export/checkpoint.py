@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from dq_lightning.errors import UserError
-from dq_lightning.export.manifest import first_line
+from dq_lightning.errors import UserError, first_line
 
 STUDENT_KEYS = ("teacher", "mode", "w_bits", "e_bits", "a_bits")
 

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dq_lightning.errors import UserError
-from dq_lightning.export.manifest import (MANIFEST, current_quant_fields, first_line, read_manifest, read_tensors,
-                                          verify_files)
+from dq_lightning.errors import UserError, first_line
+from dq_lightning.export.manifest import MANIFEST, current_quant_fields, read_manifest, read_tensors, verify_files
 from dq_lightning.export.runtime import (attach_input_clip, attach_input_quantizer, int8_available, int8_linear,
                                          kernel_rounding_suffices)
 from dq_lightning.export.tensors import module_and_attr, unpacked_codes

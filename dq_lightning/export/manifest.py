@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, first_line
 
 FORMAT = "dq_lightning.packed"
 VERSION = 1
@@ -53,11 +53,6 @@ def sha256_tensor(tensor: Tensor) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_manifest(directory: str | Path, flag: str = "--model") -> dict[str, Any]:

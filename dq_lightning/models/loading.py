@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, first_line
 from dq_lightning.models.presets import PRESETS, build_config
 
 
@@ -47,8 +47,7 @@ def load_pretrained(name: str, flag: str, attn_implementation: str = "eager",
         raise
     except Exception as error:  # noqa: BLE001 - unreadable or truncated files surface as many error types
         # (OSError, ValueError, safetensors' SafetensorError, ...); every one means "this model cannot be used".
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{flag}={name}: cannot load model ({first_line})") from None
+        raise UserError(f"{flag}={name}: cannot load model ({first_line(error)})") from None
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flag: str) -> None:

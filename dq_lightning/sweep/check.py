@@ -181,13 +181,6 @@ def _one_teacher_load() -> Iterator[None]:
         module.load_pretrained = original
 
 
-def _check_cli(instantiate: bool):
-    """A `CheckCLI` (its own module: it imports Lightning, which the preflight does not need)."""
-    from dq_lightning.sweep.check_cli import CheckCLI
-
-    return CheckCLI.build_once(instantiate)
-
-
 class GridWide(UserError):
     """A mistake that every point shares (a flag the config lacks, GPUs from the command): reported at once."""
 
@@ -251,6 +244,7 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
     are only parsed.
     """
     from dq_lightning.errors import find_user_error
+    from dq_lightning.sweep.check_cli import CheckCLI  # imports Lightning, which the preflight does not need
 
     command = command_for(sweep, [])
     if "fit" not in command:
@@ -264,7 +258,7 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
         # The run's logger would create the run's own directory; the check builds it in a scratch root.
         root = [f"--trainer.default_root_dir={scratch}"]
         with _quiet():
-            cli = _check_cli(instantiate)
+            cli = CheckCLI.build_once(instantiate)
         for point in points:
             argv = ["fit", *command_for(sweep, point.flags)[start:], *extra, *root]
             with _quiet() as text:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from dq_lightning.cli import CLI_OPTIONS, DQLightningCLI
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, first_line
 from dq_lightning.sweep.check import GridWide, ParseRejected, check_gpus
 
 
@@ -51,8 +51,7 @@ class CheckCLI(DQLightningCLI):
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, RuntimeError) as error:  # MisconfigurationException is a ValueError
-            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"trainer: {text}") from None
+            raise UserError(f"trainer: {first_line(error)}") from None
 
     def build(self, argv: list[str], gpu_culprit: str, devices_culprit: str) -> str:
         """Parse and build the run of `argv` (from `fit` on); return its model's class path."""
