@@ -227,7 +227,7 @@ def student_checkpoint(teacher: Path, bits: str, depth: str, work: Path) -> Path
     """A checkpoint laid out as Lightning writes it, of a student prepared (not trained) for `bits`."""
     import torch
 
-    from dq_lightning.distill.module import DQStudentModule
+    from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import prepare
 
     path = work / f"student-{bits}-{depth}.ckpt"

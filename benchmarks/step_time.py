@@ -22,10 +22,10 @@ import warnings
 
 import torch
 
-from dq_lightning.distill.module import DQStudentModule
+from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.models.presets import build_config
 from dq_lightning.quant import prepare
-from dq_lightning.seq2seq import label_smoothed_loss
+from dq_lightning.modules.seq2seq import label_smoothed_loss
 from transformers import AutoModelForSeq2SeqLM
 
 

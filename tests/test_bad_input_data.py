@@ -268,7 +268,7 @@ def test_predict_replaces_invalid_utf8_when_asked(teacher_dir):
 @pytest.fixture(scope="module")
 def student_checkpoint(teacher_dir, tmp_path_factory):
     """An untrained 8-8-8 2-1 student saved as Lightning lays a checkpoint out (what export reads)."""
-    from dq_lightning.distill.module import DQStudentModule
+    from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import prepare
 
     module = DQStudentModule(teacher=str(teacher_dir), bits="8-8-8", depth="2-1",

@@ -13,8 +13,8 @@ from tests.conftest import run_cli
 from tests.test_bad_input import QUICK
 from tests.test_reliability import quick_config
 
-TEACHER = "dq_lightning.teacher.TeacherModule"
-STUDENT = "dq_lightning.distill.module.DQStudentModule"
+TEACHER = "dq_lightning.modules.teacher.TeacherModule"
+STUDENT = "dq_lightning.modules.student.DQStudentModule"
 
 
 def files(directory):
@@ -66,6 +66,17 @@ def test_module_class_of_older_checkpoints():
     assert module_class({"hyper_parameters": {"teacher": "runs/t/hf", "w_bits": 2}}) == STUDENT
     assert module_class({"hyper_parameters": {"model": "tiny", "lr": 1e-3}}) == TEACHER
     assert module_class({"state_dict": {}}) is None
+
+
+def test_checkpoints_and_configs_from_before_the_modules_moved_still_resolve():
+    import importlib
+
+    assert module_class({"module_class": "dq_lightning.distill.module.DQStudentModule"}) == STUDENT
+    assert module_class({"hyper_parameters": {"_class_path": "dq_lightning.teacher.TeacherModule"}}) == TEACHER
+    for old, new in [("dq_lightning.distill.module", STUDENT), ("dq_lightning.teacher", TEACHER),
+                     ("dq_lightning.pretrain.datamodule", "dq_lightning.data.pretrain.DenoisingDataModule")]:
+        module, _, name = new.rpartition(".")
+        assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(module), name)
 
 
 # -- --ckpt_path, through the command line ----------------------------------------------------------------

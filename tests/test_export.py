@@ -16,7 +16,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformers import BartForConditionalGeneration, GenerationConfig
 
 from dq_lightning.data.datamodule import XSumDataModule
-from dq_lightning.distill.module import DQStudentModule
+from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.errors import UserError
 from dq_lightning.export import export_student, load_packed
 from dq_lightning.export.manifest import MANIFEST, WEIGHTS
@@ -25,7 +25,7 @@ from dq_lightning.export.predict import routes_here
 from dq_lightning.models.tokenizer import load_tokenizer
 from dq_lightning.quant import prepare, use_deployed_head
 from dq_lightning.quant.quantizers import LSQQuantizer, MinMaxQuantizer, TernaryQuantizer
-from dq_lightning.teacher import TeacherModule
+from dq_lightning.modules.teacher import TeacherModule
 from tests.conftest import PROJECT_ROOT, run_cli
 
 GENERATION = {"num_beams": 2, "max_length": 10, "min_length": 2}
@@ -300,7 +300,7 @@ def test_checkpoints_that_are_not_dq_students_are_refused(teacher_dir, tmp_path)
                 "hyper_parameters": dict(teacher.hparams)}, tmp_path / "teacher.ckpt")
     with pytest.raises(UserError, match="not a DQ student checkpoint .*TeacherModule checkpoint"):
         export_student(tmp_path / "teacher.ckpt", tmp_path / "out")
-    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "dq_lightning.teacher.TeacherModule",
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "dq_lightning.modules.teacher.TeacherModule",
                                                        "model": "micro"}}, tmp_path / "cli.ckpt")
     with pytest.raises(UserError, match="it holds a TeacherModule"):
         export_student(tmp_path / "cli.ckpt", tmp_path / "out")

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import BartForConditionalGeneration
 
 from dq_lightning.distill.layer_map import layer_map
-from dq_lightning.distill.module import DQStudentModule
+from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.models.presets import build_config
 from dq_lightning.quant import QuantConfig, QuantEmbedding, QuantLinear, prepare
 from dq_lightning.quant.modules import ATTENTION_QUANTIZER_ATTR, AttentionInputQuantizer, quantized_eager_attention

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dq_lightning.data.datamodule import XSumDataModule
-from dq_lightning.distill.module import DQStudentModule
+from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.errors import UserError
 from dq_lightning.quant import is_converted, is_prepared
 from tests.conftest import run_cli

@@ -516,7 +516,7 @@ def test_a_terminated_worker_releases_its_claim_and_stops_its_run(tmp_path, teac
 
 
 # -- unreadable checkpoints -----------------------------------------------------------------------------
-STUDENT = "dq_lightning.distill.module.DQStudentModule"
+STUDENT = "dq_lightning.modules.student.DQStudentModule"
 
 
 def test_an_unreadable_last_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous_good_one(
@@ -560,7 +560,7 @@ def test_resume_checkpoint_choices(tmp_path):
     said = []
     torch.save({"state_dict": {}, "module_class": STUDENT}, checkpoints / "last.ckpt")
     assert resume_checkpoint(tmp_path, STUDENT, said.append) == checkpoints / "last.ckpt" and not said
-    torch.save({"state_dict": {}, "module_class": "dq_lightning.teacher.TeacherModule"}, checkpoints / "last.ckpt")
+    torch.save({"state_dict": {}, "module_class": "dq_lightning.modules.teacher.TeacherModule"}, checkpoints / "last.ckpt")
     (checkpoints / "epoch=0-step=4.ckpt").write_bytes(b"")  # unreadable too: moved aside as well
     assert resume_checkpoint(tmp_path, STUDENT, said.append) is None
     assert "TeacherModule" in said[0] and "from scratch" in said[0]

@@ -10,7 +10,7 @@ from dq_lightning.data.datamodule import WMT16EnRoDataModule
 from dq_lightning.export.predict import encode_sources
 from dq_lightning.models.loading import load_or_build_model
 from dq_lightning.models.tokenizer import language_ids
-from dq_lightning.seq2seq import mbart_generation_settings
+from dq_lightning.modules.seq2seq import mbart_generation_settings
 
 
 @pytest.fixture(scope="module")

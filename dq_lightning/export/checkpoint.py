@@ -48,7 +48,7 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None):
     """The `DQStudentModule` of a checkpoint, rebuilt from its hyper-parameters and teacher directory, its
     student prepared for quantization (and converted, if the checkpoint holds converted codes) and loaded,
     in eval mode. Returns (module, checkpoint)."""
-    from dq_lightning.distill.module import DQStudentModule
+    from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import convert, prepare
 
     checkpoint = read_checkpoint(checkpoint_path)

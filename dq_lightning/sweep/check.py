@@ -164,7 +164,7 @@ def _quiet() -> Iterator[io.StringIO]:
 def _one_teacher_load() -> Iterator[None]:
     """Load each teacher once for the whole check instead of once per point (a teacher is the same for every
     point, and mbart-large takes seconds to read); the students are still copied from it point by point."""
-    from dq_lightning.distill import module
+    from dq_lightning.modules import student as module
 
     original, cache = module.load_pretrained, {}
 
