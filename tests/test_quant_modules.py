@@ -12,7 +12,7 @@ from transformers import BartForConditionalGeneration, MBartForConditionalGenera
 from dq_lightning.errors import UserError
 from dq_lightning.models.presets import build_config
 from dq_lightning.quant import (ConvertedEmbedding, ConvertedLinear, QuantConfig, QuantEmbedding, QuantLinear,
-                                collect_stats, convert, is_prepared, prepare, set_observe,
+                                collect_stats, convert, holds_codes, in_form_of, is_prepared, prepare, set_observe,
                                 set_quantization_enabled)
 
 VOCAB = 512
@@ -172,6 +172,34 @@ def test_convert_then_dequantize_equals_the_fake_quantized_forward_exactly(name,
     assert model.lm_head.packed.codes.dtype == torch.int8
     assert torch.equal(model.lm_head.packed.dequantize(), lm_weight)
     assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+@pytest.mark.parametrize("saved", ["latent", "converted"])
+@pytest.mark.parametrize("current", ["plain", "prepared", "converted"])
+def test_a_model_in_the_form_of_a_state_loads_it_and_computes_the_saved_models_outputs(current, saved):
+    config = CONVERT_CONFIGS["2-2-8"]
+    source = prepare(bart(seed=5), config).eval()
+    if saved == "converted":
+        convert(source)
+    state = source.state_dict()
+    model = bart(seed=6)  # other weights: only the loaded state may decide the outputs
+    if current != "plain":
+        prepare(model, config)
+    if current == "converted":
+        convert(model)
+    fresh_models = []
+
+    def fresh():
+        fresh_models.append(bart(seed=7))
+        return fresh_models[-1]
+
+    restored = in_form_of(model, config, state, fresh)
+    assert holds_codes(state) == (saved == "converted")
+    # Only a converted model meeting latent weights is replaced: its own latent weights are gone.
+    assert (restored is not model) == (current == "converted" and saved == "latent")
+    restored.load_state_dict(state, strict=True)  # raises on a missing or unexpected key
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(**batch()).logits, source(**batch()).logits)
 
 
 @pytest.mark.parametrize("name", ["2-2-8", "4-4-8-lsq", "2-2-8-attention"])

@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dq_lightning.errors import UserError
-from dq_lightning.quant import (QuantConfig, collect_stats, convert, is_converted, is_prepared, prepare,
+from dq_lightning.quant import (QuantConfig, collect_stats, convert, in_form_of, is_converted, is_prepared, prepare,
                                 quant_config_of, set_observe, set_quantization_enabled)
 
 
@@ -28,6 +28,9 @@ class QuantizeOnForward(pl.Callback):
       `quant/size_mb` and `quant/compression`.
     - end of fit: with `convert_on_fit_end`, `convert(student)` bakes int8 codes and scales, so a following
       `trainer.test` evaluates the deployable model.
+    - loading a checkpoint: `restore` puts the student in the checkpoint's form first (Lightning calls a
+      callback's own `on_load_checkpoint` only when fitting, and after the weights are loaded, so the
+      LightningModule's hook calls `restore`).
     """
 
     def __init__(self, config: QuantConfig | str = "8-8-8", student_attr: str = "student", warmup_steps: int = 0,
@@ -79,6 +82,20 @@ class QuantizeOnForward(pl.Callback):
                             f"{quant_config_of(student).notation} with other settings than this callback's "
                             f"{self.config.notation}")
         return True
+
+    def restore(self, pl_module: pl.LightningModule, state: dict, fresh_student) -> None:
+        """Before `state` (a checkpoint's state dict, keys prefixed with `student_attr`) is loaded: the student
+        prepared, or converted if the state holds integer codes. Testing the best checkpoint right after fit
+        meets a student converted by `on_fit_end` and latent weights in the file: `fresh_student()` builds the
+        new student that takes them."""
+        prefix = f"{self.student_attr}."
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        student = self.student(pl_module)
+        restored = in_form_of(student, self.config, state, fresh_student)
+        if restored is not student:
+            restored.to(next(student.parameters()).device)
+            restored.generation_config = student.generation_config
+            setattr(pl_module, self.student_attr, restored)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.prepare_student(pl_module)

@@ -1,11 +1,51 @@
-"""Build a student by copying chosen teacher layers (plus embeddings, positions and LayerNorms)."""
+"""Where a DQ student comes from: the frozen teacher, loaded once, and students copied from its layers.
+
+`TeacherAndStudent` is the one factory of both. The LightningModule asks it for the student it trains, and
+again for a fresh one when a checkpoint of latent weights is loaded into a student already converted to
+integer codes; export rebuilds a checkpoint's student through the same module.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from dq_lightning.distill.layer_map import LayerMapStrategy, layer_map
+from dq_lightning.models.loading import load_pretrained
+from dq_lightning.quant import return_maps_before_dropout
+
+_loaded_teachers: dict[tuple, PreTrainedModel] | None = None  # set inside `each_teacher_loaded_once`
+
+
+@contextlib.contextmanager
+def each_teacher_loaded_once() -> Iterator[None]:
+    """Within this block a teacher directory is read once, however many students are built from it (the
+    sweep check builds one per grid point; mbart-large takes seconds to read). The teacher is frozen, so
+    sharing it is safe; each student is still its own copy."""
+    global _loaded_teachers
+    outer, _loaded_teachers = _loaded_teachers, {} if _loaded_teachers is None else _loaded_teachers
+    try:
+        yield
+    finally:
+        _loaded_teachers = outer
+
+
+def load_teacher(name: str, flag: str = "model.teacher") -> PreTrainedModel:
+    """The teacher of `name` (a Hugging Face directory or Hub id), frozen and in eval mode, with eager attention
+    (SDPA returns no attention maps, which attention distillation needs)."""
+    key = (str(name), flag)
+    if _loaded_teachers is not None and key in _loaded_teachers:
+        return _loaded_teachers[key]
+    teacher = load_pretrained(name, flag=flag, attn_implementation="eager").eval().requires_grad_(False)
+    if _loaded_teachers is not None:
+        _loaded_teachers[key] = teacher
+    return teacher
 
 
 def copy_student(teacher: PreTrainedModel, encoder_map: list[int], decoder_map: list[int]) -> PreTrainedModel:
@@ -29,3 +69,56 @@ def copy_student(teacher: PreTrainedModel, encoder_map: list[int], decoder_map: 
     student.config.decoder_layers = len(decoder_map)
     student.config.num_hidden_layers = len(encoder_map)
     return student
+
+
+class TeacherAndStudent:
+    """The frozen teacher and the layer maps of its student; `new_student()` copies a trainable student.
+
+    The teacher is held here, a plain object, rather than as a child of the LightningModule: so it is never
+    in the optimizer, never wrapped by DDP and never written again into the student's checkpoints (its
+    directory is a hyper-parameter, and the student is rebuilt from it before a checkpoint is restored).
+    """
+
+    def __init__(self, teacher: str, encoder_layers: int | None = None, decoder_layers: int | None = None,
+                 strategy: LayerMapStrategy = "dq-bart", encoder_layer_map: Sequence[int] | None = None,
+                 decoder_layer_map: Sequence[int] | None = None, maps_before_dropout: bool = False):
+        """
+        Args:
+            teacher: the teacher's Hugging Face directory or Hub id.
+            encoder_layers, decoder_layers: the student's depth (None: the teacher's).
+            strategy: how the teacher layers are chosen (`dq_lightning.distill.layer_map`).
+            encoder_layer_map, decoder_layer_map: explicit teacher layers, overriding `strategy` per stack.
+            maps_before_dropout: the student returns its attention maps before dropout (the official code's
+                distillation target) instead of after.
+        """
+        self.teacher = load_teacher(teacher)
+        config = self.teacher.config
+        self.encoder_map = self._map("encoder", config.encoder_layers, encoder_layers, strategy, encoder_layer_map)
+        self.decoder_map = self._map("decoder", config.decoder_layers, decoder_layers, strategy, decoder_layer_map)
+        self.maps_before_dropout = maps_before_dropout
+
+    @staticmethod
+    def _map(stack: str, teacher_layers: int, layers: int | None, strategy: str,
+             explicit: Sequence[int] | None) -> list[int]:
+        layers = teacher_layers if layers is None else layers
+        if explicit is not None:
+            return layer_map(teacher_layers, layers, explicit, flag=f"model.{stack}_layer_map")
+        return layer_map(teacher_layers, layers, strategy, flag=f"model.student_{stack}_layers")
+
+    def new_student(self) -> PreTrainedModel:
+        """A trainable full-precision student copied from the teacher's layers of the two maps."""
+        student = copy_student(self.teacher, self.encoder_map, self.decoder_map).requires_grad_(True).train()
+        if self.maps_before_dropout:
+            return_maps_before_dropout(student)
+        return student
+
+    def teacher_on(self, device: torch.device) -> PreTrainedModel:
+        """The teacher, moved to `device` on first use there (it is not moved with the LightningModule)."""
+        if self.teacher.device != device:
+            self.teacher.to(device)
+        return self.teacher
+
+    def teacher_outputs(self, inputs: dict[str, torch.Tensor], device: torch.device, details: bool) -> Any:
+        """The teacher's forward on `inputs`, without gradients; `details`: with hidden states and attentions."""
+        with torch.no_grad():
+            return self.teacher_on(device)(**inputs, output_hidden_states=details, output_attentions=details)

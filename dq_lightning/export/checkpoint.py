@@ -49,7 +49,7 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None):
     student prepared for quantization (and converted, if the checkpoint holds converted codes) and loaded,
     in eval mode. Returns (module, checkpoint)."""
     from dq_lightning.modules.student import DQStudentModule
-    from dq_lightning.quant import convert, prepare
+    from dq_lightning.quant import in_form_of
 
     checkpoint = read_checkpoint(checkpoint_path)
     hparams = checkpoint["hyper_parameters"]
@@ -70,11 +70,9 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None):
         raise UserError(f"{error}{hint}") from None
     if module.quant_config is None:
         raise UserError(f"--ckpt {checkpoint_path}: the student is not quantized; there is nothing to pack")
-    student = prepare(module.model, module.quant_config)
     state = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
              if key.startswith("model.")}
-    if any(key.endswith(".packed.codes") for key in state):
-        convert(student)
+    student = module.model = in_form_of(module.model, module.quant_config, state, module.factory.new_student)
     missing, unexpected = student.load_state_dict(state, strict=False)
     if missing or unexpected:
         details = "; ".join(part for part in (

@@ -1,8 +1,8 @@
 """`DQStudentModule`: distillation-aware quantization of a layer-copied student (DQ-BART).
 
-The frozen teacher is held outside the module tree: it is not an `nn.Module` child, so it is never in the
-optimizer, never wrapped by DDP, and never written again into the student's checkpoints (its directory is a
-setting, and the student is rebuilt from it before a checkpoint is restored).
+The module wires three components: `TeacherAndStudent` (the frozen teacher and the student copied from it),
+`DQObjective` (the loss) and `QuantizeOnForward` (the quantization life cycle: prepare, warm-up, convert, and
+putting the student in a checkpoint's form when one is loaded).
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dq_lightning.callbacks.quantize import QuantizeOnForward
-from dq_lightning.distill.layer_map import LayerMapStrategy, layer_map as make_layer_map
+from dq_lightning.distill.layer_map import LayerMapStrategy
 from dq_lightning.distill.loyalty import Loyalty
 from dq_lightning.distill.objective import DQObjective, LogitsLoss, ObjectiveConfig
 from dq_lightning.distill.recipe import recipe_settings
-from dq_lightning.distill.student import copy_student
+from dq_lightning.distill.student import TeacherAndStudent
 from dq_lightning.errors import UserError
 from dq_lightning.evaluation.bootstrap import align
 from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, read_predictions
 from dq_lightning.metrics import GenerationMetrics
-from dq_lightning.models.loading import load_pretrained
-from dq_lightning.quant import (QuantConfig, is_converted, prepare, return_maps_before_dropout,
-                                use_deployed_head)
+from dq_lightning.quant import QuantConfig, use_deployed_head
 from dq_lightning.quant.config import FULL_PRECISION, AttentionQuant, Granularity, Recipe, WeightMethod, parse_wea
 from dq_lightning.modules.seq2seq import Seq2SeqModule
 from dq_lightning.size import model_size
@@ -200,7 +198,6 @@ class DQStudentModule(Seq2SeqModule):
         _choice("eval_head", eval_head, EVAL_HEADS)
         self.attention_maps = _choice("attention_maps", attention_maps or defaults["attention_maps"],
                                       ATTENTION_MAPS)
-        self.layer_strategy = layer_map or defaults["layer_map"]
         self.gradient_clip = _gradient_clip(defaults["gradient_clip"] if gradient_clip is None else gradient_clip)
         if weight_decay < 0:
             raise UserError(f"model.weight_decay={weight_decay} must not be negative")
@@ -214,35 +211,27 @@ class DQStudentModule(Seq2SeqModule):
             attention_quant=attention_quant)
         if depth is not None:
             student_encoder_layers, student_decoder_layers = parse_depth(depth)
-        self._load_teacher(teacher)
-        config = self.teacher.config
-        self.encoder_map = self._map("encoder", config.encoder_layers, student_encoder_layers, encoder_layer_map)
-        self.decoder_map = self._map("decoder", config.decoder_layers, student_decoder_layers, decoder_layer_map)
-        self.model = self._copy_student()
+        self.factory = TeacherAndStudent(
+            teacher, student_encoder_layers, student_decoder_layers, layer_map or defaults["layer_map"],
+            encoder_layer_map, decoder_layer_map,
+            maps_before_dropout=self.attention_maps == "before_dropout" and self.objective.config.needs_attentions)
+        self.model = self.factory.new_student()
+        self.quantize = None if self.quant_config is None else QuantizeOnForward(
+            self.quant_config, student_attr="model", teacher_attr="teacher", warmup_steps=quant_warmup_steps)
         self.val_loyalty, self.test_loyalty = Loyalty(), Loyalty()
         self.teacher_test_metrics: GenerationMetrics | None = None
 
-    def _load_teacher(self, teacher: str) -> None:
-        teacher_model = load_pretrained(teacher, flag="model.teacher", attn_implementation="eager")
-        teacher_model.eval().requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher_model)  # not a child module: see the module docstring
-
-    def _copy_student(self) -> PreTrainedModel:
-        """A trainable full-precision student copied from the teacher's layers of the two maps."""
-        student = copy_student(self.teacher, self.encoder_map, self.decoder_map).requires_grad_(True).train()
-        if self.attention_maps == "before_dropout" and self.objective.config.needs_attentions:
-            return_maps_before_dropout(student)
-        return student
-
-    def _map(self, stack: str, teacher_layers: int, layers: int | None, explicit: list[int] | None) -> list[int]:
-        layers = teacher_layers if layers is None else layers
-        if explicit is not None:
-            return make_layer_map(teacher_layers, layers, explicit, flag=f"model.{stack}_layer_map")
-        return make_layer_map(teacher_layers, layers, self.layer_strategy, flag=f"model.student_{stack}_layers")
-
     @property
     def teacher(self) -> PreTrainedModel:
-        return self._teacher
+        return self.factory.teacher
+
+    @property
+    def encoder_map(self) -> list[int]:
+        return self.factory.encoder_map
+
+    @property
+    def decoder_map(self) -> list[int]:
+        return self.factory.decoder_map
 
     def build_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         return self.model
@@ -258,31 +247,15 @@ class DQStudentModule(Seq2SeqModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict", {})
-        if is_converted(self.model) and not any(key.endswith(".packed.codes") for key in state):
-            # Testing the best checkpoint right after fit (test_after_fit): fit ended by converting the student
-            # to integer codes, but checkpoints hold the latent weights. A fresh prepared student takes them;
-            # its fake-quantized forward equals the converted one.
-            generation_config = self.model.generation_config
-            self.model = self._copy_student().to(self.device)
-            self.model.generation_config = generation_config
-            prepare(self.model, self.quant_config)
+        if self.quantize is not None:
+            self.quantize.restore(self, checkpoint.get("state_dict", {}), fresh_student=self.factory.new_student)
 
     def configure_callbacks(self):
-        if self.quant_config is None:
-            return []
-        return [QuantizeOnForward(self.quant_config, student_attr="model", teacher_attr="teacher",
-                                  warmup_steps=self.hparams.quant_warmup_steps)]
+        return [] if self.quantize is None else [self.quantize]
 
     # -- training -------------------------------------------------------------------------------------
     def _needs_teacher(self, stage: str) -> bool:
         return self.hparams.mode != "quant_only" or stage != "train"
-
-    def _teacher_outputs(self, inputs: dict[str, torch.Tensor], details: bool):
-        if self.teacher.device != self.device:
-            self.teacher.to(self.device)
-        with torch.no_grad():
-            return self.teacher(**inputs, output_hidden_states=details, output_attentions=details)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         labels = batch["labels"]
@@ -291,7 +264,7 @@ class DQStudentModule(Seq2SeqModule):
         objective = self.objective.config
         hidden, attentions = objective.needs_hidden_states, objective.needs_attentions
         student = self.model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
-        teacher = self._teacher_outputs(inputs, hidden or attentions) if self._needs_teacher(stage) else None
+        teacher = self.factory.teacher_outputs(inputs, self.device, hidden or attentions) if self._needs_teacher(stage) else None
         loss, terms = self.objective(student, teacher, labels, batch["attention_mask"], self.encoder_map,
                                      self.decoder_map, training=stage == "train")
 
@@ -371,9 +344,7 @@ class DQStudentModule(Seq2SeqModule):
     def _evaluate(self, batch, stage: str) -> None:
         super()._evaluate(batch, stage)
         if stage == "test" and self.teacher_test_metrics is not None:
-            if self.teacher.device != self.device:
-                self.teacher.to(self.device)
-            generated = self.teacher.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            generated = self.factory.teacher_on(self.device).generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                               generation_config=self.model.generation_config)
             lengths = (generated != self.tokenizer.pad_token_id).sum(dim=1) - 1
             self.teacher_test_metrics.update(self.decode(generated), self.decode(batch["labels"]), lengths)

@@ -7,7 +7,7 @@ BART/mBART modules, `prepare` (swap them in) and `convert` (bake integer codes).
     convert(student)                                 # int8 codes + scales, same outputs in eval mode
 """
 
-from dq_lightning.quant.api import (collect_stats, convert, is_converted, is_prepared, prepare, quant_config_of,
+from dq_lightning.quant.api import (collect_stats, convert, holds_codes, in_form_of, is_converted, is_prepared, prepare, quant_config_of,
                                     quantizers, return_maps_before_dropout, set_observe, set_quantization_enabled,
                                     use_deployed_head)
 from dq_lightning.quant.config import RECIPES, SUPPORTED_BITS, QuantConfig, parse_wea
@@ -19,7 +19,7 @@ from dq_lightning.quant.quantizers import (AsymMinMaxQuantizer, FakeQuantizer, L
 __all__ = [
     "RECIPES", "SUPPORTED_BITS", "AsymMinMaxQuantizer", "AttentionInputQuantizer", "ConvertedEmbedding", "ConvertedLinear",
     "FakeQuantizer", "LSQQuantizer", "MinMaxQuantizer", "PackedWeight", "QuantConfig", "QuantEmbedding",
-    "QuantLinear", "TernaryQuantizer", "collect_stats", "convert", "is_converted", "is_prepared",
+    "QuantLinear", "TernaryQuantizer", "collect_stats", "convert", "holds_codes", "in_form_of", "is_converted", "is_prepared",
     "make_activation_quantizer", "make_weight_quantizer", "parse_wea", "prepare", "quant_config_of", "quantizers",
     "return_maps_before_dropout", "set_observe", "set_quantization_enabled", "use_deployed_head",
 ]

@@ -24,6 +24,7 @@ the token embedding), LayerNorms, biases and the `final_logits_bias` buffer.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -218,6 +219,26 @@ def convert(model: nn.Module) -> nn.Module:
             if id(child) in replacements:
                 setattr(parent, name, replacements[id(child)])
     setattr(model, CONVERTED_ATTR, True)
+    return model
+
+
+def holds_codes(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict was saved from a converted model (integer codes) rather than a prepared one."""
+    return any(key.endswith(".packed.codes") for key in state)
+
+
+def in_form_of(model: nn.Module, config: QuantConfig, state: dict[str, torch.Tensor],
+               fresh: Callable[[], nn.Module]) -> nn.Module:
+    """`model` in the form `state` was saved from, ready for `load_state_dict(state)`: prepared for `config`
+    (latent weights) or also converted (integer codes). A converted model has lost its latent weights and
+    cannot be prepared again, so for a latent state it is replaced by `fresh()` (a new model of the same
+    architecture), prepared; in eval mode its fake-quantized forward equals the converted one."""
+    if is_converted(model) and not holds_codes(state):
+        model = fresh()
+    if not is_prepared(model):
+        prepare(model, config)
+    if holds_codes(state):
+        convert(model)
     return model
 
 

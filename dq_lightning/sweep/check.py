@@ -160,27 +160,6 @@ def _quiet() -> Iterator[io.StringIO]:
             os.close(saved[1])
 
 
-@contextlib.contextmanager
-def _one_teacher_load() -> Iterator[None]:
-    """Load each teacher once for the whole check instead of once per point (a teacher is the same for every
-    point, and mbart-large takes seconds to read); the students are still copied from it point by point."""
-    from dq_lightning.modules import student as module
-
-    original, cache = module.load_pretrained, {}
-
-    def load_once(name, flag, attn_implementation="eager", **overrides):
-        key = (str(name), flag, attn_implementation, tuple(sorted(overrides.items())))
-        if key not in cache:
-            cache[key] = original(name, flag, attn_implementation, **overrides)
-        return cache[key]
-
-    module.load_pretrained = load_once
-    try:
-        yield
-    finally:
-        module.load_pretrained = original
-
-
 class GridWide(UserError):
     """A mistake that every point shares (a flag the config lacks, GPUs from the command): reported at once."""
 
@@ -244,6 +223,7 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
     are only parsed.
     """
     from dq_lightning.errors import find_user_error
+    from dq_lightning.distill.student import each_teacher_loaded_once  # one read of the teacher for every point
     from dq_lightning.sweep.check_cli import CheckCLI  # imports Lightning, which the preflight does not need
 
     command = command_for(sweep, [])
@@ -254,7 +234,7 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
     config = _flag_value(fixed, "--config") or "the sweep command"
     failures: dict[str, tuple[SweepPoint, UserError]] = {}  # by reason: a typo fails many points alike
     classes, rejected = {}, 0
-    with tempfile.TemporaryDirectory(prefix="dq-sweep-check-") as scratch, _one_teacher_load():
+    with tempfile.TemporaryDirectory(prefix="dq-sweep-check-") as scratch, each_teacher_loaded_once():
         # The run's logger would create the run's own directory; the check builds it in a scratch root.
         root = [f"--trainer.default_root_dir={scratch}"]
         with _quiet():
