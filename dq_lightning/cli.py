@@ -21,6 +21,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import yaml
+from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -34,6 +35,10 @@ from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
                                      is_other_rank, move_aside, replace_own_files)
 from dq_lightning.devices import check_gpu_request
+
+# Settings dataclasses (QuantSettings, ...) document each field in the docstring below it, as litgpt does:
+# this makes those docstrings the `--help` of `--model.quant_settings.*`.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class SaveRunConfig(SaveConfigCallback):

@@ -9,8 +9,10 @@ user needs is the flag as typed, what it expects, and for a misspelt option the 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import re
+import typing
 from collections.abc import Iterable, Sequence
 
 _ARTICLES = {"int": "an int", "float": "a float", "bool": "a bool (true or false)", "str": "a string",
@@ -33,35 +35,93 @@ def explain(message: str, argv: Sequence[str], options: Iterable[str] = ()) -> s
                 and (index + 1 == len(argv) or argv[index + 1].startswith("--"))]
         typed = bare[-1] if bare else flag
         return f"{typed}: expected a value ({typed}=VALUE)"
-    keys = re.findall(r'Parser key "([^"]+)"', text)
-    if not keys:
+    chain, classes, rejected = _nesting(text)
+    if not chain:
         return _one_line(text)
-    classes = re.findall(r"Problem with given class_path '([^']+)':", text)
-    # The keys inside the first class_path tried are the configured class's own (the others are alternatives).
-    first_problem = text.find("Problem with given class_path")
-    nested = re.findall(r'Parser key "([^"]+)"', text[first_problem:]) if first_problem >= 0 else []
-    key = ".".join([keys[0], *nested[:1]])
-    rejected = re.search(r"Option '([^']+)' is not accepted", text)
-    if rejected and classes:
-        name = rejected.group(1)
-        typed = typed_flag(f"{keys[0]}.{name}", argv) or f"{keys[0]}.{name} (in a --config file)"
-        near = difflib.get_close_matches(name, _init_parameters(classes[0]), n=1, cutoff=0.6)
-        hint = f"; did you mean --{keys[0]}.{near[0]}?" if near else ""
-        return f"{typed}: {classes[0].rpartition('.')[2]} has no option {name!r}{hint}"
-    if classes and not nested:  # the class itself is at fault (cannot be imported, not a subclass, ...)
-        reason = _after(text, f"Problem with given class_path '{classes[0]}':")
-        typed = typed_flag(f"{keys[0]}.class_path", argv) or typed_flag(keys[0], argv) or f"{keys[0]}.class_path"
-        return f"{typed}: cannot use class {classes[0]!r} ({reason})"
-    innermost = text[text.rfind(f'Parser key "{(nested or keys)[-1]}"'):]
-    reason = _expected(innermost) or _after(innermost, f'Parser key "{(nested or keys)[-1]}":')
+    key = ".".join(chain)
+    if rejected:
+        return _rejected_option(key, rejected, classes, argv)
+    if len(classes) == len(chain):  # the innermost class itself is at fault (cannot be imported, ...)
+        reason = _after(text, f"Problem with given class_path '{classes[-1]}':")
+        typed = typed_flag(f"{key}.class_path", argv) or typed_flag(key, argv) or f"{key}.class_path"
+        return f"{typed}: cannot use class {classes[-1]!r} ({reason})"
+    innermost = text[text.rfind(f'Parser key "{chain[-1]}"'):]
+    reason = _expected(innermost) or _after(innermost, f'Parser key "{chain[-1]}":')
     value = re.search(r"(?:Got value|Given value): (.*)", innermost)
-    typed = typed_flag(key, argv)
+    typed, inside = _typed_prefix(chain, argv)
     if typed and value is None:  # e.g. `File does not exist: '<the path just named>'`
         reason = re.sub(r": '[^']*'$", "", reason)
     if typed is None:
         given = f"={value.group(1).strip()}" if value and "NestedArg" not in value.group(1) else ""
-        typed = f"{key}{given} (from {config_files(argv) or 'the config'})"
-    return f"{typed}: {reason}"
+        return f"{key}{given} (from {config_files(argv) or 'the config'}): {reason}"
+    return f"{typed}: {inside + ': ' if inside else ''}{reason}"
+
+
+def _nesting(text: str) -> tuple[list[str], list[str], str | None]:
+    """The keys from the outermost parser to the one at fault (`model`, `quant_settings`, `act_clip`), the
+    classes tried on the way, and the option a class refused, if that is the fault. jsonargparse lists the
+    configured class first among a union's alternatives, so the first path down the report is the one. A
+    settings dataclass (`quant_settings`) is a group of its class's parser, and counts as a class of its own."""
+    chain, classes = [], []
+    for found in re.finditer(r'Parser key "([^"]+)"|Problem with given class_path \'([^\']+)\':'
+                             r"|Option '([^']+)' is not accepted|Group '([^']+)' does not accept option '([^']+)'"
+                             r"|unrecognized arguments: --([\w.]+)", text):
+        key, class_path, option, group, group_option, dotted = found.groups()
+        if key is not None and len(chain) == len(classes):
+            chain.append(key)
+        elif class_path is not None and len(classes) == len(chain) - 1:
+            classes.append(class_path)
+        elif len(classes) == len(chain) and classes and (option or group or dotted):
+            if option is not None:
+                return chain, classes, option
+            *groups, option = (group, group_option) if group else dotted.split(".")
+            for name in groups:
+                chain.append(name)
+                classes.append(_parameter_class(classes[-1], name))
+            return chain, classes, option
+    return chain, classes, None
+
+
+def _parameter_class(class_path: str, parameter: str) -> str:
+    """The dotted path of the class that parameter `parameter` of `class_path` takes ('' when unknown)."""
+    try:
+        hints = typing.get_type_hints(_import(class_path).__init__)
+    except Exception:  # noqa: BLE001 - only for a suggestion
+        return ""
+    kinds = [kind for kind in typing.get_args(hints.get(parameter)) or [hints.get(parameter)] if inspect.isclass(kind)]
+    return next((f"{kind.__module__}.{kind.__qualname__}" for kind in kinds if kind is not type(None)), "")
+
+
+def _typed_prefix(chain: list[str], argv: Sequence[str]) -> tuple[str | None, str]:
+    """The flag of `chain` as typed, or of its nearest parent typed (`--model.quant_settings={...}`) with the
+    rest of the key inside it; (None, "") when the value came from a config file."""
+    for end in range(len(chain), 0, -1):
+        typed = typed_flag(".".join(chain[:end]), argv)
+        if typed:
+            return typed, ".".join(chain[end:])
+    return None, ""
+
+
+def _rejected_option(key: str, name: str, classes: list[str], argv: Sequence[str]) -> str:
+    """An option the innermost class does not have: the nearest it has, or the outer class's own setting of
+    that name (`quant_settings={w_bits: 4}` -> `--model.w_bits`), or all it has when they are few."""
+    chain = key.split(".")
+    typed, inside = _typed_prefix([*chain, name], argv)
+    where = typed or f"{key}.{name} (in a --config file)"
+    options = _init_parameters(classes[-1])
+    near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    outer = next((".".join(chain[:depth + 1]) for depth in range(len(classes) - 2, -1, -1)
+                  if name in _init_parameters(classes[depth])), None)
+    if outer:
+        hint = f"; {name} is a setting of its own: --{outer}.{name}"
+    elif near:
+        hint = f"; did you mean --{key}.{near[0]}?"
+    elif len(options) <= 12:
+        hint = f"; its options: {', '.join(options)}"
+    else:
+        hint = ""
+    inside = f"{key}.{name}: " if typed and inside else ""
+    return f"{where}: {inside}{classes[-1].rpartition('.')[2]} has no option {name!r}{hint}"
 
 
 def _unknown_flag(token: str, options: list[str]) -> str:
@@ -139,11 +199,8 @@ def _one_line(text: str) -> str:
 
 def _init_parameters(class_path: str) -> list[str]:
     """The constructor parameters of `class_path`, following `**kwargs` to the base classes (as the parser does)."""
-    module_name, _, name = class_path.rpartition(".")
     try:
-        import importlib
-
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = _import(class_path)
     except Exception:  # noqa: BLE001 - only for a suggestion
         return []
     found = []
@@ -158,3 +215,8 @@ def _init_parameters(class_path: str) -> list[str]:
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             break
     return found
+
+
+def _import(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)

@@ -103,3 +103,14 @@ def test_ddp_two_processes_on_cpu(shared_data, cache_dir, tmp_path):
 def test_unknown_command():
     result = run_cli("train")
     assert result.returncode == 2 and "unknown command 'train'" in result.stderr
+
+
+def test_student_help_lists_choices_and_the_quant_settings_field_docs():
+    """The typed arguments reach --help: Literal choices, and each QuantSettings field with its docstring."""
+    result = run_cli("fit", "--model.help", "dq_lightning.modules.student.DQStudentModule")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    assert "--model.mode {dq,quant_only,distill_only}" in text
+    assert "--model.recipe {dq-bart,dq_lightning}" in text
+    assert "--model.quant_settings.act_clip ACT_CLIP Activations are clipped to +-act_clip" in text
+    assert "--model.quant_settings.act_method" in text and "lsq (learned step size)" in text

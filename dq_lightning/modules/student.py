@@ -7,6 +7,7 @@ putting the student in a checkpoint's form when one is loaded).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,7 +25,8 @@ from dq_lightning.evaluation.bootstrap import align
 from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, read_predictions
 from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.quant import QuantConfig, use_deployed_head
-from dq_lightning.quant.config import FULL_PRECISION, AttentionQuant, Granularity, Recipe, WeightMethod, parse_wea
+from dq_lightning.quant.config import (FULL_PRECISION, AttentionQuant, Granularity, QuantSettings, Recipe, WeightMethod,
+                                       parse_wea)
 from dq_lightning.modules.seq2seq import Seq2SeqModule
 from dq_lightning.size import model_size
 
@@ -63,33 +65,40 @@ def _objective_config(recipe: str, mode: str, final_encoder_weight: float | None
                                   **{name: value for name, value in recipe_choices.items() if value is not None})
 
 
-_BITS = ("w_bits", "e_bits", "a_bits")
+def _quant_settings(settings: QuantSettings | dict[str, Any] | None, named: tuple[str, ...]) -> QuantSettings:
+    """`settings` as `QuantSettings`; a mapping (a checkpoint's hyper-parameters, a Python caller) is checked
+    key by key, so a key that is a module argument of its own, or none at all, is named in the error."""
+    if isinstance(settings, QuantSettings):
+        return settings
+    fields = QuantSettings.__dataclass_fields__
+    for key in settings or {}:
+        if key in named:
+            raise UserError(f"model.quant_settings.{key}: {key} is a setting of its own; set it as "
+                            f"--model.{key}" + (" (or --model.bits)" if key.endswith("_bits") else ""))
+        if key not in fields:
+            raise UserError(f"model.quant_settings.{key}: unknown key in --model.quant_settings; known: "
+                            f"{', '.join(fields)}")
+    return QuantSettings(**(settings or {}))
 
 
 def _student_quant_config(recipe: str, mode: str, bits: str | None, wea: tuple[int, int, int],
-                          quant_settings: dict[str, Any] | None, **named: Any) -> QuantConfig | None:
+                          settings: QuantSettings, **named: Any) -> QuantConfig | None:
     """The student's `QuantConfig`, or None for a full-precision student (distill_only, or 32-32-32). `bits`
     (W-E-A) overrides `wea`; `named` are the QuantConfig fields that are module arguments of their own."""
     w_bits, e_bits, a_bits = parse_wea(bits) if bits is not None else wea
-    # Checked whatever the mode: a distill_only or 32-32-32 student builds no QuantConfig, and would
-    # otherwise accept any key in silence.
-    for key in quant_settings or {}:
-        if key in named or key in _BITS:
-            raise UserError(f"model.quant_settings.{key}: {key} is a setting of its own; set it as "
-                            f"--model.{key}" + (" (or --model.bits)" if key.endswith("_bits") else ""))
-        if key not in QuantConfig.__dataclass_fields__:
-            known = sorted(set(QuantConfig.__dataclass_fields__) - set(named) - set(_BITS))
-            raise UserError(f"model.quant_settings.{key}: unknown key in --model.quant_settings; known: "
-                            f"{', '.join(known)}")
     if mode == "distill_only" or (w_bits, e_bits, a_bits) == (FULL_PRECISION,) * 3:
         return None
-    given = {name: value for name, value in {**named, **(quant_settings or {})}.items() if value is not None}
+    given = {name: value for name, value in named.items() if value is not None}
     if given.get("weight_clip") == float("inf"):
         given["weight_clip"] = None
     try:
-        return QuantConfig.recipe(recipe, w_bits, e_bits, a_bits, **given)
+        return QuantConfig.recipe(recipe, w_bits, e_bits, a_bits, **given, **settings.given())
     except UserError as error:
         raise UserError(f"model.{error} (recipe {recipe})") from None
+
+
+_NAMED_QUANT_FIELDS = ("w_bits", "e_bits", "a_bits", "weight_method", "weight_granularity", "weight_clip",
+                       "quantize_lm_head", "attention_quant")
 
 
 class DQStudentModule(Seq2SeqModule):
@@ -145,7 +154,7 @@ class DQStudentModule(Seq2SeqModule):
         attention_quant: attention operands at a_bits: dq-bart (q after scaling, k, v, probabilities after
             dropout, symmetric per tensor), asym_probs (q before scaling, k, v with the activation quantizer,
             probabilities asymmetric before dropout) or off. Unset: the recipe's (dq-bart; dq_lightning off).
-        quant_settings: further `QuantConfig` fields (e.g. {act_clip: 2.5, embedding_granularity: tensor}).
+        quant_settings: the other `QuantConfig` fields (`--model.quant_settings.act_clip=inf`, ...).
         quant_warmup_steps: optimizer steps in full precision before quantization starts.
         eval_head: with a full-precision-trained LM head (quantize_lm_head false), which head validation and
             test use: trained (the latent full-precision head, the official evaluation) or deployed (the
@@ -179,7 +188,7 @@ class DQStudentModule(Seq2SeqModule):
         # the quantizers
         weight_method: WeightMethod = "auto", weight_granularity: Granularity | None = None,
         weight_clip: float | None = None, quantize_lm_head: bool | None = None,
-        attention_quant: AttentionQuant | None = None, quant_settings: dict[str, Any] | None = None,
+        attention_quant: AttentionQuant | None = None, quant_settings: QuantSettings = QuantSettings(),
         quant_warmup_steps: int = 0,
         # evaluation and optimization
         eval_head: EvalHead = "trained", evaluate_teacher: bool = False, lr: float = 3e-5,
@@ -194,6 +203,8 @@ class DQStudentModule(Seq2SeqModule):
                          generate_on_validation=generate_on_validation,
                          prediction_table_rows=prediction_table_rows)
         self.save_hyperparameters()
+        quant_settings = _quant_settings(quant_settings, _NAMED_QUANT_FIELDS)
+        self.hparams["quant_settings"] = asdict(quant_settings)  # plain values: checkpoints load weights_only
         _choice("mode", mode, MODES)
         _choice("eval_head", eval_head, EVAL_HEADS)
         self.attention_maps = _choice("attention_maps", attention_maps or defaults["attention_maps"],

@@ -11,7 +11,7 @@ defaults; "dq_lightning", this project's own choices, each of which is a field o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from dq_lightning.errors import UserError
 
@@ -200,6 +200,36 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The `QuantConfig` fields that are not arguments of the student of their own (`--model.quant_settings.*`).
+    Unset (null) takes the `QuantConfig` default, which both recipes share."""
+
+    embedding_method: WeightMethod | None = None
+    """Quantizer of the token embedding: auto (ternary at 2 bits, minmax otherwise), minmax, ternary or lsq.
+    Unset: auto."""
+
+    act_method: ActMethod | None = None
+    """Activation quantizer: minmax (symmetric, the official), asym_minmax (with a zero point) or lsq (learned
+    step size). Unset: minmax."""
+
+    embedding_granularity: Granularity | None = None
+    """Token embedding (and a quantized LM head): row, one scale per token (the official), or tensor. Unset: row."""
+
+    act_granularity: Granularity | None = None
+    """Activations: tensor, one dynamic scale per tensor (the official), or row, one per token. Unset: tensor."""
+
+    act_clip: float | None = None
+    """Activations are clipped to +-act_clip before quantization; inf for no clip. Unset: 2.5 (the official)."""
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set, as `QuantConfig` takes them (inf, no clip, is `QuantConfig`'s None)."""
+        fields = {name: value for name, value in asdict(self).items() if value is not None}
+        if fields.get("act_clip") == float("inf"):
+            fields["act_clip"] = None
+        return fields
 
 
 def recipe_defaults(name: str, flag: str = "recipe") -> dict:
