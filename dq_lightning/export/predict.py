@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "output line per input line")
     parser.add_argument("--int8", action="store_true", help="run the quantized Linear layers as int8 GEMMs "
                         "(packed exports only; faster, close to but not token-identical with the FP32 path)")
+    add_decoding_flags(parser)
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    parser.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation (default: the one "
+                        "the model was trained with; eager keeps packed generations identical to the student's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `generation_settings`, `source_length` and `predict`'s batches (shared with robustness)."""
     parser.add_argument("--num-beams", type=int, metavar="N", help="beam width (default: the model's "
                         "generation_config)")
     parser.add_argument("--max-length", type=int, metavar="N", help="maximum output length in tokens, start "
@@ -82,11 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "task's, else the model's positions)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts per generate call "
                         "(default 8)")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
-    parser.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation (default: the one "
-                        "the model was trained with; eager keeps packed generations identical to the student's)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+
+
+def check_decoding_flags(args: argparse.Namespace) -> None:
+    for flag, value in (("--num-beams", args.num_beams), ("--max-length", args.max_length),
+                        ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                        ("--max-source-length", args.max_source_length)):
+        _positive(flag, value)
+
+
+def source_length(model, task: dict, requested: int | None) -> int:
+    """Input tokens kept: `requested`, else the task's, else the model's positions; never more than those."""
+    positions = model.config.max_position_embeddings
+    return min(requested or task.get("max_source_length") or positions, positions)
 
 
 def _positive(flag: str, value: int | None) -> None:
@@ -124,8 +142,8 @@ def read_texts(source: str, invalid_utf8: str = "error") -> list[str]:
     return texts
 
 
-def load_model(directory: str, int8: bool, attn: str | None):
-    """(model, tokenizer, task info) of a packed export or a Hugging Face directory."""
+def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--model"):
+    """(model, tokenizer, task info) of a packed export or a Hugging Face directory; errors name `flag`."""
     from dq_lightning.export.loading import load_packed
     from dq_lightning.export.manifest import MANIFEST
     from dq_lightning.models.loading import load_pretrained
@@ -133,20 +151,20 @@ def load_model(directory: str, int8: bool, attn: str | None):
 
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise UserError(f"--model {directory}: no such directory")
+        raise UserError(f"{flag} {directory}: no such directory")
     if (path / MANIFEST).exists():
-        model = load_packed(path, int8=int8, attn_implementation=attn)
+        model = load_packed(path, int8=int8, attn_implementation=attn, flag=flag)
         task = model.dq_export.get("task") or {}
     elif not (path / "config.json").exists():
-        raise UserError(f"--model {directory}: neither a packed export (no {MANIFEST}) nor a Hugging Face model "
+        raise UserError(f"{flag} {directory}: neither a packed export (no {MANIFEST}) nor a Hugging Face model "
                         "directory (no config.json)")
     else:
         if int8:
-            raise UserError(f"--model {directory}: --int8 needs a packed export (this directory has no "
+            raise UserError(f"{flag} {directory}: --int8 needs a packed export (this directory has no "
                             f"{MANIFEST}; make one with python -m dq_lightning export)")
-        model = load_pretrained(str(path), flag="--model", attn_implementation=attn or "eager").eval()
+        model = load_pretrained(str(path), flag=flag, attn_implementation=attn or "eager").eval()
         task = _languages_of_hf_directory(path)
-    tokenizer = load_tokenizer(str(path), flag="--model")
+    tokenizer = load_tokenizer(str(path), flag=flag)
     if task.get("source_lang") and hasattr(tokenizer, "src_lang"):
         tokenizer.src_lang = task["source_lang"]
     return model, tokenizer, task
@@ -225,10 +243,8 @@ def predict(model, tokenizer, texts: list[str], generation, batch_size: int, max
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for flag, value in (("--num-beams", args.num_beams), ("--max-length", args.max_length),
-                            ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
-                            ("--threads", args.threads), ("--max-source-length", args.max_source_length)):
-            _positive(flag, value)
+        check_decoding_flags(args)
+        _positive("--threads", args.threads)
         if args.threads:
             import torch
 
@@ -237,8 +253,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--model {args.model}: no such directory")
         texts = read_texts(args.input, args.invalid_utf8)
         model, tokenizer, task = load_model(args.model, args.int8, args.attn)
-        positions = model.config.max_position_embeddings
-        max_source = min(args.max_source_length or task.get("max_source_length") or positions, positions)
+        max_source = source_length(model, task, args.max_source_length)
         generation = generation_settings(model, args)
         if hasattr(sys.stdout, "reconfigure"):
             # UTF-8 and "\n" whatever the locale or PYTHONIOENCODING say: an output the terminal's encoding
