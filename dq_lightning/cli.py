@@ -34,6 +34,7 @@ from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
                                      is_other_rank, move_aside, replace_own_files)
+from dq_lightning.config_files import BASE_KEY, data_task, expand_bases, resolve_task_monitors
 from dq_lightning.devices import check_gpu_request
 
 # Settings dataclasses (QuantSettings, ...) document each field in the docstring below it, as litgpt does:
@@ -155,6 +156,9 @@ class DQLightningCLI(LightningCLI):
                                  "trainer.accumulate_grad_batches is derived as global_batch_size / (trainer.devices "
                                  "x trainer.num_nodes x data.batch_size) and recorded in config.yaml (the paper "
                                  "configs: 16, the DQ-BART recipe)")
+        parser.add_argument(f"--{BASE_KEY}", type=Optional[list[str]], default=None,
+                            help="in a config file only: the config files it builds on (paths relative to it), "
+                                 "applied before it (dq_lightning.config_files)")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -194,19 +198,23 @@ class DQLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
-        self._argv = [str(token) for token in argv]
+        self._argv = expand_bases([str(token) for token in argv])  # each --config preceded by its bases
         try:
-            super().parse_arguments(parser, args)
+            # Not LightningCLI's parse_arguments: given the expanded list while sys.argv holds the typed one,
+            # it warns that both were given.
+            self.config = parser.parse_args(self._argv)
         except argparse.ArgumentError as error:  # raised, not printed, when main() sets exit_on_error=False
             subparsers = getattr(self, "_subcommand_parsers", {})
             subparser = subparsers.get(self._argv[0]) if self._argv else None
             options = list((subparser or parser)._option_string_actions)
             raise UserError(explain_parser_error(str(error), self._argv, options)) from None
         self._model_flags = model_settings_given(argv)
-        # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
-        # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand, self.config)
+        config[BASE_KEY] = None  # a saved config is complete; its bases' relative paths would not hold there
+        resolve_task_monitors(config)
+        # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
+        # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
         ckpt_path, model_class = config.get("ckpt_path"), (config.get("model") or {}).get("class_path")
         if ckpt_path and model_class:
             check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates")
@@ -287,21 +295,16 @@ def model_settings_given(argv: list[str]) -> list[str]:
 
 
 def check_data_config(data: dict | None) -> None:
-    """`check_data_source` for the configured DataModule, when it is one of ours (the task from the class or,
-    for the pre-training modules, from `task`)."""
-    if not hasattr(data, "get") or not data.get("class_path"):  # a jsonargparse Namespace, or a dict
+    """`check_data_source` for the configured DataModule, when it is one of ours."""
+    task = data_task(data)
+    if not task:
         return
     from dq_lightning.data.datamodule import DEFAULT_CACHE_DIR, Seq2SeqDataModule, check_data_source
 
     module, _, name = str(data["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except Exception:  # noqa: BLE001 - the parser accepted it; instantiating it reports its own errors
-        return
-    init_args = data.get("init_args") or {}
-    task = init_args.get("task") or getattr(cls, "task_name", "")
-    if isinstance(cls, type) and issubclass(cls, Seq2SeqDataModule) and task:
-        check_data_source(str(task), init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR)
+    if issubclass(getattr(importlib.import_module(module), name), Seq2SeqDataModule):
+        init_args = data.get("init_args") or {}
+        check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR)
 
 
 def check_gpus(trainer_config: dict, argv: list[str]) -> None:

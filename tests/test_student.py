@@ -105,6 +105,8 @@ def test_bad_student_settings_name_the_setting(settings, message, teacher_dir):
 def test_run_summary_names_what_was_actually_trained(settings, expected, teacher_dir):
     summary = DQStudentModule(teacher=str(teacher_dir), **settings).run_summary()
     assert (summary["mode"], summary["bits"], summary["encoder_layers"], summary["decoder_layers"]) == expected
+    # The widths travel as numbers, so reports never parse the W-E-A string back.
+    assert "-".join(str(summary[key]) for key in ("w_bits", "e_bits", "a_bits")) == expected[1]
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

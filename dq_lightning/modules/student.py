@@ -312,7 +312,9 @@ class DQStudentModule(Seq2SeqModule):
         quant = self.quant_config
         # dq at 32-32-32 trains exactly as distill_only does; one name keeps them one series in plots.
         mode = "distill_only" if quant is None and self.hparams.mode == "dq" else self.hparams.mode
+        widths = (quant.w_bits, quant.e_bits, quant.a_bits) if quant else (FULL_PRECISION,) * 3
         return {"mode": mode, "recipe": self.hparams.recipe, "bits": quant.notation if quant else "32-32-32",
+                **dict(zip(("w_bits", "e_bits", "a_bits"), widths)),
                 "encoder_layers": len(self.encoder_map), "decoder_layers": len(self.decoder_map),
                 "encoder_layer_map": self.encoder_map, "decoder_layer_map": self.decoder_map,
                 "teacher": self.hparams.teacher}

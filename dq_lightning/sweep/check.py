@@ -17,11 +17,11 @@ import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
 
+from dq_lightning.config_files import read_composed
 from dq_lightning.errors import UserError
 from dq_lightning.sweep.spec import SweepPoint, command_for
 from dq_lightning.devices import check_gpu_request
@@ -75,10 +75,9 @@ def _read_config(command: list[str]) -> tuple[str | None, dict]:
     if not config:
         return None, {}
     try:
-        loaded = yaml.safe_load(Path(config).read_text())
+        return config, read_composed(config)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return config, {}  # the full check reports it with the parser's own words
-    return config, loaded if isinstance(loaded, dict) else {}
 
 
 def preflight_data(task, sweep: dict, data_dir: str | None) -> None:

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dq_lightning.errors import UserError
 from dq_lightning.files import write_text_atomic
+from dq_lightning.quant.config import parse_wea
 from dq_lightning.sweep.comparisons import point_key
 from dq_lightning.sweep.spec import SweepPoint
 
@@ -32,6 +34,16 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+BIT_FIELDS = ("w_bits", "e_bits", "a_bits")
+
+
+def _widths(bits: str | None) -> tuple[int | None, ...]:
+    try:
+        return parse_wea(bits)
+    except UserError:
+        return (None,) * 3
 
 
 def _split(value: str | None, parts: int) -> list[int | None]:
@@ -53,7 +65,8 @@ def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | Non
     bits = summary.get("bits") or params.get("model.bits", "")
     depth = (f"{summary['encoder_layers']}-{summary['decoder_layers']}" if "encoder_layers" in summary
              else params.get("model.depth"))
-    w, e, a = _split(bits, 3)
+    # A finished run records its widths; a pending one has only the grid's W-E-A string.
+    w, e, a = (summary.get(key) for key in BIT_FIELDS) if BIT_FIELDS[0] in summary else _widths(bits)
     encoder_layers, decoder_layers = _split(depth, 2)
     row: dict[str, Any] = {"run_id": run_dir.name, "status": status.get("status", "pending"), "mode": mode,
                            "bits": bits, "w_bits": w, "e_bits": e, "a_bits": a,
