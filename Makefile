@@ -118,6 +118,16 @@ sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; 
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS)
 
+# The genetic search of the teacher layers a DEPTH (encoder-decoder) x BITS (W-E-A) student copies, teacher first
+# if missing; the same command continues a killed search. ARGS: more search-map flags (e.g. ARGS='--steps 40').
+DEPTH ?= 6-3
+BITS ?= 2-2-8
+.PHONY: search-map
+search-map: check-task $(STAMP) ## Search the layer map of a DEPTH=6-3 BITS=2-2-8 student; runs/TASK/search-map/
+	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
+	$(PY) -m dq_lightning search-map --config experiments/$(TASK)/dq-$(SCALE).yaml --depth $(DEPTH) --bits $(BITS) \
+		$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
 # An online sweep across machines: create it once here, then one `wandb agent` per machine
 # (experiments/cluster/slurm-sweep.sbatch runs them as a SLURM job array).
 sweep-id: check-task $(STAMP) ## Create the W&B sweep of TASK at SCALE once and keep its id (for agents on several machines)
