@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dq_lightning.errors import UserError
+from dq_lightning.quant.quantizers import make_activation_quantizer, make_weight_quantizer
 from dq_lightning.quant import (AsymMinMaxQuantizer, LSQQuantizer, MinMaxQuantizer, QuantConfig, TernaryQuantizer,
                                 make_weight_quantizer, parse_wea)
 
@@ -252,3 +253,23 @@ def test_activation_quantizer_rebuilt_from_its_spec_computes_the_same(bits, meth
     rebuilt.load_state_dict(original.state_dict())
     assert rebuilt.spec == original.spec
     assert torch.equal(rebuilt(x), original(x))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: make_activation_quantizer(8, "minmax", "tensor", 2.5),
+    lambda: make_activation_quantizer(4, "asym_minmax", "row", None),
+    lambda: make_activation_quantizer(8, "lsq", "tensor", None),
+    lambda: make_weight_quantizer(2, "ternary", "row"),
+    lambda: make_weight_quantizer(4, "minmax", "tensor", 2.5),
+], ids=["minmax", "asym_minmax", "lsq", "ternary", "weight minmax"])
+def test_inference_computes_the_quantizers_forward_exactly(build):
+    """Deployed models (converted students, loaded exports) quantize their inputs with `inference`: it must be
+    the training forward's numbers bit for bit, and keep the gradient when one is asked for."""
+    quantizer = build()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 3
+    expected = quantizer(x)  # also initialises an LSQ step from its first batch
+    with torch.no_grad():
+        assert torch.equal(quantizer.inference(x), expected)
+    leaf = x.clone().requires_grad_(True)
+    quantizer.inference(leaf).sum().backward()
+    assert leaf.grad is not None and torch.equal(quantizer(x), expected)

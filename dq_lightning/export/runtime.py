@@ -2,10 +2,10 @@
 
 - Activation quantization: the student was trained with every quantized Linear's input fake-quantized at
   A bits. A loaded model keeps the standard `nn.Linear` class and gets the same quantizer as a child module
-  `input_quantizer`, applied by a forward pre-hook, so its outputs equal the fake-quantized student's.
-  The hook computes exactly what the quantizer's forward computes (grid, codes, dequantize) without the
-  straight-through autograd function, which inference does not need and which costs a few microseconds per
-  call.
+  `input_quantizer`, applied by a forward pre-hook with `FakeQuantizer.inference`, the computation a
+  converted student's `ConvertedLinear` uses, so its outputs equal the fake-quantized student's. (The
+  loaded model keeps standard `nn.Linear` modules holding the dequantized weight, so that it is a plain
+  transformers model; a converted student holds the codes.)
 - int8 inference: `int8_linear` turns a packed weight's integer codes and scales into PyTorch's dynamic
   quantized Linear (`torch.ao.nn.quantized.dynamic.Linear`, fbgemm/x86 int8 GEMM with int32 accumulation).
   The weights are the exported codes themselves (per-row scales become per-channel qint8 scales), so no
@@ -29,17 +29,8 @@ from dq_lightning.quant.quantizers import FakeQuantizer
 INPUT_QUANTIZER_ATTR = "input_quantizer"
 
 
-def fake_quantize(quantizer: FakeQuantizer, x: Tensor) -> Tensor:
-    """`quantizer(x)` as inference computes it: the same grid, codes and dequantization as the forward of
-    every activation quantizer (min-max, asymmetric, LSQ), without the straight-through gradient."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return quantizer(x)
-    qparams = quantizer.qparams(x)
-    return quantizer._dequantize_(quantizer.codes(x, qparams), qparams)
-
-
 def _quantize_input(module: nn.Module, args: tuple):
-    return (fake_quantize(getattr(module, INPUT_QUANTIZER_ATTR), args[0]), *args[1:])
+    return (getattr(module, INPUT_QUANTIZER_ATTR).inference(args[0]), *args[1:])
 
 
 def _clip_input(module: nn.Module, args: tuple):

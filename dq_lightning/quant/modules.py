@@ -255,7 +255,7 @@ class ConvertedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
+            x = self.input_quantizer.inference(x)
         return F.linear(x, self.packed.dequantize(), self.bias)
 
 

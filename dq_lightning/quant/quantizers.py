@@ -169,6 +169,16 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, self.qparams(x))
 
+    def inference(self, x: Tensor) -> Tensor:
+        """`self(x)` as deployed models compute it: the same grid, codes and dequantization as the forward of
+        every quantizer (min-max, asymmetric, ternary, LSQ), without the straight-through autograd function,
+        which inference does not need and which costs a few microseconds per call. The one definition of a
+        quantized input at inference, for converted students and loaded exports alike."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self(x)
+        qparams = self.qparams(x)
+        return self._dequantize_(self.codes(x, qparams), qparams)
+
     def lookup(self, weight: Tensor, ids: Tensor, padding_idx: int | None = None) -> Tensor:
         """Fake-quantized `weight[ids]`, equal to quantizing the whole matrix and then looking up, but
         quantizing only the rows looked up (an embedding forward touches a few hundred of 50k rows)."""
