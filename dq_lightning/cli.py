@@ -34,7 +34,7 @@ from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
                                      is_other_rank, move_aside, replace_own_files)
-from dq_lightning.config_files import BASE_KEY, data_task, expand_bases, resolve_task_monitors
+from dq_lightning.config_files import BASE_KEY, data_task, expand_bases, resolve_task_monitors, setting_origin
 from dq_lightning.devices import check_gpu_request
 
 # Settings dataclasses (QuantSettings, ...) document each field in the docstring below it, as litgpt does:
@@ -198,7 +198,8 @@ class DQLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
-        self._argv = expand_bases([str(token) for token in argv])  # each --config preceded by its bases
+        self._typed_argv = [str(token) for token in argv]
+        self._argv = expand_bases(self._typed_argv)  # each --config preceded by its bases
         try:
             # Not LightningCLI's parse_arguments: given the expanded list while sys.argv holds the typed one,
             # it warns that both were given.
@@ -252,7 +253,7 @@ class DQLightningCLI(LightningCLI):
         # the data read or anything written: one error line instead of a traceback minutes later.
         argv = getattr(self, "_argv", [])
         config = self.config.get(self.subcommand, self.config)
-        check_gpus(trainer_config, argv)
+        check_gpus(trainer_config, getattr(self, "_typed_argv", argv))  # names the config the user typed
         check_data_config(config.get("data"))
         root = trainer_config.get("default_root_dir")
         self._move_aside = []
@@ -337,12 +338,12 @@ def setting_source(key: str, value, argv: list[str]) -> tuple[str, bool]:
     section, _, name = key.partition(".")
     for path in reversed(config_paths(argv)):
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            origin = setting_origin(path, section, name)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError):
             continue
-        part = loaded.get(section) if isinstance(loaded, dict) else None
-        if isinstance(part, dict) and name in part:
-            return f"{path} ({key}: {value})", False
+        if origin is not None:
+            via = "" if origin == Path(path) else f", from {origin}"
+            return f"{path} ({key}: {value}{via})", False
     return f"{key}={value}", False
 
 

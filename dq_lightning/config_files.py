@@ -45,14 +45,14 @@ def _bases_of(path: Path) -> list[Path]:
     return bases
 
 
-def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
+def with_bases(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
     """`path` preceded by everything it builds on, depth first; each file once."""
     if path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise UserError(f"{path}: {BASE_KEY}: the configs build on each other in a circle ({cycle})")
     ordered: list[Path] = []
     for base in _bases_of(path):
-        ordered += [p for p in _with_bases(base, (*chain, path.resolve())) if p not in ordered]
+        ordered += [p for p in with_bases(base, (*chain, path.resolve())) if p not in ordered]
     return [*ordered, path]
 
 
@@ -73,7 +73,7 @@ def expand_bases(argv: list[str]) -> list[str]:
         if name is None:
             expanded.append(token)
         else:
-            for path in _with_bases(Path(name)):
+            for path in with_bases(Path(name)):
                 expanded += ["--config", str(path)]
         index += 1
     return expanded
@@ -117,11 +117,21 @@ def _merge(into: dict, other: dict) -> dict:
     return into
 
 
+def setting_origin(path: str | Path, section: str, name: str) -> Path | None:
+    """The file that gives `section.name` its value in config `path`: `path` itself or one of its bases."""
+    for file in reversed(with_bases(Path(path))):
+        loaded = yaml.safe_load(file.read_text())
+        part = loaded.get(section) if isinstance(loaded, dict) else None
+        if isinstance(part, dict) and name in part:
+            return file
+    return None
+
+
 def read_composed(path: str | Path) -> dict:
     """The settings of config file `path` with its bases merged in, as plain YAML (no parsing, no
     interpolation): for checks that read a setting before the parser runs. OSError and YAMLError propagate."""
     merged: dict = {}
-    for file in _with_bases(Path(path)):
+    for file in with_bases(Path(path)):
         loaded = yaml.safe_load(file.read_text())
         if isinstance(loaded, dict):
             _merge(merged, loaded)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import PROJECT_ROOT, run_cli
+from dq_lightning.config_files import read_composed
 from tests.test_bad_input_data import ENV, QUICK, digest, one_error
 
 TEACHER_TINY = "experiments/xsum/teacher-tiny.yaml"
@@ -213,7 +214,7 @@ def test_parser_error_names_the_flag_in_the_error_line(case, run, tmp_path, cach
 
 
 def test_parser_error_from_a_config_file_names_key_and_file(tmp_path, cache_dir, shared_data):
-    config = yaml.safe_load((PROJECT_ROOT / TEACHER_TINY).read_text())
+    config = read_composed(PROJECT_ROOT / TEACHER_TINY)
     config["model"]["init_args"]["lr"] = "fast"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dq_lightning.__main__ import main
-from dq_lightning.config_files import _with_bases, expand_bases, read_composed
+from dq_lightning.config_files import with_bases, expand_bases, read_composed
 from dq_lightning.errors import UserError
 from tests.conftest import PROJECT_ROOT
 
@@ -46,7 +46,7 @@ def test_conda_environment_installs_the_makefiles_torch():
 
 
 def test_every_base_is_used_by_a_shipped_config():
-    used = {path.resolve() for config in CONFIGS for path in _with_bases(config)}
+    used = {path.resolve() for config in CONFIGS for path in with_bases(config)}
     assert set(path.resolve() for path in BASES) <= used, set(BASES) - used
 
 

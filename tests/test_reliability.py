@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
+from dq_lightning.config_files import read_composed
 from tests.conftest import PROJECT_ROOT, run_cli
 
 
 def quick_config(tmp_path, shared_data, cache_dir, every_n_steps, **trainer):
     """teacher-tiny.yaml made small, logging every step's loss to CSV."""
-    config = yaml.safe_load((PROJECT_ROOT / "experiments/xsum/teacher-tiny.yaml").read_text())
+    config = read_composed(PROJECT_ROOT / "experiments/xsum/teacher-tiny.yaml")
     config["model"]["init_args"].update(model="micro", generation={"num_beams": 1, "max_length": 6})
     config["data"]["init_args"].update(data_dir=str(shared_data / "xsum"), cache_dir=str(cache_dir), vocab_size=500,
                                        max_train_samples=64, max_eval_samples=4, max_source_length=64,
