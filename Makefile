@@ -106,10 +106,13 @@ $(RUNS)/teacher-$(SCALE)/hf/config.json: | $(STAMP)
 
 # TEST_FILE=path (make sweep / make report): also test every finished run and the teacher on that file.
 TEST_FILE ?=
+# ROBUSTNESS=rate (make sweep): also score the teacher and every run on test sources with that share of words
+# perturbed (python -m dq_lightning robustness); results.csv gains robust<rate>/... columns.
+ROBUSTNESS ?=
 # WORKERS=n runs trained at once; auto: one per core without GPUs (each with its share of the cores), else one.
 WORKERS ?= auto
 SWEEP_ARGS := --task $(TASK) --scale $(SCALE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(GPUS),--gpus $(GPUS)) \
-	$(if $(TEST_FILE),--test-file $(TEST_FILE)) --workers $(WORKERS)
+	$(if $(TEST_FILE),--test-file $(TEST_FILE)) $(if $(ROBUSTNESS),--robustness $(ROBUSTNESS)) --workers $(WORKERS)
 
 # --preflight first: a malformed sweep file, missing data while offline or GPUs the machine lacks is one error
 # line before the teacher is trained, not after.

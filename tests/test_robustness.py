@@ -269,3 +269,36 @@ def test_bad_input_is_one_error_line_naming_the_flag(case, student_run, shared_d
     assert len(stderr) == 1 and stderr[0].startswith("error: ") and flag in stderr[0], stderr
     for directory, snapshot in runs.items():
         assert _snapshot(directory) == snapshot  # no file, not even an empty robustness/ directory
+
+
+def test_sweep_robustness_scores_each_run_once_and_reports_its_columns(student_run, shared_data, cache_dir):
+    """`sweep --robustness RATE`: every finished run is scored by the robustness command once (a run already
+    scored at that rate is skipped) and results.csv's row gains robust<rate>/... columns from its report."""
+    from dq_lightning.sweep import robustness as sweep_robustness
+    from dq_lightning.sweep.report import columns_of, run_row
+    from dq_lightning.sweep.runner import _run_logged
+
+    commands = []
+
+    def run_small(command, log):  # the sweep's command, on 4 examples
+        commands.append(command)
+        return _run_logged([*command, "--max-samples", "4", "--threads", "1", "--cache-dir", str(cache_dir)], log)
+
+    failed = sweep_robustness.measure_all([student_run], 0.5, str(shared_data / "xsum"), None, run_small)
+    assert failed == [] and len(commands) == 1
+    assert commands[0][-6:] == ["--run", str(student_run), "--rate", "0.5", "--data-dir", str(shared_data / "xsum")]
+    assert sweep_robustness.measure_all([student_run], 0.5, None, None, run_small) == [] and len(commands) == 1
+
+    report = json.loads((student_run / "robustness" / "rate-0.5" / "robustness.json").read_text())
+    row = run_row(student_run)
+    for measure in ("clean", "perturbed", "drop", "stability", "label_loyalty", "output_agreement"):
+        assert row[f"robust0.5/{measure}"] == report["models"][0][measure]
+        assert f"robust0.5/{measure}" in columns_of([row])
+
+
+def test_sweep_refuses_a_robustness_rate_outside_0_1(tmp_path):
+    result = run_cli("sweep", "--task", "demo", "--runs", str(tmp_path), "--robustness", "1.5", "--preflight")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --robustness 1.5 (make: ROBUSTNESS): a perturbation rate is a share of words, in [0, 1]"]
+    assert not any(tmp_path.iterdir())

@@ -22,6 +22,7 @@ from dq_lightning.errors import UserError
 from dq_lightning.files import write_text_atomic
 from dq_lightning.quant.config import parse_wea
 from dq_lightning.sweep.comparisons import point_key
+from dq_lightning.sweep.robustness import COLUMN_PREFIX as ROBUST_PREFIX, columns as robustness_columns
 from dq_lightning.sweep.spec import SweepPoint
 
 FIXED_COLUMNS = ["run_id", "status", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
@@ -77,6 +78,7 @@ def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | Non
         row[key] = test.get(f"test/{key}", val.get(f"val/{key}"))
     row.update({k: v for k, v in val.items() if k.startswith("val/")})
     row.update(test)
+    row.update(robustness_columns(run_dir))
     row["wall_time_s"] = status.get("wall_time_s")
     row["threads"] = fit.get("threads")
     row["error"] = status.get("error", "")
@@ -94,11 +96,12 @@ def teacher_row(teacher_dir: Path, test_dir: Path | None = None) -> dict[str, An
            "wall_time_s": fit.get("wall_time_s"), "threads": fit.get("threads"), "error": ""}
     row.update({k: v for k, v in fit.get("metrics", {}).items() if k.startswith("val/")})
     row.update(test)
+    row.update(robustness_columns(teacher_dir))
     return row
 
 
 def columns_of(rows: list[dict]) -> list[str]:
-    metric_keys = sorted({k for row in rows for k in row if k.startswith(("val/", "test/"))})
+    metric_keys = sorted({k for row in rows for k in row if k.startswith(("val/", "test/", ROBUST_PREFIX))})
     return FIXED_COLUMNS + metric_keys + TAIL_COLUMNS
 
 

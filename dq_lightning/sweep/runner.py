@@ -41,7 +41,7 @@ from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillati
                                             seed_summary)
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
                                        seed_markdown, teacher_row, write_csv_atomic)
-from dq_lightning.sweep import claims
+from dq_lightning.sweep import claims, robustness
 from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
 from dq_lightning.sweep.spec import SEED_PARAMETER, SweepPoint, command_for, expand_grid, load_sweep, run_id_of
 
@@ -573,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples of the test examples behind every 95%% interval (at least 100)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
+    parser.add_argument("--robustness", type=float, metavar="RATE",
+                        help="after training, score the teacher and every finished run on test sources with this "
+                             "share of words perturbed (python -m dq_lightning robustness); results.csv gains "
+                             "robust<RATE>/... columns")
     parser.add_argument("--preflight", action="store_true",
                         help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
                              "exit; `make sweep` runs it before training the teacher")
@@ -617,6 +621,19 @@ def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[st
     return outcome, classes
 
 
+def _measure_robustness(args: argparse.Namespace, points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path,
+                        outcome: Outcome | None) -> Outcome | None:
+    """`--robustness`: the teacher's and every finished run's robustness, failures added to the outcome."""
+    finished = [sweep_dir / point.run_id for point in points if tested_after_fit(sweep_dir / point.run_id)]
+    teacher = [teacher_dir] if (teacher_dir / "hf").is_dir() else []
+    failed = robustness.measure_all(teacher + finished, args.robustness, args.data_dir, args.test_file,
+                                    _run_logged)
+    if failed:
+        outcome = outcome or Outcome()
+        outcome.failed.extend(failed)
+    return outcome
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         task = get_task(args.task)
@@ -625,6 +642,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise UserError(f"--data-dir {args.data_dir} (make: DATA_DIR): no such directory")
         bootstrap = Bootstrap(check_resamples(args.bootstrap, "--bootstrap"), args.bootstrap_seed)
+        robustness.check_rate(args.robustness)
         test_set = _test_set(args.test_file, task)
         path = Path(args.sweep_file) if args.sweep_file else sweep_file(args.task, args.scale)
         sweep = load_sweep(path)
@@ -653,6 +671,8 @@ def _main(args: argparse.Namespace) -> int:
             if failures:
                 outcome = outcome or Outcome()
                 outcome.failed.extend(failures)
+        if args.robustness is not None and not args.report_only:
+            outcome = _measure_robustness(args, points, sweep_dir, teacher_dir, outcome)
         report(sweep, points, sweep_dir, teacher_dir, name, wandb_mode, bootstrap, test_set)
         if outcome and outcome.elsewhere:
             count = len(outcome.elsewhere)
