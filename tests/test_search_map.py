@@ -13,8 +13,9 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
-from dq_lightning.distill.layer_map import layer_map, unsorted_maps_allowed
+from dq_lightning.distill.layer_map import layer_map
 from dq_lightning.errors import UserError
 from dq_lightning.search.fitness import Fitness
 from dq_lightning.search.genome import MapSpace
@@ -92,12 +93,20 @@ def test_layer_map_takes_unsorted_maps_only_when_asked():
     with pytest.raises(UserError, match="strictly increasing"):
         layer_map(6, 3, [5, 0, 2])
     assert layer_map(6, 3, [5, 0, 2], allow_unsorted=True) == [5, 0, 2]
-    with unsorted_maps_allowed():
-        assert layer_map(6, 3, [5, 0, 2]) == [5, 0, 2]
-        with pytest.raises(UserError, match="repeats a layer"):
-            layer_map(6, 3, [5, 0, 5])
-    with pytest.raises(UserError, match="strictly increasing"):
-        layer_map(6, 3, [5, 0, 2])
+    with pytest.raises(UserError, match="repeats a layer"):
+        layer_map(6, 3, [5, 0, 5], allow_unsorted=True)
+
+
+def test_a_student_takes_an_unsorted_map_only_when_asked(teacher_dir):
+    from dq_lightning.modules.student import DQStudentModule
+
+    with pytest.raises(UserError, match="model.decoder_layer_map=.*strictly increasing"):
+        DQStudentModule(teacher=str(teacher_dir), depth="4-2", decoder_layer_map=[3, 0])
+    student = DQStudentModule(teacher=str(teacher_dir), depth="4-2", decoder_layer_map=[3, 0],
+                              unsorted_layer_maps=True)
+    assert student.decoder_map == [3, 0]
+    teacher_layers = student.teacher.get_decoder().layers
+    assert torch.equal(student.model.get_decoder().layers[0].fc1.weight, teacher_layers[3].fc1.weight)
 
 
 SETTINGS = dict(depth="6-3", bits="2-2-8", teacher_layers=(6, 6))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from dq_lightning.errors import UserError
@@ -15,28 +14,8 @@ STRATEGIES = get_args(LayerMapStrategy)
 # (bart-base, and each stack of the CPU-scale teachers). It differs from max_spacing at 4 and 5 layers.
 DQ_BART_TABLE = {1: [5], 2: [0, 5], 3: [0, 2, 5], 4: [0, 2, 3, 5], 5: [0, 1, 3, 4, 5], 6: [0, 1, 2, 3, 4, 5]}
 
-_unsorted_allowed = False  # set inside `unsorted_maps_allowed`
-
-
-@contextlib.contextmanager
-def unsorted_maps_allowed() -> Iterator[None]:
-    """Within this block, explicit maps may list distinct teacher layers in any order (the layer-map search's
-    `allow_unsorted`); outside it, and by default, they must be strictly increasing.
-
-    A block rather than a flag because the students built inside it (`DQStudentModule` ->
-    `TeacherAndStudent` -> `layer_map`) do not pass one through. Repeats stay refused either way: copying one
-    teacher layer twice would put the same module twice in the student, two layers sharing one set of weights.
-    """
-    global _unsorted_allowed
-    outer, _unsorted_allowed = _unsorted_allowed, True
-    try:
-        yield
-    finally:
-        _unsorted_allowed = outer
-
-
 def layer_map(teacher_layers: int, student_layers: int, strategy: str | Sequence[int] = "max_spacing",
-              flag: str = "model.layer_map", allow_unsorted: bool | None = None) -> list[int]:
+              flag: str = "model.layer_map", allow_unsorted: bool = False) -> list[int]:
     """Teacher layer index for each student layer, in order.
 
     - `dq-bart`: the official code's table for a 6-layer teacher (1: [5], 2: [0, 5], 3: [0, 2, 5],
@@ -47,8 +26,9 @@ def layer_map(teacher_layers: int, student_layers: int, strategy: str | Sequence
       the last.
     - `uniform`: the last layer of each of S equal blocks, e.g. [1, 3, 5] for 6 -> 3.
     - `first` / `last`: the first or last S layers.
-    - an explicit list of S increasing teacher indices; with `allow_unsorted` (None: whether the call is
-      inside `unsorted_maps_allowed()`), S distinct teacher indices in any order.
+    - an explicit list of S increasing teacher indices; with `allow_unsorted`, S distinct teacher indices in any
+      order (never a repeat: copying one teacher layer twice would put one module twice in the student, two
+      layers sharing one set of weights).
     """
     if teacher_layers < 1:
         raise UserError(f"{flag}: the teacher has no layers")
@@ -76,9 +56,8 @@ def layer_map(teacher_layers: int, student_layers: int, strategy: str | Sequence
         if not 0 <= index < teacher_layers:
             raise UserError(f"{flag}={indices}: layer {index} is outside the teacher's {teacher_layers} layers "
                             f"(0..{teacher_layers - 1})")
-    unsorted = _unsorted_allowed if allow_unsorted is None else allow_unsorted
-    if unsorted and len(set(indices)) != len(indices):
+    if allow_unsorted and len(set(indices)) != len(indices):
         raise UserError(f"{flag}={indices} repeats a layer (a student copies each teacher layer at most once)")
-    if not unsorted and any(b <= a for a, b in zip(indices, indices[1:])):
+    if not allow_unsorted and any(b <= a for a, b in zip(indices, indices[1:])):
         raise UserError(f"{flag}={indices} must be strictly increasing")
     return indices

@@ -81,7 +81,8 @@ class TeacherAndStudent:
 
     def __init__(self, teacher: str, encoder_layers: int | None = None, decoder_layers: int | None = None,
                  strategy: LayerMapStrategy = "dq-bart", encoder_layer_map: Sequence[int] | None = None,
-                 decoder_layer_map: Sequence[int] | None = None, maps_before_dropout: bool = False):
+                 decoder_layer_map: Sequence[int] | None = None, maps_before_dropout: bool = False,
+                 unsorted_layer_maps: bool = False):
         """
         Args:
             teacher: the teacher's Hugging Face directory or Hub id.
@@ -90,19 +91,23 @@ class TeacherAndStudent:
             encoder_layer_map, decoder_layer_map: explicit teacher layers, overriding `strategy` per stack.
             maps_before_dropout: the student returns its attention maps before dropout (the official code's
                 distillation target) instead of after.
+            unsorted_layer_maps: explicit maps may list distinct teacher layers in any order.
         """
         self.teacher = load_teacher(teacher)
         config = self.teacher.config
-        self.encoder_map = self._map("encoder", config.encoder_layers, encoder_layers, strategy, encoder_layer_map)
-        self.decoder_map = self._map("decoder", config.decoder_layers, decoder_layers, strategy, decoder_layer_map)
+        self.encoder_map = self._map("encoder", config.encoder_layers, encoder_layers, strategy, encoder_layer_map,
+                                     unsorted_layer_maps)
+        self.decoder_map = self._map("decoder", config.decoder_layers, decoder_layers, strategy, decoder_layer_map,
+                                     unsorted_layer_maps)
         self.maps_before_dropout = maps_before_dropout
 
     @staticmethod
     def _map(stack: str, teacher_layers: int, layers: int | None, strategy: str,
-             explicit: Sequence[int] | None) -> list[int]:
+             explicit: Sequence[int] | None, unsorted: bool) -> list[int]:
         layers = teacher_layers if layers is None else layers
         if explicit is not None:
-            return layer_map(teacher_layers, layers, explicit, flag=f"model.{stack}_layer_map")
+            return layer_map(teacher_layers, layers, explicit, flag=f"model.{stack}_layer_map",
+                             allow_unsorted=unsorted)
         return layer_map(teacher_layers, layers, strategy, flag=f"model.student_{stack}_layers")
 
     def new_student(self) -> PreTrainedModel:

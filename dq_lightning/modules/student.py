@@ -129,6 +129,8 @@ class DQStudentModule(Seq2SeqModule):
             uniform, first, last. Unset: the recipe's (dq-bart; dq_lightning: max_spacing).
         encoder_layer_map: explicit teacher encoder layers to copy (overrides layer_map for the encoder).
         decoder_layer_map: explicit teacher decoder layers to copy (overrides layer_map for the decoder).
+        unsorted_layer_maps: explicit maps may list distinct teacher layers in any order (a map searched with
+            search-map --allow-unsorted); false: strictly increasing.
         task_weight: weight of the task cross-entropy.
         logits_weight: weight of the logits distillation loss.
         hidden_weight: weight of the hidden-state MSE (encoder + decoder, summed over layers).
@@ -180,7 +182,7 @@ class DQStudentModule(Seq2SeqModule):
         w_bits: int = 2, e_bits: int = 2, a_bits: int = 8, bits: str | None = None, depth: str | None = None,
         student_encoder_layers: int | None = None, student_decoder_layers: int | None = None,
         layer_map: LayerMapStrategy | None = None, encoder_layer_map: list[int] | None = None,
-        decoder_layer_map: list[int] | None = None,
+        decoder_layer_map: list[int] | None = None, unsorted_layer_maps: bool = False,
         # the objective
         task_weight: float = 1.0, logits_weight: float = 1.0, hidden_weight: float = 1.0,
         attention_weight: float = 1.0, final_encoder_weight: float | None = None, logits_loss: LogitsLoss = "mse",
@@ -224,7 +226,7 @@ class DQStudentModule(Seq2SeqModule):
             student_encoder_layers, student_decoder_layers = parse_depth(depth)
         self.factory = TeacherAndStudent(
             teacher, student_encoder_layers, student_decoder_layers, layer_map or defaults["layer_map"],
-            encoder_layer_map, decoder_layer_map,
+            encoder_layer_map, decoder_layer_map, unsorted_layer_maps=unsorted_layer_maps,
             maps_before_dropout=self.attention_maps == "before_dropout" and self.objective.config.needs_attentions)
         self.model = self.factory.new_student()
         self.quantize = None if self.quant_config is None else QuantizeOnForward(

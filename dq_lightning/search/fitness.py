@@ -23,7 +23,6 @@ Every candidate is fitted from the same seed, so its fitness does not depend on 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -80,8 +79,8 @@ class DQFitness:
     def module(self, genome: Genome):
         settings = self.settings
         overrides = dict(bits=settings.bits, depth=settings.depth, encoder_layer_map=list(genome[0]),
-                         decoder_layer_map=list(genome[1]), generate_on_validation=False, evaluate_teacher=False,
-                         prediction_table_rows=0)
+                         decoder_layer_map=list(genome[1]), unsorted_layer_maps=settings.allow_unsorted,
+                         generate_on_validation=False, evaluate_teacher=False, prediction_table_rows=0)
         return self.run.model_class(**{**self.run.model_args, **overrides})
 
     def logger(self, genome: Genome):
@@ -103,7 +102,6 @@ class DQFitness:
     def __call__(self, genome: Genome) -> Fitness:
         import lightning.pytorch as pl
 
-        from dq_lightning.distill.layer_map import unsorted_maps_allowed
         from dq_lightning.errors import first_line
         from dq_lightning.modules.seq2seq import NonFiniteLossError
 
@@ -111,12 +109,11 @@ class DQFitness:
         pl.seed_everything(self.settings.seed, verbose=False)
         logger = None
         try:
-            with unsorted_maps_allowed() if self.settings.allow_unsorted else contextlib.nullcontext():
-                module = self.module(genome)
-                logger = self.logger(genome)
-                self.trainer(logger, max_steps=self.settings.steps, max_epochs=-1,
-                             limit_val_batches=0).fit(module, datamodule=self.data)
-                metrics = self.trainer(logger).validate(module, datamodule=self.data, verbose=False)[0]
+            module = self.module(genome)
+            logger = self.logger(genome)
+            self.trainer(logger, max_steps=self.settings.steps, max_epochs=-1,
+                         limit_val_batches=0).fit(module, datamodule=self.data)
+            metrics = self.trainer(logger).validate(module, datamodule=self.data, verbose=False)[0]
         except NonFiniteLossError as error:  # a map that diverges is a bad map, not a failed search
             return Fitness(None, None, None, None, time.monotonic() - start, error=first_line(error))
         finally:

@@ -4,7 +4,7 @@ A genome is the pair (encoder map, decoder map), each a tuple of teacher layer i
 By default a map is strictly increasing, as `dq_lightning.distill.layer_map` requires of explicit maps. With
 `allow_unsorted` any order is valid, but never a repeat: `copy_student` would put one teacher module twice in
 the student (two layers sharing one set of weights) and both would be distilled against the same teacher
-layer; `layer_map` accepts such maps only inside `unsorted_maps_allowed()`.
+layer; the student takes such maps with `unsorted_layer_maps` (`layer_map`'s `allow_unsorted`).
 """
 
 from __future__ import annotations
