@@ -126,10 +126,12 @@ sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; 
 DEPTH ?= 6-3
 BITS ?= 2-2-8
 .PHONY: search-map
+SEARCH_ARGS = --config experiments/$(TASK)/dq-$(SCALE).yaml --depth $(DEPTH) --bits $(BITS) \
+	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 search-map: check-task $(STAMP) ## Search the layer map of a DEPTH=6-3 BITS=2-2-8 student; runs/TASK/search-map/
+	@$(PY) -m dq_lightning search-map $(SEARCH_ARGS) --preflight
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
-	$(PY) -m dq_lightning search-map --config experiments/$(TASK)/dq-$(SCALE).yaml --depth $(DEPTH) --bits $(BITS) \
-		$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m dq_lightning search-map $(SEARCH_ARGS)
 
 # An online sweep across machines: create it once here, then one `wandb agent` per machine
 # (experiments/cluster/slurm-sweep.sbatch runs them as a SLURM job array).

@@ -319,3 +319,18 @@ def test_command_line_refuses_bad_input_in_one_line_and_leaves_the_folder_as_it_
         lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
         assert refused.returncode == 2 and len(lines) == 1 and culprit in lines[0], refused.stderr[-2000:]
         assert digest(out) == before
+
+
+def test_preflight_checks_the_flags_without_a_teacher(tmp_path):
+    """make search-map runs --preflight before it would train a missing teacher: a typo costs no training."""
+    common = ["search-map", "--config", "experiments/xsum/dq-tiny.yaml", "--out", str(tmp_path / "out"),
+              "--preflight"]
+    checked = run_cli(*common, "--depth", "6-3", "--bits", "2-2-8")
+    assert checked.returncode == 0 and "flags checked" in checked.stdout, checked.stderr[-2000:]
+    for flags, culprit in ((["--depth", "6x3", "--bits", "2-2-8"], "--depth '6x3'"),
+                           (["--depth", "6-3", "--bits", "2-2"], "--bits 2-2"),
+                           (["--depth", "6-3", "--bits", "2-2-8", "--population", "1"], "--population 1")):
+        refused = run_cli(*common, *flags)
+        lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert refused.returncode == 2 and len(lines) == 1 and culprit in lines[0], refused.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-unsorted", action="store_true",
                         help="maps may list distinct teacher layers in any order (default: strictly increasing)")
     parser.add_argument("--out", help="output folder (default: runs/<task>/search-map/<bits>_<depth>)")
+    parser.add_argument("--preflight", action="store_true",
+                        help="only check the flags, then exit (the depth against the teacher only once it exists); "
+                             "make search-map runs it before training a missing teacher")
     parser.add_argument(RESTART_FLAG, action="store_true",
                         help="start over in a folder holding another search's state (default: continue it, or "
                              "refuse when its settings differ)")
@@ -54,9 +57,17 @@ def settings_of(args: argparse.Namespace, teacher_layers: tuple[int, int]) -> Se
                           allow_unsorted=args.allow_unsorted)
 
 
+_ANY_DEPTH = 1_000
+
+
 @command_line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.preflight:
+        # Any depth fits this stand-in teacher: what can be told without one (format, bits, GA settings).
+        settings_of(args, (_ANY_DEPTH, _ANY_DEPTH))
+        print("search-map: flags checked", flush=True)
+        return 0
     from dq_lightning.distill.student import each_teacher_loaded_once, load_teacher
     from dq_lightning.search.fitness import DQFitness
     from dq_lightning.search.run_config import read_run_config
