@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, MBartForConditionalGeneration
 
-from dq_lightning.distill.student import load_teacher
+from dq_lightning.distill.student import TeacherAndStudent, copy_student, load_teacher
 from dq_lightning.distill.width import Units, Widths, WidthSpec, extract, importance, random_importance
 from dq_lightning.errors import UserError
 from dq_lightning.models.presets import build_config
@@ -225,3 +225,33 @@ def test_bad_width_is_one_user_error(text, message, teacher):
 def test_bad_method_is_a_user_error(teacher):
     with pytest.raises(UserError, match=r"model\.width=0\.5: .*model\.width_method.*'big'"):
         WidthSpec.parse("0.5", teacher.config, method="big")
+
+
+def test_teacher_and_student_builds_a_thinner_student(teacher_dir, batches):
+    factory = TeacherAndStudent(str(teacher_dir), decoder_layers=2, width="0.5", width_method="rand", width_seed=1)
+    student = factory.new_student()
+    assert (student.config.d_model, student.config.decoder_layers, student.config.encoder_ffn_dim) == (16, 2, 32)
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    kept = factory.kept
+    assert sorted(kept.neurons) == [f"model.{stack}.layers.{i}" for stack, n in (("decoder", 2), ("encoder", 4))
+                                    for i in range(n)]
+    factory.new_student()
+    assert torch.equal(factory.kept.hidden, kept.hidden)
+    assert torch.isfinite(student(**batches[0]).loss)
+
+
+def test_teacher_and_student_extracts_by_importance_once_scored(teacher_dir, batches):
+    factory = TeacherAndStudent(str(teacher_dir), encoder_layers=2, width="heads=1")
+    with pytest.raises(RuntimeError, match="score_width"):
+        factory.new_student()
+    factory.score_width(batches)
+    factory.new_student()
+    layers = copy_student(factory.teacher, factory.encoder_map, factory.decoder_map)
+    expected = importance(layers, batches).keep(factory.width)
+    assert torch.equal(factory.kept.hidden, expected.hidden)
+    assert factory.kept.heads.keys() == expected.heads.keys()
+
+
+def test_teacher_and_student_refuses_a_bad_width(teacher_dir):
+    with pytest.raises(UserError, match=r"^model\.width=ffn=128: encoder_ffn 128 is larger"):
+        TeacherAndStudent(str(teacher_dir), width="ffn=128")

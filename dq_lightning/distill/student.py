@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dq_lightning.distill.layer_map import LayerMapStrategy, layer_map
+from dq_lightning.distill.width import Units, WidthMethod, WidthSpec, extract, importance, random_importance
 from dq_lightning.models.loading import load_pretrained
 from dq_lightning.quant import return_maps_before_dropout
 
@@ -82,7 +83,8 @@ class TeacherAndStudent:
     def __init__(self, teacher: str, encoder_layers: int | None = None, decoder_layers: int | None = None,
                  strategy: LayerMapStrategy = "dq-bart", encoder_layer_map: Sequence[int] | None = None,
                  decoder_layer_map: Sequence[int] | None = None, maps_before_dropout: bool = False,
-                 unsorted_layer_maps: bool = False):
+                 unsorted_layer_maps: bool = False, width: str | None = None, width_method: WidthMethod = "impt",
+                 width_seed: int = 0):
         """
         Args:
             teacher: the teacher's Hugging Face directory or Hub id.
@@ -92,6 +94,10 @@ class TeacherAndStudent:
             maps_before_dropout: the student returns its attention maps before dropout (the official code's
                 distillation target) instead of after.
             unsorted_layer_maps: explicit maps may list distinct teacher layers in any order.
+            width: a thinner student extracted from the layer-copied one (`dq_lightning.distill.width`):
+                `heads=`, `ffn=`, `d_model=` settings or one ratio in (0, 1]; None: the teacher's widths.
+            width_method: impt (the most important units; `score_width` first) or rand (a seeded choice).
+            width_seed: the seed of the rand choice.
         """
         self.teacher = load_teacher(teacher)
         config = self.teacher.config
@@ -100,6 +106,11 @@ class TeacherAndStudent:
         self.decoder_map = self._map("decoder", config.decoder_layers, decoder_layers, strategy, decoder_layer_map,
                                      unsorted_layer_maps)
         self.maps_before_dropout = maps_before_dropout
+        self.width = None if width is None else WidthSpec.parse(width, config, width_method)
+        self.width_seed = width_seed
+        self.width_scores: Units | None = None
+        self.kept: Units | None = None
+        """The teacher units a thinner student kept (indices; layers numbered as the student's), once built."""
 
     @staticmethod
     def _map(stack: str, teacher_layers: int, layers: int | None, strategy: str,
@@ -110,12 +121,27 @@ class TeacherAndStudent:
                              allow_unsorted=unsorted)
         return layer_map(teacher_layers, layers, strategy, flag=f"model.student_{stack}_layers")
 
+    def score_width(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
+        """Score the units of the layer-copied student on a few training batches, for `width_method` impt."""
+        self.width_scores = importance(copy_student(self.teacher, self.encoder_map, self.decoder_map), batches)
+
     def new_student(self) -> PreTrainedModel:
-        """A trainable full-precision student copied from the teacher's layers of the two maps."""
-        student = copy_student(self.teacher, self.encoder_map, self.decoder_map).requires_grad_(True).train()
+        """A trainable full-precision student copied from the teacher's layers of the two maps, and made
+        thinner by `width`."""
+        student = copy_student(self.teacher, self.encoder_map, self.decoder_map)
+        if self.width is not None:
+            student, self.kept = extract(student, self.width, self._scores_for(student))
+        student.requires_grad_(True).train()
         if self.maps_before_dropout:
             return_maps_before_dropout(student)
         return student
+
+    def _scores_for(self, student: PreTrainedModel) -> Units:
+        if self.width.method == "rand":
+            return random_importance(student, self.width_seed)
+        if self.width_scores is None:
+            raise RuntimeError("model.width with width_method impt: call score_width(batches) before new_student")
+        return self.width_scores
 
     def teacher_on(self, device: torch.device) -> PreTrainedModel:
         """The teacher, moved to `device` on first use there (it is not moved with the LightningModule)."""
