@@ -285,6 +285,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             self._pending_position = None
         return self._train_loader
 
+    def ordered_train_dataloader(self) -> DataLoader:
+        """The training split in its stored order, unshuffled: the same batches on every call and every rank,
+        and the resumable training loader (its position, the shuffling generator) left untouched."""
+        return self._loader("train", shuffle=False)
+
     # Saved in every checkpoint: where the training loader stands, so `--ckpt_path` resumes mid-epoch.
     def state_dict(self) -> dict:
         return {"train_position": self._train_loader.position() if self._train_loader is not None else None}

@@ -4,6 +4,10 @@ Masks are 1 for real tokens and 0 for padding: the encoder's attention mask for 
 `labels != -100` for decoder positions. With a mask, every mean is over real positions only, so batch padding
 never changes a loss; `mask=None` averages over every position, padding included, as the official DQ-BART
 script does (`torch.nn.MSELoss()` on whole tensors).
+
+A thinner student (`dq_lightning.distill.width`) is compared with the teacher at the units it kept: `kept`
+hidden dimensions select the last axis of every teacher state, `kept_heads` (one index tensor per student
+layer) the heads of the teacher layer it was copied from. None is the full width: the tensors as they are.
 """
 
 from __future__ import annotations
@@ -39,15 +43,22 @@ def logits_loss(student: Tensor, teacher: Tensor, mask: Tensor | None, kind: str
     raise ValueError(f"logits loss kind {kind!r} is not 'mse' or 'kl'")
 
 
+def at_kept(tensor: Tensor, kept: Tensor | None, dim: int = -1) -> Tensor:
+    """`tensor` at the `kept` indices of `dim` (the teacher's units a thinner student kept); None: all."""
+    return tensor if kept is None else tensor.index_select(dim, kept.to(tensor.device))
+
+
 def hidden_states_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
-                       mask: Tensor | None) -> Tensor:
-    """Sum over student layers of the MSE to the teacher layer each was copied from.
+                       mask: Tensor | None, kept: Tensor | None = None) -> Tensor:
+    """Sum over student layers of the MSE to the teacher layer each was copied from, at the teacher's
+    `kept` hidden dimensions (None: all).
 
     `student`/`teacher` are HF `*_hidden_states`: index 0 is the embedding output and index i + 1 the
     output of layer i; the embedding outputs are matched too.
     """
     pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
-    return sum(_masked_mean((student[s].float() - teacher[t].float()) ** 2, mask) for s, t in pairs)
+    return sum(_masked_mean((student[s].float() - at_kept(teacher[t], kept).float()) ** 2, mask)
+               for s, t in pairs)
 
 
 def per_example_states_loss(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
@@ -65,17 +76,23 @@ def per_example_states_loss(student: Tensor, teacher: Tensor, mask: Tensor | Non
 
 
 def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
-                   query_mask: Tensor | None, key_mask: Tensor | None) -> Tensor:
+                   query_mask: Tensor | None, key_mask: Tensor | None,
+                   kept_heads: Sequence[Tensor] | None = None) -> Tensor:
     """Sum over student layers of the MSE between attention maps (batch, heads, queries, keys) and those of
-    the teacher layer each was copied from: over real (query, key) pairs only, or with no masks over all."""
+    the teacher layer each was copied from, at the heads student layer i kept, `kept_heads[i]` (None: all):
+    over real (query, key) pairs only, or with no masks over all."""
     # SDPA attention returns no maps (empty tuples in transformers 5): fail rather than distill nothing.
     if len(student) < len(layer_map) or len(teacher) <= max(layer_map) or any(a is None for a in student):
         raise ValueError("attention maps are missing: load teacher and student with attn_implementation='eager'")
+
+    def target(s: int, t: int) -> Tensor:
+        return at_kept(teacher[t], None if kept_heads is None else kept_heads[s], dim=1).float()
+
     if query_mask is None or key_mask is None:
-        return sum(((student[s].float() - teacher[t].float()) ** 2).mean() for s, t in enumerate(layer_map))
+        return sum(((student[s].float() - target(s, t)) ** 2).mean() for s, t in enumerate(layer_map))
     pair_mask = (query_mask[:, :, None] * key_mask[:, None, :]).float()  # batch, queries, keys
     total = 0.0
     for s, t in enumerate(layer_map):
-        squared = ((student[s].float() - teacher[t].float()) ** 2).mean(dim=1)  # mean over heads
+        squared = ((student[s].float() - target(s, t)) ** 2).mean(dim=1)  # mean over heads
         total = total + (squared * pair_mask).sum() / pair_mask.sum().clamp(min=1)
     return total

@@ -13,6 +13,10 @@ Terms (each a scalar, weighted and summed into the loss):
 - `final_encoder`: the official script's extra term on the final encoder state, one MSE per example summed
   over the batch (`per_example_states_loss`).
 
+A thinner student (`model.width`) is compared at the teacher units it kept (`kept`, a `width.Units`): its
+hidden states with the teacher's kept dimensions (final encoder state included), its attention maps with the
+kept heads of the teacher layer each student layer was copied from; the logits (whole vocabulary) as they are.
+
 `mask_padding` decides whether the distillation means skip padded positions or, as the official script,
 average over them too.
 """
@@ -24,8 +28,10 @@ from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
-from dq_lightning.distill.losses import attention_loss, hidden_states_loss, logits_loss, per_example_states_loss
+from dq_lightning.distill.losses import (at_kept, attention_loss, hidden_states_loss, logits_loss,
+                                         per_example_states_loss)
 from dq_lightning.distill.recipe import recipe_settings
+from dq_lightning.distill.width import Units
 from dq_lightning.errors import UserError
 
 LogitsLoss = Literal["mse", "kl"]
@@ -105,9 +111,11 @@ class DQObjective(nn.Module):
         self.config = config
 
     def forward(self, student, teacher, labels: Tensor, source_mask: Tensor, encoder_map: list[int],
-                decoder_map: list[int], training: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+                decoder_map: list[int], training: bool = True,
+                kept: Units | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """`student` and `teacher` are transformers Seq2SeqLMOutputs of one batch (the teacher's may be None
-        when not distilling); returns the loss and its unweighted terms."""
+        when not distilling); `kept`: the teacher units a thinner student kept (None: full width). Returns the
+        loss and its unweighted terms."""
         c = self.config
         terms = {"task": task_loss(student.logits, labels, c.label_smoothing if training else 0.0)}
         weights = {"task": c.task_weight}
@@ -119,28 +127,38 @@ class DQObjective(nn.Module):
             terms["logits"] = logits_loss(student.logits, teacher.logits, target_mask, c.logits_loss,
                                           c.temperature)
             weights["logits"] = c.logits_weight
+            hidden = None if kept is None else kept.hidden
             if c.hidden_weight > 0:
                 terms["hidden"] = (
                     hidden_states_loss(student.encoder_hidden_states, teacher.encoder_hidden_states, encoder_map,
-                                       encoder_mask)
+                                       encoder_mask, hidden)
                     + hidden_states_loss(student.decoder_hidden_states, teacher.decoder_hidden_states,
-                                         decoder_map, target_mask))
+                                         decoder_map, target_mask, hidden))
                 weights["hidden"] = c.hidden_weight
             if c.final_encoder_weight > 0:
                 terms["final_encoder"] = per_example_states_loss(
-                    student.encoder_last_hidden_state, teacher.encoder_last_hidden_state, encoder_mask)
+                    student.encoder_last_hidden_state, at_kept(teacher.encoder_last_hidden_state, hidden),
+                    encoder_mask)
                 weights["final_encoder"] = c.final_encoder_weight
             if c.attention_weight > 0:
-                terms["attention"] = (
-                    attention_loss(student.encoder_attentions, teacher.encoder_attentions, encoder_map,
-                                   encoder_mask, encoder_mask)
-                    + attention_loss(student.decoder_attentions, teacher.decoder_attentions, decoder_map,
-                                     target_mask, target_mask)
-                    + attention_loss(student.cross_attentions, teacher.cross_attentions, decoder_map,
-                                     target_mask, encoder_mask))
+                terms["attention"] = self._attention_terms(student, teacher, encoder_map, decoder_map,
+                                                           target_mask, encoder_mask, kept)
                 weights["attention"] = c.attention_weight
         loss = sum(weights[name] * value for name, value in terms.items())
         return loss, terms
+
+    @staticmethod
+    def _attention_terms(student, teacher, encoder_map: list[int], decoder_map: list[int],
+                         target_mask: Tensor | None, encoder_mask: Tensor | None, kept: Units | None) -> Tensor:
+        def heads(stack: str, attention: str) -> list[Tensor] | None:
+            return None if kept is None else kept.layer_heads(stack, attention)
+
+        return (attention_loss(student.encoder_attentions, teacher.encoder_attentions, encoder_map,
+                               encoder_mask, encoder_mask, heads("encoder", "self_attn"))
+                + attention_loss(student.decoder_attentions, teacher.decoder_attentions, decoder_map,
+                                 target_mask, target_mask, heads("decoder", "self_attn"))
+                + attention_loss(student.cross_attentions, teacher.cross_attentions, decoder_map,
+                                 target_mask, encoder_mask, heads("decoder", "encoder_attn")))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items())

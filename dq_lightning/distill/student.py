@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from dq_lightning.distill.layer_map import LayerMapStrategy, layer_map
 from dq_lightning.distill.width import Units, WidthMethod, WidthSpec, extract, importance, random_importance
+from dq_lightning.errors import UserError
 from dq_lightning.models.loading import load_pretrained
 from dq_lightning.quant import return_maps_before_dropout
 
@@ -125,23 +126,52 @@ class TeacherAndStudent:
         """Score the units of the layer-copied student on a few training batches, for `width_method` impt."""
         self.width_scores = importance(copy_student(self.teacher, self.encoder_map, self.decoder_map), batches)
 
+    def student_config(self):
+        """The teacher's config at the student's widths (its depth stays the teacher's: `model_size` cuts)."""
+        config = self.teacher.config
+        return copy.deepcopy(config) if self.width is None else self.width.student.applied_to(config)
+
+    def keep_width(self, kept: Units) -> None:
+        """Take `kept` (a checkpoint's stored choice) as the thinner student's units: `new_student` rebuilds
+        exactly them, without scoring. Refused when they are not units of this student's widths and depth."""
+        scores = kept.as_scores(self.width.teacher)
+        depths = {("encoder", "self_attn"): len(self.encoder_map), ("decoder", "self_attn"): len(self.decoder_map),
+                  ("decoder", "encoder_attn"): len(self.decoder_map)}
+        try:
+            same_layers = all(len(kept.layer_heads(*key)) == depth for key, depth in depths.items())
+        except KeyError:
+            same_layers = False
+        if not same_layers or not kept.equals(scores.keep(self.width)):
+            raise UserError(f"model.width={self.width.text}: the checkpoint's thinner student kept other widths "
+                            "or layers than this one (set model.width, the depth and layer maps as trained)")
+        self.width_scores = scores
+
     def new_student(self) -> PreTrainedModel:
         """A trainable full-precision student copied from the teacher's layers of the two maps, and made
         thinner by `width`."""
+        return self._student(self._scores_for)
+
+    def provisional_student(self) -> PreTrainedModel:
+        """A student of the `width` sizes whose units are a seeded random choice, not stored: the shape that
+        a checkpoint's stored units (`keep_width`) replace before its weights are loaded."""
+        return self._student(lambda student: random_importance(student, self.width_seed), store=False)
+
+    def _student(self, scores_for, store: bool = True) -> PreTrainedModel:
         student = copy_student(self.teacher, self.encoder_map, self.decoder_map)
         if self.width is not None:
-            student, self.kept = extract(student, self.width, self._scores_for(student))
+            student, kept = extract(student, self.width, scores_for(student))
+            self.kept = kept if store else self.kept
         student.requires_grad_(True).train()
         if self.maps_before_dropout:
             return_maps_before_dropout(student)
         return student
 
     def _scores_for(self, student: PreTrainedModel) -> Units:
+        if self.width_scores is not None:  # scored (impt) or a checkpoint's choice (either method)
+            return self.width_scores
         if self.width.method == "rand":
             return random_importance(student, self.width_seed)
-        if self.width_scores is None:
-            raise RuntimeError("model.width with width_method impt: call score_width(batches) before new_student")
-        return self.width_scores
+        raise RuntimeError("model.width with width_method impt: call score_width(batches) before new_student")
 
     def teacher_on(self, device: torch.device) -> PreTrainedModel:
         """The teacher, moved to `device` on first use there (it is not moved with the LightningModule)."""

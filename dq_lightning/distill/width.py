@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Literal, get_args
@@ -69,6 +70,13 @@ class Widths:
         return dict(d_model=self.d_model, encoder_attention_heads=self.encoder_heads,
                     decoder_attention_heads=self.decoder_heads, encoder_ffn_dim=self.encoder_ffn,
                     decoder_ffn_dim=self.decoder_ffn)
+
+    def applied_to(self, config):
+        """A copy of the transformers `config` at these widths."""
+        config = copy.deepcopy(config)
+        for name, value in self.config_settings().items():
+            setattr(config, name, value)
+        return config
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,45 @@ class Units:
                      {path: top(s, getattr(size, f"{_stack(path)}_ffn")) for path, s in self.neurons.items()})
 
 
+    def to_state(self) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Plain tensors and dicts, for a checkpoint read with torch.load(weights_only=True)."""
+        return {"hidden": self.hidden, "heads": dict(self.heads), "neurons": dict(self.neurons)}
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> Units:
+        return cls(state["hidden"], dict(state["heads"]), dict(state["neurons"]))
+
+    def equals(self, other: Units | None) -> bool:
+        return other is not None and all(
+            a.keys() == b.keys() and all(torch.equal(a[key].cpu(), b[key].cpu()) for key in a)
+            for a, b in zip(self._groups(), other._groups()))
+
+    def _groups(self) -> tuple[dict[str, Tensor], ...]:
+        return {"": self.hidden}, self.heads, self.neurons
+
+    def as_scores(self, full: Widths) -> Units:
+        """Scores under which `keep` at these kept sizes chooses exactly these units (1 on a kept unit, 0
+        elsewhere): a stored choice rebuilt without scoring again."""
+        def indicator(kept: Tensor, size: int) -> Tensor:
+            return torch.zeros(size).index_fill_(0, kept.long().cpu(), 1.0)
+
+        return Units(indicator(self.hidden, full.d_model),
+                     {path: indicator(k, getattr(full, f"{_stack(path)}_heads")) for path, k in self.heads.items()},
+                     {path: indicator(k, getattr(full, f"{_stack(path)}_ffn")) for path, k in self.neurons.items()})
+
+    def layer_heads(self, stack: str, attention: str) -> list[Tensor]:
+        """The kept heads of each layer's `attention` (self_attn, encoder_attn) in `stack`, by layer index."""
+        found = {}
+        for path, heads in self.heads.items():
+            match = _ATTENTION.search(path)
+            if match and match.group(1, 3) == (stack, attention):
+                found[int(match.group(2))] = heads
+        return [found[index] for index in range(len(found))]
+
+
+_ATTENTION = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn)$")
+
+
 def _stack(path: str) -> str:
     return "decoder" if ".decoder." in f".{path}." else "encoder"
 
@@ -310,10 +357,7 @@ def extract(model: PreTrainedModel, spec: WidthSpec, scores: Units) -> tuple[Pre
     at the kept heads, fc1 rows and fc2 columns at the kept neurons. Tied weights stay tied.
     """
     kept = scores.keep(spec)
-    config = copy.deepcopy(model.config)
-    for name, value in spec.student.config_settings().items():
-        setattr(config, name, value)
-    student = type(model)(config).to(model.dtype)
+    student = type(model)(spec.student.applied_to(model.config)).to(model.dtype)
     axes = _axes(model, kept)
     state = {}
     for name, tensor in model.state_dict().items():

@@ -70,6 +70,7 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None):
         raise UserError(f"{error}{hint}") from None
     if module.quant_config is None:
         raise UserError(f"--ckpt {checkpoint_path}: the student is not quantized; there is nothing to pack")
+    module.use_checkpoint_width(checkpoint)  # a thinner student: the units it kept, stored in the checkpoint
     state = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
              if key.startswith("model.")}
     student = module.model = in_form_of(module.model, module.quant_config, state, module.factory.new_student)

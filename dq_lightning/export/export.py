@@ -114,6 +114,7 @@ def _manifest(module, checkpoint: dict[str, Any], checkpoint_path: str | Path, t
             "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch"),
             "teacher": teacher_dir, "mode": module.hparams.mode,
             "encoder_layer_map": module.encoder_map, "decoder_layer_map": module.decoder_map,
+            "width": module.hparams.get("width"),
         },
         "task": None if task_spec is None else {
             "name": task_spec.name, "source_lang": task_spec.source_lang, "target_lang": task_spec.target_lang,
@@ -124,11 +125,7 @@ def _manifest(module, checkpoint: dict[str, Any], checkpoint_path: str | Path, t
 
 def _sizes(module, weights_bytes: int, teacher_dir: str) -> dict[str, Any]:
     """The written weights beside the size accounting of `dq_lightning.size` (both conventions)."""
-    from dq_lightning.size import model_size
-
-    depth = dict(encoder_layers=len(module.encoder_map), decoder_layers=len(module.decoder_map))
-    strict = model_size(module.teacher.config, module.quant_config, convention="strict", **depth)
-    paper = model_size(module.teacher.config, module.quant_config, convention="paper", **depth)
+    strict, paper = module.size_report("strict"), module.size_report("paper")
     teacher_file = Path(teacher_dir).expanduser() / "model.safetensors"
     return {
         "weights_bytes": weights_bytes,

@@ -7,6 +7,7 @@ putting the student in a checkpoint's form when one is loaded).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -20,6 +21,7 @@ from dq_lightning.distill.loyalty import Loyalty
 from dq_lightning.distill.objective import DQObjective, LogitsLoss, ObjectiveConfig
 from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.distill.student import TeacherAndStudent
+from dq_lightning.distill.width import Units, WidthMethod
 from dq_lightning.errors import UserError
 from dq_lightning.evaluation.bootstrap import align
 from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, read_predictions
@@ -28,7 +30,7 @@ from dq_lightning.quant import QuantConfig, use_deployed_head
 from dq_lightning.quant.config import (FULL_PRECISION, AttentionQuant, Granularity, QuantSettings, Recipe, WeightMethod,
                                        parse_wea)
 from dq_lightning.modules.seq2seq import Seq2SeqModule
-from dq_lightning.size import model_size
+from dq_lightning.size import SizeReport, model_size
 
 Mode = Literal["dq", "quant_only", "distill_only"]
 AttentionMaps = Literal["before_dropout", "after_dropout"]
@@ -131,6 +133,14 @@ class DQStudentModule(Seq2SeqModule):
         decoder_layer_map: explicit teacher decoder layers to copy (overrides layer_map for the decoder).
         unsorted_layer_maps: explicit maps may list distinct teacher layers in any order (a map searched with
             search-map --allow-unsorted); false: strictly increasing.
+        width: a thinner student, extracted from the teacher's most important (or random) units after the
+            layer copy (Extract Then Distill): "heads=8,ffn=1536,d_model=512" (any of the keys; heads and
+            d_model follow each other at the teacher's head_dim) or one ratio in (0, 1] like "0.5". Unset:
+            the teacher's widths.
+        width_method: which units a thinner student keeps: impt (the most important, scored on the first
+            width_batches training batches when fit starts) or rand (a random choice seeded by width_seed).
+        width_batches: training batches (in stored order, unshuffled) scored for width_method impt.
+        width_seed: the seed of width_method rand.
         task_weight: weight of the task cross-entropy.
         logits_weight: weight of the logits distillation loss.
         hidden_weight: weight of the hidden-state MSE (encoder + decoder, summed over layers).
@@ -183,6 +193,7 @@ class DQStudentModule(Seq2SeqModule):
         student_encoder_layers: int | None = None, student_decoder_layers: int | None = None,
         layer_map: LayerMapStrategy | None = None, encoder_layer_map: list[int] | None = None,
         decoder_layer_map: list[int] | None = None, unsorted_layer_maps: bool = False,
+        width: str | None = None, width_method: WidthMethod = "impt", width_batches: int = 8, width_seed: int = 0,
         # the objective
         task_weight: float = 1.0, logits_weight: float = 1.0, hidden_weight: float = 1.0,
         attention_weight: float = 1.0, final_encoder_weight: float | None = None, logits_loss: LogitsLoss = "mse",
@@ -227,8 +238,13 @@ class DQStudentModule(Seq2SeqModule):
         self.factory = TeacherAndStudent(
             teacher, student_encoder_layers, student_decoder_layers, layer_map or defaults["layer_map"],
             encoder_layer_map, decoder_layer_map, unsorted_layer_maps=unsorted_layer_maps,
-            maps_before_dropout=self.attention_maps == "before_dropout" and self.objective.config.needs_attentions)
-        self.model = self.factory.new_student()
+            maps_before_dropout=self.attention_maps == "before_dropout" and self.objective.config.needs_attentions,
+            width=None if width is None else str(width), width_method=width_method, width_seed=width_seed)
+        if isinstance(width_batches, bool) or not isinstance(width_batches, int) or width_batches < 1:
+            raise UserError(f"model.width_batches={width_batches!r} must be a positive integer")
+        # impt needs training batches: the student is built in configure_model (build_model).
+        self.model = None if self._scores_width else self.factory.new_student()
+        self._provisional_width = False
         self.quantize = None if self.quant_config is None else QuantizeOnForward(
             self.quant_config, student_attr="model", teacher_attr="teacher", warmup_steps=quant_warmup_steps)
         self.val_loyalty, self.test_loyalty = Loyalty(), Loyalty()
@@ -246,11 +262,30 @@ class DQStudentModule(Seq2SeqModule):
     def decoder_map(self) -> list[int]:
         return self.factory.decoder_map
 
+    @property
+    def _scores_width(self) -> bool:
+        return self.factory.width is not None and self.factory.width.method == "impt"
+
     def build_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-        return self.model
+        """Only a width_method impt student is built here, in configure_model: after setup (the DataModule has
+        its training split) and before a checkpoint is restored and the optimizer is built, so the optimizer
+        holds the thinner student's parameters (on_fit_start comes after configure_optimizers). Outside fit
+        (test, validate, predict) nothing is scored: a provisional student of the right shape waits for the
+        checkpoint's stored units (`use_checkpoint_width`), whose weights it then takes."""
+        if self.model is not None:
+            return self.model
+        if self.trainer.state.fn != "fit":
+            self._provisional_width = True
+            return self.factory.provisional_student()
+        loader = self.trainer.datamodule.ordered_train_dataloader()
+        self.factory.teacher_on(self.trainer.strategy.root_device)  # scored where it will train
+        self.factory.score_width(itertools.islice(loader, self.hparams.width_batches))
+        return self.factory.new_student()
 
     def configure_model(self) -> None:
         super().configure_model()
+        if self.quantize is not None:
+            self.quantize.prepare_student(self)  # a student built just now missed QuantizeOnForward.setup
         vocabulary = self.teacher.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocabulary or self.tokenizer.pad_token_id != self.teacher.config.pad_token_id:
             raise UserError(f"model.teacher={self.hparams.teacher}: its vocabulary ({vocabulary} tokens) is not the "
@@ -258,8 +293,36 @@ class DQStudentModule(Seq2SeqModule):
         if self.hparams.evaluate_teacher and self.teacher_test_metrics is None:
             self.teacher_test_metrics = GenerationMetrics(translation=self.task.is_translation)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.factory.kept is not None:
+            checkpoint["width_kept"] = self.factory.kept.to_state()
+
+    def use_checkpoint_width(self, checkpoint: dict) -> None:
+        """Before a checkpoint's weights are loaded: the thinner student rebuilt from the units it stored
+        (`width_kept`) unless the student already has them, so resume, test, export and reload give the same
+        student without scoring again."""
+        stored = checkpoint.get("width_kept")
+        if self.factory.width is None:
+            if stored is not None:
+                raise UserError("the checkpoint holds a thinner student (width_kept); set --model.width as trained")
+            return
+        if stored is None:
+            raise UserError(f"model.width={self.hparams.width}: the checkpoint stores no width_kept (it is not "
+                            "a thinner student's checkpoint)")
+        kept = Units.from_state(stored)
+        if self.model is not None and not self._provisional_width and kept.equals(self.factory.kept):
+            return
+        self.factory.keep_width(kept)
+        student, previous = self.factory.new_student(), self.model
+        if previous is not None:
+            student.to(next(previous.parameters()).device)
+            student.generation_config = previous.generation_config
+        self.model, self._provisional_width = student, False
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.use_checkpoint_width(checkpoint)
         if self.quantize is not None:
             self.quantize.restore(self, checkpoint.get("state_dict", {}), fresh_student=self.factory.new_student)
 
@@ -279,7 +342,7 @@ class DQStudentModule(Seq2SeqModule):
         student = self.model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
         teacher = self.factory.teacher_outputs(inputs, self.device, hidden or attentions) if self._needs_teacher(stage) else None
         loss, terms = self.objective(student, teacher, labels, batch["attention_mask"], self.encoder_map,
-                                     self.decoder_map, training=stage == "train")
+                                     self.decoder_map, training=stage == "train", kept=self.factory.kept)
 
         batch_size = labels.size(0)
         sync = stage != "train"
@@ -301,10 +364,20 @@ class DQStudentModule(Seq2SeqModule):
 
     # use_deployed_head leaves alone a model that is not prepared, already converted or has a quantized head.
     def on_validation_start(self) -> None:
+        self._check_width_restored()
         use_deployed_head(self.model, self.hparams.eval_head == "deployed")
 
     def on_test_start(self) -> None:
+        self._check_width_restored()
         use_deployed_head(self.model, self.hparams.eval_head == "deployed")
+
+    def on_predict_start(self) -> None:
+        self._check_width_restored()
+
+    def _check_width_restored(self) -> None:
+        if self._provisional_width:
+            raise UserError(f"model.width={self.hparams.width} with width_method impt: the student's units are "
+                            "scored when fit starts; to validate, test or predict, pass the --ckpt_path of a fit")
 
     def on_validation_end(self) -> None:
         use_deployed_head(self.model, False)  # training goes on with the head it trains with
@@ -337,13 +410,18 @@ class DQStudentModule(Seq2SeqModule):
 
     def size_metrics(self) -> dict[str, float]:
         """Size (MiB) and compression against the FP32 teacher, DQ-BART's accounting and the strict one."""
-        quant = self.quant_config or QuantConfig(w_bits=32, e_bits=32, a_bits=32)
-        paper = model_size(self.teacher.config, quant, encoder_layers=len(self.encoder_map),
-                           decoder_layers=len(self.decoder_map), convention="paper")
-        strict = model_size(self.teacher.config, quant, encoder_layers=len(self.encoder_map),
-                            decoder_layers=len(self.decoder_map), convention="strict")
+        paper, strict = self.size_report("paper"), self.size_report("strict")
         return {"size_mb": paper.size_mb, "compression": paper.compression,
                 "size_mb_strict": strict.size_mb, "compression_strict": strict.compression}
+
+    def size_report(self, convention: str) -> SizeReport:
+        """The student's size under `convention` (`dq_lightning.size`), from shapes alone: its depth, and a
+        thinner student's own widths, against the full-width FP32 teacher."""
+        quant = self.quant_config or QuantConfig(w_bits=32, e_bits=32, a_bits=32)
+        source, teacher = (self.teacher.config, None) if self.factory.width is None else (
+            self.factory.student_config(), self.teacher.config)
+        return model_size(source, quant, encoder_layers=len(self.encoder_map), decoder_layers=len(self.decoder_map),
+                          convention=convention, teacher=teacher)
 
     def _log_generation_metrics(self, stage: str) -> None:
         super()._log_generation_metrics(stage)
