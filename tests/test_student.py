@@ -107,6 +107,15 @@ def test_run_summary_names_what_was_actually_trained(settings, expected, teacher
     assert (summary["mode"], summary["bits"], summary["encoder_layers"], summary["decoder_layers"]) == expected
     # The widths travel as numbers, so reports never parse the W-E-A string back.
     assert "-".join(str(summary[key]) for key in ("w_bits", "e_bits", "a_bits")) == expected[1]
+    assert summary["width"] == "full"
+
+
+def test_run_summary_names_a_thinner_students_widths(teacher_dir):
+    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", width="0.5", width_method="rand")
+    config = module.model.config
+    assert module.run_summary()["width"] == (f"heads={config.encoder_attention_heads},ffn={config.encoder_ffn_dim},"
+                                             f"d_model={config.d_model} rand")
+    assert config.d_model < module.teacher.config.d_model
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):

@@ -392,7 +392,16 @@ class DQStudentModule(Seq2SeqModule):
                 **dict(zip(("w_bits", "e_bits", "a_bits"), widths)),
                 "encoder_layers": len(self.encoder_map), "decoder_layers": len(self.decoder_map),
                 "encoder_layer_map": self.encoder_map, "decoder_layer_map": self.decoder_map,
-                "teacher": self.hparams.teacher}
+                "width": self.width_label(), "teacher": self.hparams.teacher}
+
+    def width_label(self) -> str:
+        """`full`, or the thinner student's widths and how its units were chosen (`heads=4,ffn=512,d_model=128
+        impt`)."""
+        if self.factory.width is None:
+            return "full"
+        config = self.factory.student_config()
+        return (f"heads={config.encoder_attention_heads},ffn={config.encoder_ffn_dim},d_model={config.d_model} "
+                f"{self.factory.width.method}")
 
     # -- evaluation -----------------------------------------------------------------------------------
     def teacher_predictions(self) -> list[dict[str, Any]] | None:

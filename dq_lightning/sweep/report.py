@@ -26,7 +26,7 @@ from dq_lightning.sweep.robustness import COLUMN_PREFIX as ROBUST_PREFIX, column
 from dq_lightning.sweep.spec import SweepPoint
 
 FIXED_COLUMNS = ["run_id", "status", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
-                 "decoder_layers", "seed", "size_mb", "compression", "size_mb_strict", "compression_strict"]
+                 "decoder_layers", "width", "seed", "size_mb", "compression", "size_mb_strict", "compression_strict"]
 TAIL_COLUMNS = ["wall_time_s", "threads", "error"]
 
 
@@ -72,6 +72,7 @@ def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | Non
     row: dict[str, Any] = {"run_id": run_dir.name, "status": status.get("status", "pending"), "mode": mode,
                            "bits": bits, "w_bits": w, "e_bits": e, "a_bits": a,
                            "encoder_layers": encoder_layers, "decoder_layers": decoder_layers,
+                           "width": summary.get("width") or params.get("model.width") or "full",
                            "seed": params.get("seed_everything"), "params": params}
     val = fit.get("metrics", {})
     for key in ("size_mb", "compression", "size_mb_strict", "compression_strict"):
@@ -91,8 +92,8 @@ def teacher_row(teacher_dir: Path, test_dir: Path | None = None) -> dict[str, An
     fit = read_json(teacher_dir / "fit_metrics.json")
     if not test and not fit:
         return None
-    row = {"run_id": "teacher", "status": "finished", "mode": "teacher", "bits": "32-32-32", "w_bits": 32,
-           "e_bits": 32, "a_bits": 32, "compression": 1.0, "compression_strict": 1.0,
+    row = {"run_id": "teacher", "status": "finished", "mode": "teacher", "width": "full", "bits": "32-32-32",
+           "w_bits": 32, "e_bits": 32, "a_bits": 32, "compression": 1.0, "compression_strict": 1.0,
            "wall_time_s": fit.get("wall_time_s"), "threads": fit.get("threads"), "error": ""}
     row.update({k: v for k, v in fit.get("metrics", {}).items() if k.startswith("val/")})
     row.update(test)
