@@ -13,7 +13,6 @@ cannot be written or already holds another run are refused before anything is bu
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
                                      is_other_rank, move_aside, replace_own_files)
-from dq_lightning.config_files import BASE_KEY, data_task, expand_bases, resolve_task_monitors, setting_origin
+from dq_lightning.config_files import BASE_KEY, data_class, data_task, expand_bases, resolve_task_monitors, setting_origin
 from dq_lightning.devices import check_gpu_request
 
 # Settings dataclasses (QuantSettings, ...) document each field in the docstring below it, as litgpt does:
@@ -302,8 +301,7 @@ def check_data_config(data: dict | None) -> None:
         return
     from dq_lightning.data.datamodule import DEFAULT_CACHE_DIR, Seq2SeqDataModule, check_data_source
 
-    module, _, name = str(data["class_path"]).rpartition(".")
-    if issubclass(getattr(importlib.import_module(module), name), Seq2SeqDataModule):
+    if issubclass(data_class(data), Seq2SeqDataModule):
         init_args = data.get("init_args") or {}
         check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR)
 

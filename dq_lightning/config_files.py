@@ -79,14 +79,22 @@ def expand_bases(argv: list[str]) -> list[str]:
     return expanded
 
 
-def data_task(data: Any) -> str:
-    """The task of a configured DataModule: its class's `task_name`, or `init_args.task` (pre-training)."""
-    if not hasattr(data, "get") or not data.get("class_path"):  # a jsonargparse Namespace, or a dict
-        return ""
+def data_class(data: Any) -> type | None:
+    """The class of a configured DataModule (a jsonargparse Namespace or a dict), or None."""
+    if not hasattr(data, "get") or not data.get("class_path"):
+        return None
     module, _, name = str(data["class_path"]).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except Exception:  # noqa: BLE001 - the parser accepted it; instantiating it reports its own errors
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def data_task(data: Any) -> str:
+    """The task of a configured DataModule: its class's `task_name`, or `init_args.task` (pre-training)."""
+    cls = data_class(data)
+    if cls is None:
         return ""
     return str((data.get("init_args") or {}).get("task") or getattr(cls, "task_name", "") or "")
 

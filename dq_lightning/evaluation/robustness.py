@@ -42,8 +42,8 @@ from dq_lightning.errors import UserError, command_line
 from dq_lightning.evaluation.perturb import KINDS, check_rate, parse_kinds, perturb_texts
 from dq_lightning.export.predict import add_decoding_flags, check_decoding_flags
 
-CSV_COLUMNS = ("role", "path", "task", "split", "n", "rate", "seed", "kinds", "words_perturbed", "metric",
-               "clean", "perturbed", "drop", "stability", "label_loyalty", "prob_loyalty", "output_agreement")
+MEASURES = ("clean", "perturbed", "drop", "stability", "label_loyalty", "prob_loyalty", "output_agreement")
+CSV_COLUMNS = ("role", "path", "task", "split", "n", "rate", "seed", "kinds", "words_perturbed", "metric", *MEASURES)
 
 
 @dataclass
@@ -111,8 +111,13 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, ...]:
     return kinds
 
 
+def default_out_dir(run: str | Path, rate: float) -> Path:
+    """Where a run's report at `rate` goes unless --out says otherwise (the sweep reads it back from there)."""
+    return Path(run) / "robustness" / f"rate-{rate:g}"
+
+
 def out_dir(args: argparse.Namespace) -> Path:
-    return Path(args.out or Path(args.run) / "robustness" / f"rate-{args.rate:g}").expanduser()
+    return Path(args.out or default_out_dir(args.run, args.rate)).expanduser()
 
 
 def run_checkpoint(run: Path) -> Path | None:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from dq_lightning.errors import UserError
+from dq_lightning.evaluation.robustness import MEASURES, default_out_dir
 
 REPORT = "robustness.json"
-MEASURES = ("clean", "perturbed", "drop", "stability", "label_loyalty", "prob_loyalty", "output_agreement")
 COLUMN_PREFIX = "robust"
 
 
@@ -27,7 +27,7 @@ def check_rate(rate: float | None, flag: str = "--robustness") -> float | None:
 
 
 def report_path(run_dir: Path, rate: float) -> Path:
-    return run_dir / "robustness" / f"rate-{rate:g}" / REPORT
+    return default_out_dir(run_dir, rate) / REPORT
 
 
 def columns(run_dir: Path) -> dict[str, Any]:
