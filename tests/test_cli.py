@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 
 from dq_lightning.evaluation.per_example import corpus_score, read_predictions
+from dq_lightning.export.predict import load_model, source_length
 from tests.conftest import run_cli
 
 XSUM_TINY = "experiments/xsum/teacher-tiny.yaml"
@@ -36,6 +37,9 @@ def test_fit_then_test_end_to_end(shared_data, cache_dir, tmp_path):
     hf_dir = root / "hf"
     info = json.loads((hf_dir / "dq_lightning.json").read_text())
     assert info["task"] == "xsum" and "val/rougeL" in info
+    # predict and robustness truncate its sources as it was trained (--data.max_source_length=64)
+    model, _, task = load_model(str(hf_dir), False, None)
+    assert info["max_source_length"] == 64 and source_length(model, task, None) == 64
 
     # The exported teacher is a standard Hugging Face directory that generates.
     model = AutoModelForSeq2SeqLM.from_pretrained(hf_dir)

@@ -21,7 +21,7 @@ from dq_lightning.errors import UserError
 from dq_lightning.export import export_student, load_packed
 from dq_lightning.export.manifest import MANIFEST, WEIGHTS
 from dq_lightning.export.packing import code_range, pack, packed_numel, unpack
-from dq_lightning.export.predict import routes_here
+from dq_lightning.export.predict import load_model, routes_here, source_length
 from dq_lightning.models.tokenizer import load_tokenizer
 from dq_lightning.quant import prepare, use_deployed_head
 from dq_lightning.quant.quantizers import LSQQuantizer, MinMaxQuantizer, TernaryQuantizer
@@ -200,6 +200,17 @@ def test_export_is_packed_at_the_accounted_size(exported):
     assert abs(size["weights_bytes"] - 8 - header - size["strict_bytes"]) <= 0.01 * size["strict_bytes"]
     eight = json.loads((exported["8-8-8"] / MANIFEST).read_text())
     assert eight["tensors"]["model.shared.weight.codes"]["dtype"] == "int8"
+
+
+def test_export_records_the_source_length_the_student_was_trained_with(exported):
+    fitted = json.loads((exported["2-2-8 fitted"] / MANIFEST).read_text())
+    assert fitted["task"]["max_source_length"] == 64  # its DataModule's
+    model, _, task = load_model(str(exported["2-2-8 fitted"]), False, None)
+    assert source_length(model, task, None) == 64 and source_length(model, task, 32) == 32
+    # Saved without a DataModule, of a teacher that names no task: the model's positions bound the sources.
+    untrained, _, task = load_model(str(exported["8-8-8"]), False, None)
+    assert untrained.dq_export["task"] is None
+    assert source_length(untrained, task, None) == untrained.config.max_position_embeddings
 
 
 def test_int8_path_runs_quantized_linears_and_mostly_agrees(exported, shared_data, teacher_dir):

@@ -4,6 +4,8 @@
 import hashlib
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,9 +282,10 @@ def test_sweep_robustness_scores_each_run_once_and_reports_its_columns(student_r
 
     commands = []
 
-    def run_small(command, log):  # the sweep's command, on 4 examples
+    def run_small(command, log, env=None, stopping=None):  # the sweep's command, on 4 examples
         commands.append(command)
-        return _run_logged([*command, "--max-samples", "4", "--threads", "1", "--cache-dir", str(cache_dir)], log)
+        return _run_logged([*command, "--max-samples", "4", "--threads", "1", "--cache-dir", str(cache_dir)], log,
+                           env, stopping)
 
     failed = sweep_robustness.measure_all([student_run], 0.5, str(shared_data / "xsum"), None, run_small)
     assert failed == [] and len(commands) == 1
@@ -294,6 +297,70 @@ def test_sweep_robustness_scores_each_run_once_and_reports_its_columns(student_r
     for measure in ("clean", "perturbed", "drop", "stability", "label_loyalty", "output_agreement"):
         assert row[f"robust0.5/{measure}"] == report["models"][0][measure]
         assert f"robust0.5/{measure}" in columns_of([row])
+
+
+def test_sweep_robustness_scores_the_teacher_first_then_the_runs_in_parallel(tmp_path):
+    """With workers, the first directory (the teacher, whose decodes the students' reports read from the decode
+    cache) is scored alone; the rest run that many at a time, each once, and a failure is reported, not raised."""
+    import threading
+    import time
+
+    from dq_lightning.sweep import robustness as sweep_robustness
+
+    runs = [tmp_path / name for name in ("teacher", "a", "b", "c", "d")]
+    for run in runs:
+        run.mkdir()
+    lock, running, log = threading.Lock(), [], []
+
+    def fake(command, log_path, env=None, stopping=None):
+        run = Path(command[command.index("--run") + 1])
+        assert command[command.index("--decode-cache") + 1] == str(tmp_path / "cache")
+        assert env == {"OMP_NUM_THREADS": "1"}
+        with lock:
+            running.append(run.name)
+            log.append((run.name, tuple(running)))
+        time.sleep(0.3)
+        with lock:
+            running.remove(run.name)
+        if run.name == "c":
+            log_path.write_text("error: c broke\n")
+            return 1
+        sweep_robustness.report_path(run, 0.1).parent.mkdir(parents=True)
+        sweep_robustness.report_path(run, 0.1).write_text("{}")
+        return 0
+
+    failed = sweep_robustness.measure_all(runs, 0.1, None, None, fake, workers=2, env={"OMP_NUM_THREADS": "1"},
+                                          decode_cache=tmp_path / "cache")
+    assert log[0] == ("teacher", ("teacher",))  # alone
+    assert sorted(name for name, _ in log) == ["a", "b", "c", "d", "teacher"]  # each once
+    assert max(len(together) for _, together in log) == 2  # two at a time
+    assert failed == [("c", "robustness", "error: c broke")]
+
+
+def test_decode_cache_serves_the_same_outputs_until_the_model_changes(sensitive_model, shared_data, tmp_path,
+                                                                   monkeypatch):
+    from dq_lightning.evaluation import robustness
+
+    rows = [json.loads(line) for line in (shared_data / "xsum" / "test.jsonl").read_text().splitlines()[:3]]
+    sources = [row["document"] for row in rows]
+    generated = []
+    real_generate = robustness._generate
+    monkeypatch.setattr(robustness, "_generate",
+                        lambda subject, texts, size: generated.append(texts) or real_generate(subject, texts, size))
+    model, _, _ = _subjects(sensitive_model)
+    first = robustness.decode(model, sources, 3, tmp_path / "cache")
+    assert robustness.decode(model, sources, 3, tmp_path / "cache") == first and len(generated) == 1
+    robustness.decode(model, sources[:2], 3, tmp_path / "cache")  # other sources: decoded
+    assert len(generated) == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(sensitive_model, copy)
+    moved, _, _ = _subjects(copy)  # the same weights elsewhere are another model to the cache
+    assert robustness.decode(moved, sources, 3, tmp_path / "cache") == first and len(generated) == 3
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")  # its files changed
+    robustness.decode(_subjects(copy)[0], sources, 3, tmp_path / "cache")
+    assert len(generated) == 4
+    robustness.decode(model, sources, 3, None)  # no cache: always decoded
+    assert len(generated) == 5
 
 
 def test_sweep_refuses_a_robustness_rate_outside_0_1(tmp_path):

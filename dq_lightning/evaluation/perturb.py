@@ -42,9 +42,10 @@ class Perturbed:
     edits: tuple[tuple[int, str], ...]  # (word number, kind) of every perturbed word, in the order applied
 
 
-def check_rate(rate: float, flag: str = "--rate") -> float:
+def check_rate(rate: float, flag: str = "--rate", make_variable: str | None = None) -> float:
     if not 0.0 <= rate <= 1.0:  # also refuses NaN
-        raise UserError(f"{flag} {rate}: must be a share of words between 0 and 1")
+        make = f" (make: {make_variable})" if make_variable else ""
+        raise UserError(f"{flag} {rate:g}{make}: a perturbation rate is a share of words, in [0, 1]")
     return rate
 
 

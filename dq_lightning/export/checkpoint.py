@@ -103,11 +103,25 @@ def resolve_task(checkpoint: dict[str, Any], teacher: str, task: str | None):
     return get_task(name) if name else None
 
 
+def hf_directory_info(directory: Path) -> dict[str, Any]:
+    """What a Hugging Face directory written by this project records about its training
+    (`dq_lightning.json`: task, source length, ...); {} for any other directory."""
+    try:
+        info = json.loads((directory / "dq_lightning.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def hf_directory_task(directory: Path):
     """The task a Hugging Face directory written by this project records (`dq_lightning.json`), or None; as
     written, so a value that names no task is the caller's to refuse."""
-    try:
-        return json.loads((directory / "dq_lightning.json").read_text()).get("task") or None
-    except (OSError, ValueError, AttributeError):
-        return None
+    return hf_directory_info(directory).get("task") or None
+
+
+def trained_source_length(checkpoint: dict[str, Any]) -> int | None:
+    """The source length (tokens) the checkpoint's DataModule truncated to, when LightningCLI recorded it."""
+    data = checkpoint.get("datamodule_hyper_parameters")
+    length = data.get("max_source_length") if isinstance(data, dict) else None
+    return length if isinstance(length, int) and length > 0 else None
 

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from dq_lightning.errors import UserError, command_line
-from dq_lightning.export.checkpoint import load_student, resolve_task
+from dq_lightning.export.checkpoint import load_student, resolve_task, trained_source_length
 from dq_lightning.export.manifest import (FORMAT, MANIFEST, MODEL_CLASSES, VERSION, WEIGHTS, dtype_name,
                                           sha256_file, sha256_tensor)
 from dq_lightning.export.tensors import check_structure, collect_tensors
@@ -116,11 +116,18 @@ def _manifest(module, checkpoint: dict[str, Any], checkpoint_path: str | Path, t
             "encoder_layer_map": module.encoder_map, "decoder_layer_map": module.decoder_map,
             "width": module.hparams.get("width"),
         },
-        "task": None if task_spec is None else {
-            "name": task_spec.name, "source_lang": task_spec.source_lang, "target_lang": task_spec.target_lang,
-            "max_source_length": task_spec.max_source_length},
+        "task": _task(task_spec, trained_source_length(checkpoint)),
         "size": _sizes(module, files[WEIGHTS]["bytes"], teacher_dir),
     }
+
+
+def _task(task_spec, trained_length: int | None) -> dict[str, Any] | None:
+    """The task's name and languages, and the source length the student was trained and tested with (its
+    DataModule's truncation, else the task's default), so that `predict` reads what it read."""
+    if task_spec is None:
+        return {"max_source_length": trained_length} if trained_length else None
+    return {"name": task_spec.name, "source_lang": task_spec.source_lang, "target_lang": task_spec.target_lang,
+            "max_source_length": trained_length or task_spec.max_source_length}
 
 
 def _sizes(module, weights_bytes: int, teacher_dir: str) -> dict[str, Any]:

@@ -102,7 +102,8 @@ def check_decoding_flags(args: argparse.Namespace) -> None:
 
 
 def source_length(model, task: dict, requested: int | None) -> int:
-    """Input tokens kept: `requested`, else the task's, else the model's positions; never more than those."""
+    """Input tokens kept: `requested`, else the length the model was trained with (its manifest or
+    `dq_lightning.json`), else the model's positions; never more than those."""
     positions = model.config.max_position_embeddings
     return min(requested or task.get("max_source_length") or positions, positions)
 
@@ -172,15 +173,19 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
 
 def _languages_of_hf_directory(path: Path) -> dict:
     """The source and target language codes of the task a teacher directory was trained on (its
-    `dq_lightning.json`), which decide how sources are laid out; {} when it says none."""
+    `dq_lightning.json`), which decide how sources are laid out, and the source length it was trained with;
+    {} when it says none."""
     from dq_lightning.data.tasks import TASKS
-    from dq_lightning.export.checkpoint import hf_directory_task
+    from dq_lightning.export.checkpoint import hf_directory_info
 
-    name = hf_directory_task(path)
+    info = hf_directory_info(path)
+    name, trained_length = info.get("task"), info.get("max_source_length")
     spec = TASKS.get(name) if isinstance(name, str) else None
-    if spec is None or not spec.source_lang:
-        return {}
-    return {"source_lang": spec.source_lang, "target_lang": spec.target_lang}
+    task = {"source_lang": spec.source_lang, "target_lang": spec.target_lang} \
+        if spec is not None and spec.source_lang else {}
+    if isinstance(trained_length, int) and trained_length > 0:
+        task["max_source_length"] = trained_length
+    return task
 
 
 def encode_sources(tokenizer, texts: list[str], max_source_length: int, task: dict):

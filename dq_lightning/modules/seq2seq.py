@@ -346,8 +346,13 @@ class Seq2SeqModule(pl.LightningModule):
 
     # -- export -----------------------------------------------------------------------------------------
     def save_hf(self, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
+        trainer = self._trainer  # None outside a Trainer (self.trainer would raise)
+        datamodule = getattr(trainer, "datamodule", None)
+        # the truncation it was trained with, which `predict` and `robustness` then apply to its sources
+        length = {"max_source_length": datamodule.max_source_length} \
+            if isinstance(getattr(datamodule, "max_source_length", None), int) else {}
         return save_hf_directory(self.model, self.tokenizer, out_dir,
-                                 {"task": self.task.name, "global_step": self.global_step, **(info or {})})
+                                 {"task": self.task.name, **length, "global_step": self.global_step, **(info or {})})
 
 
 def rng_states() -> dict[str, Any]:

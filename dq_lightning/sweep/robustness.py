@@ -13,17 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dq_lightning.errors import UserError
 from dq_lightning.evaluation.robustness import MEASURES, default_out_dir
 
 REPORT = "robustness.json"
 COLUMN_PREFIX = "robust"
-
-
-def check_rate(rate: float | None, flag: str = "--robustness") -> float | None:
-    if rate is not None and not 0 <= rate <= 1:
-        raise UserError(f"{flag} {rate:g} (make: ROBUSTNESS): a perturbation rate is a share of words, in [0, 1]")
-    return rate
 
 
 def report_path(run_dir: Path, rate: float) -> Path:
@@ -45,24 +38,70 @@ def columns(run_dir: Path) -> dict[str, Any]:
     return found
 
 
-def command(model_dir: Path, rate: float, data_dir: str | None, test_file: str | None) -> list[str]:
+def command(model_dir: Path, rate: float, data_dir: str | None, test_file: str | None,
+            decode_cache: Path | None = None) -> list[str]:
     source = ["--test-file", test_file] if test_file else ["--data-dir", data_dir] if data_dir else []
+    cache = ["--decode-cache", str(decode_cache)] if decode_cache is not None else []
     return [sys.executable, "-m", "dq_lightning", "robustness", "--run", str(model_dir), "--rate", f"{rate:g}",
-            *source]
+            *source, *cache]
 
 
-def measure_all(run_dirs: list[Path], rate: float, data_dir: str | None, test_file: str | None,
-                run_logged) -> list[tuple[str, str, str]]:
-    """Score every directory of `run_dirs` not scored at `rate` yet; the failures as (run, stage, error)."""
-    from dq_lightning.sweep.runner import last_error
+def measure_all(run_dirs: list[Path], rate: float, data_dir: str | None, test_file: str | None, run_logged,
+                workers: int = 1, env: dict[str, str] | None = None,
+                decode_cache: Path | None = None) -> list[tuple[str, str, str]]:
+    """Score every directory of `run_dirs` not scored at `rate` yet; the failures as (run, stage, error).
 
-    failed = []
-    for run_dir in run_dirs:
-        if report_path(run_dir, rate).is_file():
-            continue
+    The first directory (the sweep's teacher) is scored alone, so that its decodes are in `decode_cache`
+    before the students, which decode the teacher on the same sources, ask for them; the rest run
+    `workers` at a time (each in `env`, its share of the cores)."""
+    from dq_lightning.sweep.runner import Stop, last_error
+
+    failed: list[tuple[str, str, str]] = []
+    todo = [run_dir for run_dir in run_dirs if not report_path(run_dir, rate).is_file()]
+
+    def score(run_dir: Path, stopping: Stop | None = None) -> None:
         log = run_dir / "robustness.log"
         print(f"{run_dir.name}: robustness at rate {rate:g} ...", flush=True)
-        if run_logged(command(run_dir, rate, data_dir, test_file), log) != 0:
+        if run_logged(command(run_dir, rate, data_dir, test_file, decode_cache), log, env, stopping) != 0:
             failed.append((run_dir.name, "robustness", last_error(log)))
             print(f"{run_dir.name}: FAILED in robustness: {last_error(log)} (log: {log})", flush=True)
+
+    for run_dir in todo[:1] if workers > 1 else todo:
+        score(run_dir)
+    if workers > 1:
+        _in_threads(todo[1:], workers, score, Stop())
     return failed
+
+
+def _in_threads(run_dirs: list[Path], workers: int, score, stopping) -> None:
+    """`score(run_dir, stopping)` for every directory, `workers` threads at a time; Ctrl-C stops them all."""
+    import queue
+    import threading
+
+    pending: queue.SimpleQueue[Path] = queue.SimpleQueue()
+    for run_dir in run_dirs:
+        pending.put(run_dir)
+
+    def work() -> None:
+        while True:
+            try:
+                run_dir = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                score(run_dir, stopping)
+            except KeyboardInterrupt:
+                return  # stopped by the main thread, which raises the interrupt itself
+
+    threads = [threading.Thread(target=work, name=f"robustness worker {n}", daemon=True) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():  # joined in slices: the main thread must stay free to take signals
+                thread.join(0.2)
+    except KeyboardInterrupt as interrupt:
+        stopping.set(interrupt)
+        for thread in threads:
+            thread.join()
+        raise

@@ -37,6 +37,7 @@ from dq_lightning.files import write_json_atomic, write_text_atomic
 from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError, command_line
 from dq_lightning.evaluation.bootstrap import check_resamples
+from dq_lightning.evaluation.perturb import check_rate
 from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillation_markdown, distillation_table,
                                             seed_summary)
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
@@ -626,8 +627,10 @@ def _measure_robustness(args: argparse.Namespace, points: list[SweepPoint], swee
     """`--robustness`: the teacher's and every finished run's robustness, failures added to the outcome."""
     finished = [sweep_dir / point.run_id for point in points if tested_after_fit(sweep_dir / point.run_id)]
     teacher = [teacher_dir] if (teacher_dir / "hf").is_dir() else []
+    workers = resolve_workers(args.workers, len(finished), args.gpus)
     failed = robustness.measure_all(teacher + finished, args.robustness, args.data_dir, args.test_file,
-                                    _run_logged)
+                                    _run_logged, workers, thread_environment(workers),
+                                    sweep_dir / "robustness-cache")
     if failed:
         outcome = outcome or Outcome()
         outcome.failed.extend(failed)
@@ -642,7 +645,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise UserError(f"--data-dir {args.data_dir} (make: DATA_DIR): no such directory")
         bootstrap = Bootstrap(check_resamples(args.bootstrap, "--bootstrap"), args.bootstrap_seed)
-        robustness.check_rate(args.robustness)
+        if args.robustness is not None:
+            check_rate(args.robustness, "--robustness", "ROBUSTNESS")
         test_set = _test_set(args.test_file, task)
         path = Path(args.sweep_file) if args.sweep_file else sweep_file(args.task, args.scale)
         sweep = load_sweep(path)
