@@ -14,7 +14,7 @@ from dq_lightning.evaluation.bootstrap import check_resamples, interval, paired_
 from dq_lightning.evaluation.per_example import (FILE_NAME, corpus_bleu, corpus_score, read_predictions, score_rows,
                                                  write_predictions)
 from dq_lightning.files import write_json_atomic
-from dq_lightning.sweep.report import PlotPoint, beyond_doubt_front, plot_points, plot_tradeoff
+from dq_lightning.sweep.report import PlotPoint, beyond_doubt_front, label_of, plot_points, plot_tradeoff
 from dq_lightning.sweep.runner import report
 from dq_lightning.sweep.spec import expand_grid, load_sweep
 
@@ -221,6 +221,19 @@ def test_plot_renders_error_bars(tmp_path):
     plot_tradeoff([{**rows[0], "test/rougeL_low": "", "test/rougeL_high": ""}, rows[1]], "rougeL", without, "t")
     assert with_bar.stat().st_size > 10_000
     assert with_bar.read_bytes() != without.read_bytes()
+
+
+def test_plot_tells_a_thinner_student_from_a_shallower_one(tmp_path):
+    shallow = {"run_id": "a", "mode": "dq", "bits": "2-2-8", "encoder_layers": 6, "decoder_layers": 3,
+               "width": "full", "compression": 10.0, "test/rougeL": 30.0}
+    thinner = {**shallow, "run_id": "b", "decoder_layers": 6, "width": "heads=3,ffn=512,d_model=96 impt",
+               "compression": 11.0}
+    assert label_of(shallow) == "2-2-8 6-3" and label_of({**shallow, "width": None}) == "2-2-8 6-3"
+    assert label_of(thinner) == "2-2-8 6-6 heads=3,ffn=512,d_model=96 impt"
+    hollow, filled = tmp_path / "hollow.png", tmp_path / "filled.png"
+    plot_tradeoff([shallow, thinner], "rougeL", hollow, "t")
+    plot_tradeoff([shallow, {**thinner, "width": "full"}], "rougeL", filled, "t")
+    assert hollow.read_bytes() != filled.read_bytes()
 
 
 @pytest.mark.parametrize("low, high, p, verdict", [

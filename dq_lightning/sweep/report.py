@@ -125,8 +125,13 @@ def score_of(row: dict, metric: str) -> float | None:
 def label_of(row: dict) -> str:
     if row.get("mode") == "teacher":
         return "teacher"
-    # The paper's labels; the mode is the marker's colour and shape (legend).
-    return f"{row.get('bits')} {row.get('encoder_layers')}-{row.get('decoder_layers')}"
+    # The paper's labels; the mode is the marker's colour and shape (legend), a thinner student's marker hollow.
+    label = f"{row.get('bits')} {row.get('encoder_layers')}-{row.get('decoder_layers')}"
+    return label if is_full_width(row) else f"{label} {row.get('width')}"
+
+
+def is_full_width(row: dict) -> bool:
+    return row.get("width") in (None, "", "full")
 
 
 @dataclass(frozen=True)
@@ -191,8 +196,14 @@ def plot_tradeoff(rows: list[dict], metric: str, path: Path, title: str) -> Path
         chosen = [p for p in points if p.row.get("mode") == mode]
         if not chosen:
             continue
-        ax.scatter([p.x for p in chosen], [p.y for p in chosen], marker=marker, color=color,
-                   s=140 if mode == "teacher" else 60, label=mode, zorder=3)
+        full = [p for p in chosen if is_full_width(p.row)]
+        thinner = [p for p in chosen if not is_full_width(p.row)]
+        if full:
+            ax.scatter([p.x for p in full], [p.y for p in full], marker=marker, color=color,
+                       s=140 if mode == "teacher" else 60, label=mode, zorder=3)
+        if thinner:
+            ax.scatter([p.x for p in thinner], [p.y for p in thinner], marker=marker, facecolors="none",
+                       edgecolors=color, s=60, label=f"{mode}, thinner (width extracted)", zorder=3)
         bars = [p for p in chosen if p.high > p.low]
         if bars:
             ax.errorbar([p.x for p in bars], [p.y for p in bars],
