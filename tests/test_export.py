@@ -202,6 +202,19 @@ def test_export_is_packed_at_the_accounted_size(exported):
     assert eight["tensors"]["model.shared.weight.codes"]["dtype"] == "int8"
 
 
+def test_a_fitted_student_loads_from_its_checkpoint_outside_a_trainer(checkpoints, teacher_dir, tmp_path):
+    path = checkpoints["2-2-8 fitted"]
+    with pytest.raises(UserError, match="model.teacher=.*records no task"):  # no DataModule, no task known
+        DQStudentModule.load_from_checkpoint(path, map_location="cpu")
+    teacher = shutil.copytree(teacher_dir, tmp_path / "teacher")
+    (teacher / "dq_lightning.json").write_text(json.dumps({"task": "xsum"}))  # as a trained teacher records it
+    module = DQStudentModule.load_from_checkpoint(path, map_location="cpu", teacher=str(teacher))
+    saved = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+    loaded = module.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items() if name in loaded)
+    assert (module.hparams.w_bits, len(module.model.model.decoder.layers)) == (2, 2)
+
+
 def test_export_records_the_source_length_the_student_was_trained_with(exported):
     fitted = json.loads((exported["2-2-8 fitted"] / MANIFEST).read_text())
     assert fitted["task"]["max_source_length"] == 64  # its DataModule's

@@ -116,7 +116,15 @@ class Seq2SeqModule(pl.LightningModule):
         self.val_metrics = GenerationMetrics(translation=task.is_translation)
         self.test_metrics = GenerationMetrics(translation=task.is_translation)
 
+    def standalone_context(self) -> tuple[PreTrainedTokenizerBase, TaskSpec]:
+        """The tokenizer and task of `load_from_checkpoint` outside a Trainer, where no DataModule gives them."""
+        raise UserError(f"{type(self).__name__}.load_from_checkpoint needs a Trainer here (its DataModule gives "
+                        "the tokenizer); use trainer.test(model, datamodule, ckpt_path=...)")
+
     def configure_model(self) -> None:
+        if self._trainer is None:  # Lightning's load_from_checkpoint outside a Trainer
+            self.attach(*self.standalone_context())
+            return
         datamodule = self.trainer.datamodule
         if datamodule is None or getattr(datamodule, "tokenizer", None) is None:
             raise UserError("this model needs a dq_lightning DataModule (the `data:` section of the config)")
@@ -209,7 +217,7 @@ class Seq2SeqModule(pl.LightningModule):
             checkpoint["rng_states_per_rank"] = every_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.trainer is None or self.trainer.state.fn != "fit":
+        if self._trainer is None or self._trainer.state.fn != "fit":  # self.trainer raises outside one
             return
         states = checkpoint.get("rng_states")
         every_rank = checkpoint.get("rng_states_per_rank")

@@ -274,13 +274,27 @@ class DQStudentModule(Seq2SeqModule):
         checkpoint's stored units (`use_checkpoint_width`), whose weights it then takes."""
         if self.model is not None:
             return self.model
-        if self.trainer.state.fn != "fit":
+        if self._trainer is None or self.trainer.state.fn != "fit":
             self._provisional_width = True
             return self.factory.provisional_student()
         loader = self.trainer.datamodule.ordered_train_dataloader()
         self.factory.teacher_on(self.trainer.strategy.root_device)  # scored where it will train
         self.factory.score_width(itertools.islice(loader, self.hparams.width_batches))
         return self.factory.new_student()
+
+    def standalone_context(self):
+        """The teacher directory's tokenizer (a student reads the teacher's) and the task it records."""
+        from dq_lightning.data.tasks import get_task
+        from dq_lightning.export.checkpoint import hf_directory_task
+        from dq_lightning.models.tokenizer import load_tokenizer
+
+        teacher = Path(self.hparams.teacher).expanduser()
+        name = hf_directory_task(teacher)
+        if name is None:
+            raise UserError(f"model.teacher={self.hparams.teacher}: records no task (dq_lightning.json), so "
+                            "load_from_checkpoint cannot rebuild the student outside a Trainer; use "
+                            "dq_lightning.export.checkpoint.load_student(path)")
+        return load_tokenizer(str(teacher), flag="model.teacher"), get_task(name)
 
     def configure_model(self) -> None:
         super().configure_model()
