@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt", metavar="FILE", help="an existing DQ student checkpoint of that teacher")
     parser.add_argument("--bits", default="8-8-8", help="W-E-A of the timed student (default 8-8-8)")
     parser.add_argument("--depth", default="6-3", help="encoder-decoder layers of the student (default 6-3)")
+    parser.add_argument("--width", help="a thinner student (model.width: heads=,ffn=,d_model= or a ratio), its units "
+                        "chosen at random: timing depends on the shapes, not on which units are kept")
     parser.add_argument("--size-settings", nargs="*", default=["8-8-8", "4-4-8", "2-8-8", "2-2-8"],
                         metavar="W-E-A", help="students exported for the size table (default 8-8-8 4-4-8 2-8-8 "
                         "2-2-8)")
@@ -223,18 +225,21 @@ def build_teacher(args: argparse.Namespace, work: Path) -> Path:
     return out
 
 
-def student_checkpoint(teacher: Path, bits: str, depth: str, work: Path) -> Path:
+def student_checkpoint(teacher: Path, bits: str, depth: str, work: Path, width: str | None = None) -> Path:
     """A checkpoint laid out as Lightning writes it, of a student prepared (not trained) for `bits`."""
     import torch
 
     from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import prepare
 
-    path = work / f"student-{bits}-{depth}.ckpt"
-    module = DQStudentModule(teacher=str(teacher), bits=bits, depth=depth)
+    path = work / f"student-{bits}-{depth}{'-' + width if width else ''}.ckpt"
+    module = DQStudentModule(teacher=str(teacher), bits=bits, depth=depth, width=width, width_method="rand")
     prepare(module.model, module.quant_config)
     state = {f"model.{key}": value for key, value in module.model.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams), "global_step": 0}, path)
+    checkpoint = {"state_dict": state, "hyper_parameters": dict(module.hparams), "global_step": 0}
+    if width:
+        checkpoint["width_kept"] = module.factory.kept.to_state()  # as fit stores a thinner student's units
+    torch.save(checkpoint, path)
     return path
 
 
@@ -271,14 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = []
     # The timed student: the checkpoint's export in a directory of its own (the size-table students below,
     # built untrained from the teacher, must not land on it), or the preset student at --bits.
-    timed_export = work / ("packed-ckpt" if args.ckpt else f"packed-{args.bits}-{args.depth}")
+    shape = f"{args.depth}{'-' + args.width if args.width else ''}"
+    timed_export = work / ("packed-ckpt" if args.ckpt else f"packed-{args.bits}-{shape}")
     if args.ckpt:
         manifest = export_student(args.ckpt, timed_export, teacher=str(teacher))
         sizes.append(size_row(manifest["notation"], manifest, teacher_file))
         args.bits = manifest["notation"]  # what the latency table is labelled with
     for bits in dict.fromkeys([args.bits] * (not args.ckpt) + list(args.size_settings)):
-        out = timed_export if bits == args.bits and not args.ckpt else work / f"packed-{bits}-{args.depth}"
-        manifest = export_student(student_checkpoint(teacher, bits, args.depth, work), out)
+        out = timed_export if bits == args.bits and not args.ckpt else work / f"packed-{bits}-{shape}"
+        manifest = export_student(student_checkpoint(teacher, bits, args.depth, work, args.width), out)
         sizes.append(size_row(bits, manifest, teacher_file))
     print(f"[{time.time() - started:.0f}s] exported; teacher {teacher.name}: {teacher_file / 2**20:.2f} MiB",
           file=sys.stderr)
@@ -355,14 +361,15 @@ def report(results: dict) -> str:
              f"{s['examples']} XSum inputs <= {s['source_length']} tokens, {s['new_tokens']} new tokens each, "
              f"median of {s['repeats']} interleaved rounds", "",
              f"File sizes (teacher model.safetensors {results['teacher_file_mib']:.2f} MiB; "
-             f"student depth {s['depth']})",
+             f"student depth {s['depth']}{', width ' + s['width'] if s.get('width') else ''})",
              "  W-E-A  packed.safetensors  strict accounting  file/strict  file ratio  accounted ratio (paper / "
              "strict)  whole dir"]
     for row in results["sizes"]:
         lines.append(f"  {row['bits']:<6} {row['file_mib']:>14.3f} MiB {row['strict_mib']:>13.3f} MiB "
                      f"{row['file_vs_strict']:>10.3f} {row['file_ratio']:>10.2f}x {row['paper_ratio']:>13.2f}x / "
                      f"{row['strict_ratio']:.2f}x {row['dir_mib']:>9.3f} MiB")
-    lines += ["", f"Latency per example (student {s['bits']} {s['depth']}; spread = (max - min) / median of the wall "
+    shape = f"{s['depth']}{' width ' + s['width'] if s.get('width') else ''}"
+    lines += ["", f"Latency per example (student {s['bits']} {shape}; spread = (max - min) / median of the wall "
               "times; speed-up = teacher / model, from wall and from CPU time)",
               "  batch beams  model          wall ms   cpu ms  spread  speed-up wall   cpu"]
     cpu_teacher = {(r["batch"], r["beams"]): r["cpu_ms_per_example"] for r in results["latency"]
