@@ -76,7 +76,8 @@ def measure_all(run_dirs: list[Path], rate: float, data_dir: str | None, test_fi
 def _in_threads(run_dirs: list[Path], workers: int, score, stopping) -> None:
     """`score(run_dir, stopping)` for every directory, `workers` threads at a time; Ctrl-C stops them all."""
     import queue
-    import threading
+
+    from dq_lightning.sweep.runner import run_threads
 
     pending: queue.SimpleQueue[Path] = queue.SimpleQueue()
     for run_dir in run_dirs:
@@ -93,15 +94,4 @@ def _in_threads(run_dirs: list[Path], workers: int, score, stopping) -> None:
             except KeyboardInterrupt:
                 return  # stopped by the main thread, which raises the interrupt itself
 
-    threads = [threading.Thread(target=work, name=f"robustness worker {n}", daemon=True) for n in range(workers)]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            while thread.is_alive():  # joined in slices: the main thread must stay free to take signals
-                thread.join(0.2)
-    except KeyboardInterrupt as interrupt:
-        stopping.set(interrupt)
-        for thread in threads:
-            thread.join()
-        raise
+    run_threads(work, workers, "robustness worker", stopping)

@@ -96,6 +96,23 @@ class Stop:
             raise type(self.reason)()
 
 
+def run_threads(work, count: int, name: str, stopping: Stop) -> None:
+    """`work()` in `count` threads until all return; Ctrl-C in the main thread tells them through `stopping`
+    (they stop their child processes as a single worker would) and is raised once they have."""
+    threads = [threading.Thread(target=work, name=f"{name} {number}", daemon=True) for number in range(1, count + 1)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():  # joined in slices: the main thread must stay free to take signals
+                thread.join(0.2)
+    except KeyboardInterrupt as interrupt:
+        stopping.set(interrupt)
+        for thread in threads:
+            thread.join()
+        raise
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -261,19 +278,7 @@ class LocalSweep:
                 errors.append(error)
                 self.stopping.set(Terminated())  # the other workers stop their runs now
 
-        threads = [threading.Thread(target=work, name=f"sweep worker {number}", daemon=True)
-                   for number in range(1, self.workers + 1)]
-        for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                while thread.is_alive():  # joined in slices: the main thread must stay free to take signals
-                    thread.join(0.2)
-        except KeyboardInterrupt as interrupt:
-            self.stopping.set(interrupt)
-            for thread in threads:
-                thread.join()
-            raise
+        run_threads(work, self.workers, "sweep worker", self.stopping)
         if errors:
             raise errors[0]
         return self.outcome
