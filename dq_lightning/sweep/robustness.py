@@ -60,6 +60,8 @@ def measure_all(run_dirs: list[Path], rate: float, data_dir: str | None, test_fi
     todo = [run_dir for run_dir in run_dirs if not report_path(run_dir, rate).is_file()]
 
     def score(run_dir: Path, stopping: Stop | None = None) -> None:
+        if report_path(run_dir, rate).is_file():
+            return  # scored meanwhile by another sweep process (a second worker of the same sweep)
         log = run_dir / "robustness.log"
         print(f"{run_dir.name}: robustness at rate {rate:g} ...", flush=True)
         if run_logged(command(run_dir, rate, data_dir, test_file, decode_cache), log, env, stopping) != 0:
