@@ -234,6 +234,25 @@ def test_cli_scores_a_student_run_beside_its_teacher(student_run, sensitive_mode
     assert _snapshot(sensitive_model) == teacher_before
 
 
+def test_cli_scores_a_full_precision_student_run_beside_its_teacher(sensitive_model, shared_data, cache_dir,
+                                                                    tmp_path):
+    """A 32-32-32 student (distill_only) has nothing to pack: it is scored as a Hugging Face directory, with
+    the teacher its checkpoint names."""
+    from dq_lightning.modules.student import DQStudentModule
+
+    module = DQStudentModule(teacher=str(sensitive_model), bits="32-32-32", depth="2-1", generation=GENERATION)
+    run = tmp_path / "fp_run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()},
+                "hyper_parameters": dict(module.hparams), "global_step": 0}, run / "checkpoints" / "last.ckpt")
+    result = run_cli("robustness", "--run", str(run), "--data-dir", str(shared_data / "xsum"), "--max-samples",
+                     "3", "--rate", "0.2", "--threads", "1", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, teacher = json.loads((run / "robustness" / "rate-0.2" / "robustness.json").read_text())["models"]
+    assert model["path"] == str(run / "checkpoints" / "last.ckpt") and teacher["path"] == str(sensitive_model)
+    assert 0 <= model["label_loyalty"] <= 1 and 0 <= model["stability"] <= 100
+
+
 def test_cli_scores_a_model_directory_and_a_test_file(sensitive_model, shared_data, cache_dir, tmp_path):
     rows = [json.loads(line) for line in (shared_data / "xsum" / "test.jsonl").read_text().splitlines()[:3]]
     test_file = write_jsonl(tmp_path / "mine.jsonl", rows)

@@ -61,6 +61,7 @@ class Subject:
     generation: Any
     max_source: int
     identity: dict | None = None  # the model's files, for the decode cache; None: never cached
+    directory: Path | None = None  # where it was loaded from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +144,8 @@ def run_checkpoint(run: Path) -> Path | None:
 def model_directory(run: Path, teacher: str | None, scratch: Path) -> tuple[Path, str]:
     """The directory `load_model` reads for `--run` (itself, its `hf/`, or its checkpoint exported to
     `scratch`) and what it holds, for the report."""
-    from dq_lightning.export.export import export_student
+    from dq_lightning.export.checkpoint import NotQuantized
+    from dq_lightning.export.export import export_full_precision_student, export_student
     from dq_lightning.export.manifest import MANIFEST
 
     if (run / MANIFEST).is_file() or (run / "config.json").is_file():
@@ -154,7 +156,10 @@ def model_directory(run: Path, teacher: str | None, scratch: Path) -> tuple[Path
     if checkpoint is None:
         raise UserError(f"--run {run}: no model in it (no {MANIFEST}, no config.json, no hf/config.json, no "
                         "checkpoints/*.ckpt)")
-    export_student(checkpoint, scratch / "packed", teacher=teacher)
+    try:
+        export_student(checkpoint, scratch / "packed", teacher=teacher)
+    except NotQuantized:  # a full-precision (32-32-32) student: scored as a Hugging Face directory
+        return export_full_precision_student(checkpoint, scratch / "hf", teacher=teacher), str(checkpoint)
     return scratch / "packed", str(checkpoint)
 
 
@@ -190,7 +195,8 @@ def open_subject(role: str, directory: Path, flag: str, args: argparse.Namespace
     max_source = source_length(model, task, args.max_source_length)
     generation = generation or generation_settings(model, args)
     identity = model_identity(directory, args.int8 and role == "model") if cacheable else None
-    return Subject(role, label or str(directory), model, tokenizer, task, generation, max_source, identity), spec
+    return Subject(role, label or str(directory), model, tokenizer, task, generation, max_source, identity,
+                   directory), spec
 
 
 def model_identity(directory: Path, int8: bool) -> dict:
@@ -202,9 +208,12 @@ def model_identity(directory: Path, int8: bool) -> dict:
 
 def teacher_directory(args: argparse.Namespace, subject: Subject) -> Path | None:
     """`--teacher`, else the teacher the student's export records when that directory is there."""
+    from dq_lightning.export.checkpoint import hf_directory_info
+
     if args.teacher is not None:
         return Path(args.teacher).expanduser()
-    recorded = ((getattr(subject.model, "dq_export", None) or {}).get("student") or {}).get("teacher")
+    recorded = ((getattr(subject.model, "dq_export", None) or {}).get("student") or {}).get("teacher") \
+        or hf_directory_info(subject.directory).get("teacher")
     if not recorded:
         return None
     if not (Path(recorded).expanduser() / "config.json").is_file():

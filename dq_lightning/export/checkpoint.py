@@ -44,10 +44,14 @@ def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict[str, Any]:
     return checkpoint
 
 
-def load_student(checkpoint_path: str | Path, teacher: str | None = None):
+class NotQuantized(UserError):
+    """The checkpoint's student is full precision (32-32-32): nothing to pack."""
+
+
+def load_student(checkpoint_path: str | Path, teacher: str | None = None, quantized: bool = True):
     """The `DQStudentModule` of a checkpoint, rebuilt from its hyper-parameters and teacher directory, its
     student prepared for quantization (and converted, if the checkpoint holds converted codes) and loaded,
-    in eval mode. Returns (module, checkpoint)."""
+    in eval mode. Returns (module, checkpoint). `quantized=False` also takes a full-precision student."""
     from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import in_form_of
 
@@ -68,12 +72,14 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None):
         hint = "" if teacher is not None else \
             " (the student is rebuilt from its teacher directory; pass --teacher DIR if it has moved)"
         raise UserError(f"{error}{hint}") from None
-    if module.quant_config is None:
-        raise UserError(f"--ckpt {checkpoint_path}: the student is not quantized; there is nothing to pack")
+    if module.quant_config is None and quantized:
+        raise NotQuantized(f"--ckpt {checkpoint_path}: the student is not quantized; there is nothing to pack")
     module.use_checkpoint_width(checkpoint)  # a thinner student: the units it kept, stored in the checkpoint
     state = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
              if key.startswith("model.")}
-    student = module.model = in_form_of(module.model, module.quant_config, state, module.factory.new_student)
+    student = module.model if module.quant_config is None else \
+        in_form_of(module.model, module.quant_config, state, module.factory.new_student)
+    module.model = student
     missing, unexpected = student.load_state_dict(state, strict=False)
     if missing or unexpected:
         details = "; ".join(part for part in (

@@ -73,6 +73,24 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
     return manifest
 
 
+def export_full_precision_student(checkpoint_path: str | Path, out_dir: str | Path,
+                                  teacher: str | None = None) -> Path:
+    """The full-precision student of a 32-32-32 (distill_only) checkpoint, which has nothing to pack, as a
+    Hugging Face directory: its decoding settings, and the task, trained source length and teacher in
+    `dq_lightning.json`, as `predict` and `robustness` read them."""
+    from dq_lightning.modules.seq2seq import save_hf_directory
+
+    module, checkpoint = load_student(checkpoint_path, teacher, quantized=False)
+    teacher_dir = str(module.hparams.teacher)
+    tok = _shipped_tokenizer(None, teacher_dir)
+    task_spec = resolve_task(checkpoint, teacher_dir, None)
+    task = _task(task_spec, trained_source_length(checkpoint)) or {}
+    module.model.generation_config = _generation_config(module, task_spec, tok)
+    info = {"task": task.get("name"), "max_source_length": task.get("max_source_length"), "teacher": teacher_dir,
+            "checkpoint": str(Path(checkpoint_path).expanduser().resolve())}
+    return save_hf_directory(module.model, tok, out_dir, {key: value for key, value in info.items() if value})
+
+
 def _shipped_tokenizer(tokenizer: str | None, teacher_dir: str):
     """`--tokenizer`'s tokenizer, else the teacher directory's (the one the student was trained with)."""
     from dq_lightning.models.tokenizer import load_tokenizer
