@@ -199,3 +199,36 @@ def test_bad_width_is_one_error_line_naming_the_flag(width, message, teacher_dir
                      f"--data.data_dir={shared_data / 'xsum'}", f"--trainer.default_root_dir={tmp_path / 'run'}",
                      f"--model.teacher={teacher_dir}", *QUICK, f"--model.width={width}", env=ENV)
     one_error(result, "model.width", message)
+
+
+def test_projection_starts_as_the_kept_dimensions_and_trains_with_the_student(teacher_dir, shared_data, cache_dir,
+                                                                             tmp_path):
+    """width_hidden=projection: a Linear from the student's width to the teacher's, outside the student (not
+    exported), started so that student dimension i lands on the teacher dimension it was extracted from, then
+    optimized with the student; its checkpoint reloads and exports like any thinner student's."""
+    module = DQStudentModule(teacher=str(teacher_dir), **{**THIN, "width_method": "rand"}, width_hidden="projection")
+    module._start_projection()
+    kept = module.factory.kept.hidden
+    states = torch.randn(2, 3, module.model.config.d_model)
+    projected = module.hidden_projection(states)
+    assert projected.shape[-1] == module.teacher.config.d_model
+    assert torch.equal(projected[..., kept], states)
+    dropped = [d for d in range(module.teacher.config.d_model) if d not in set(kept.tolist())]
+    assert dropped and torch.count_nonzero(projected[..., dropped]) == 0
+    # At the start, the hidden loss through the projection is the kept loss plus the teacher's dropped energy.
+    teacher_states = [torch.randn(2, 3, module.teacher.config.d_model) for _ in range(2)]
+    student_states = [t[..., kept] + 0.1 for t in teacher_states]
+    through = hidden_states_loss(student_states, teacher_states, [0], None, project=module.hidden_projection)
+    at_kept = hidden_states_loss(student_states, teacher_states, [0], None, kept)
+    energy = sum(((t[..., dropped]) ** 2).sum(-1).mean() / module.teacher.config.d_model for t in teacher_states)
+    width = module.teacher.config.d_model
+    assert through.item() == pytest.approx(at_kept.item() * len(kept) / width + energy.item(), rel=1e-4)
+
+    trained, fit, checkpoint = fitted(tmp_path, teacher_dir, shared_data, cache_dir, steps=3, width_method="rand",
+                                      width_hidden="projection")
+    assert any(p is trained.hidden_projection.weight for g in fit.optimizers[0].param_groups for p in g["params"])
+    assert not torch.equal(trained.hidden_projection.weight, module.hidden_projection.weight)  # it learned
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert torch.equal(state["hidden_projection.weight"], trained.hidden_projection.weight.detach())
+    manifest = export_student(checkpoint, tmp_path / "packed")
+    assert not any("hidden_projection" in name for name in manifest["tensors"])

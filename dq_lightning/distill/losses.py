@@ -49,14 +49,17 @@ def at_kept(tensor: Tensor, kept: Tensor | None, dim: int = -1) -> Tensor:
 
 
 def hidden_states_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],
-                       mask: Tensor | None, kept: Tensor | None = None) -> Tensor:
+                       mask: Tensor | None, kept: Tensor | None = None, project=None) -> Tensor:
     """Sum over student layers of the MSE to the teacher layer each was copied from, at the teacher's
-    `kept` hidden dimensions (None: all).
+    `kept` hidden dimensions (None: all), or, with `project` (a thinner student's learned map to the teacher's
+    width), of the projected student states to the teacher's whole states.
 
     `student`/`teacher` are HF `*_hidden_states`: index 0 is the embedding output and index i + 1 the
     output of layer i; the embedding outputs are matched too.
     """
     pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+    if project is not None:
+        return sum(_masked_mean((project(student[s]).float() - teacher[t].float()) ** 2, mask) for s, t in pairs)
     return sum(_masked_mean((student[s].float() - at_kept(teacher[t], kept).float()) ** 2, mask)
                for s, t in pairs)
 

@@ -112,10 +112,11 @@ class DQObjective(nn.Module):
 
     def forward(self, student, teacher, labels: Tensor, source_mask: Tensor, encoder_map: list[int],
                 decoder_map: list[int], training: bool = True,
-                kept: Units | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                kept: Units | None = None, project=None) -> tuple[Tensor, dict[str, Tensor]]:
         """`student` and `teacher` are transformers Seq2SeqLMOutputs of one batch (the teacher's may be None
-        when not distilling); `kept`: the teacher units a thinner student kept (None: full width). Returns the
-        loss and its unweighted terms."""
+        when not distilling); `kept`: the teacher units a thinner student kept (None: full width); `project`:
+        a thinner student's learned map of its hidden states to the teacher's width, for the hidden-state terms
+        (None: compare at the kept dimensions). Returns the loss and its unweighted terms."""
         c = self.config
         terms = {"task": task_loss(student.logits, labels, c.label_smoothing if training else 0.0)}
         weights = {"task": c.task_weight}
@@ -131,14 +132,14 @@ class DQObjective(nn.Module):
             if c.hidden_weight > 0:
                 terms["hidden"] = (
                     hidden_states_loss(student.encoder_hidden_states, teacher.encoder_hidden_states, encoder_map,
-                                       encoder_mask, hidden)
+                                       encoder_mask, hidden, project)
                     + hidden_states_loss(student.decoder_hidden_states, teacher.decoder_hidden_states,
-                                         decoder_map, target_mask, hidden))
+                                         decoder_map, target_mask, hidden, project))
                 weights["hidden"] = c.hidden_weight
             if c.final_encoder_weight > 0:
-                terms["final_encoder"] = per_example_states_loss(
-                    student.encoder_last_hidden_state, at_kept(teacher.encoder_last_hidden_state, hidden),
-                    encoder_mask)
+                final, target = student.encoder_last_hidden_state, teacher.encoder_last_hidden_state
+                final, target = (project(final), target) if project is not None else (final, at_kept(target, hidden))
+                terms["final_encoder"] = per_example_states_loss(final, target, encoder_mask)
                 weights["final_encoder"] = c.final_encoder_weight
             if c.attention_weight > 0:
                 terms["attention"] = self._attention_terms(student, teacher, encoder_map, decoder_map,

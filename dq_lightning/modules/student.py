@@ -141,6 +141,10 @@ class DQStudentModule(Seq2SeqModule):
             width_batches training batches when fit starts) or rand (a random choice seeded by width_seed).
         width_batches: training batches (in stored order, unshuffled) scored for width_method impt.
         width_seed: the seed of width_method rand.
+        width_hidden: how a thinner student's hidden states meet the teacher's in the hidden-state and
+            final-encoder losses: kept (at the teacher dimensions it kept) or projection (through a learned
+            linear map to the teacher's width, TinyBERT's W_h, trained with the student and not exported; it
+            starts as the kept dimensions' embedding).
         task_weight: weight of the task cross-entropy.
         logits_weight: weight of the logits distillation loss.
         hidden_weight: weight of the hidden-state MSE (encoder + decoder, summed over layers).
@@ -194,6 +198,7 @@ class DQStudentModule(Seq2SeqModule):
         layer_map: LayerMapStrategy | None = None, encoder_layer_map: list[int] | None = None,
         decoder_layer_map: list[int] | None = None, unsorted_layer_maps: bool = False,
         width: str | None = None, width_method: WidthMethod = "impt", width_batches: int = 8, width_seed: int = 0,
+        width_hidden: Literal["kept", "projection"] = "kept",
         # the objective
         task_weight: float = 1.0, logits_weight: float = 1.0, hidden_weight: float = 1.0,
         attention_weight: float = 1.0, final_encoder_weight: float | None = None, logits_loss: LogitsLoss = "mse",
@@ -242,6 +247,12 @@ class DQStudentModule(Seq2SeqModule):
             width=None if width is None else str(width), width_method=width_method, width_seed=width_seed)
         if isinstance(width_batches, bool) or not isinstance(width_batches, int) or width_batches < 1:
             raise UserError(f"model.width_batches={width_batches!r} must be a positive integer")
+        if width_hidden not in ("kept", "projection"):
+            raise UserError(f"model.width_hidden={width_hidden!r}: choose kept or projection")
+        # Outside the student (never quantized nor exported); its shape is known now, so a checkpoint loads into it.
+        self.hidden_projection = torch.nn.Linear(self.factory.student_config().d_model, self.teacher.config.d_model,
+                                           bias=False) if width_hidden == "projection" and width is not None else None
+        self._projection_started = False
         # impt needs training batches: the student is built in configure_model (build_model).
         self.model = None if self._scores_width else self.factory.new_student()
         self._provisional_width = False
@@ -298,6 +309,8 @@ class DQStudentModule(Seq2SeqModule):
 
     def configure_model(self) -> None:
         super().configure_model()
+        if self.hidden_projection is not None and not self._projection_started:
+            self._start_projection()
         if self.quantize is not None:
             self.quantize.prepare_student(self)  # a student built just now missed QuantizeOnForward.setup
         vocabulary = self.teacher.get_input_embeddings().num_embeddings
@@ -306,6 +319,22 @@ class DQStudentModule(Seq2SeqModule):
                             f"data tokenizer's ({len(self.tokenizer)}); set data.tokenizer to the teacher's directory")
         if self.hparams.evaluate_teacher and self.teacher_test_metrics is None:
             self.teacher_test_metrics = GenerationMetrics(translation=self.task.is_translation)
+
+    @torch.no_grad()
+    def _start_projection(self) -> None:
+        """The projection as the kept dimensions' embedding: student dimension i lands on the teacher dimension
+        it was extracted from, so its first loss compares what `kept` compares (plus the dropped dimensions)."""
+        hidden = self.factory.kept.hidden if self.factory.kept is not None else None
+        weight = self.hidden_projection.weight
+        weight.zero_()
+        rows = hidden if hidden is not None else torch.arange(weight.size(1))
+        weight[rows.to(weight.device), torch.arange(weight.size(1), device=weight.device)] = 1.0
+        self._projection_started = True
+
+    def trainable_named_parameters(self):
+        extra = [] if self.hidden_projection is None else \
+            [("hidden_projection.weight", self.hidden_projection.weight)]
+        return super().trainable_named_parameters() + extra
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -356,7 +385,8 @@ class DQStudentModule(Seq2SeqModule):
         student = self.model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
         teacher = self.factory.teacher_outputs(inputs, self.device, hidden or attentions) if self._needs_teacher(stage) else None
         loss, terms = self.objective(student, teacher, labels, batch["attention_mask"], self.encoder_map,
-                                     self.decoder_map, training=stage == "train", kept=self.factory.kept)
+                                     self.decoder_map, training=stage == "train", kept=self.factory.kept,
+                                     project=self.hidden_projection)
 
         batch_size = labels.size(0)
         sync = stage != "train"
