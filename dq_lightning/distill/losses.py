@@ -58,10 +58,14 @@ def hidden_states_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], lay
     output of layer i; the embedding outputs are matched too.
     """
     pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
-    if project is not None:
-        return sum(_masked_mean((project(student[s]).float() - teacher[t].float()) ** 2, mask) for s, t in pairs)
-    return sum(_masked_mean((student[s].float() - at_kept(teacher[t], kept).float()) ** 2, mask)
-               for s, t in pairs)
+    return sum(_masked_mean((ours.float() - theirs.float()) ** 2, mask)
+               for ours, theirs in (aligned(student[s], teacher[t], kept, project) for s, t in pairs))
+
+
+def aligned(student: Tensor, teacher: Tensor, kept: Tensor | None, project=None) -> tuple[Tensor, Tensor]:
+    """A student state and the teacher state it is compared with: through `project` to the teacher's whole
+    width, else at the teacher's `kept` dimensions (None: all)."""
+    return (project(student), teacher) if project is not None else (student, at_kept(teacher, kept))
 
 
 def per_example_states_loss(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:

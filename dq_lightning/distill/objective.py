@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
-from dq_lightning.distill.losses import (at_kept, attention_loss, hidden_states_loss, logits_loss,
+from dq_lightning.distill.losses import (aligned, attention_loss, hidden_states_loss, logits_loss,
                                          per_example_states_loss)
 from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.distill.width import Units
@@ -137,9 +137,9 @@ class DQObjective(nn.Module):
                                          decoder_map, target_mask, hidden, project))
                 weights["hidden"] = c.hidden_weight
             if c.final_encoder_weight > 0:
-                final, target = student.encoder_last_hidden_state, teacher.encoder_last_hidden_state
-                final, target = (project(final), target) if project is not None else (final, at_kept(target, hidden))
-                terms["final_encoder"] = per_example_states_loss(final, target, encoder_mask)
+                terms["final_encoder"] = per_example_states_loss(
+                    *aligned(student.encoder_last_hidden_state, teacher.encoder_last_hidden_state, hidden, project),
+                    encoder_mask)
                 weights["final_encoder"] = c.final_encoder_weight
             if c.attention_weight > 0:
                 terms["attention"] = self._attention_terms(student, teacher, encoder_map, decoder_map,

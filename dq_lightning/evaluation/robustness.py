@@ -201,8 +201,8 @@ def open_subject(role: str, directory: Path, flag: str, args: argparse.Namespace
 
 def model_identity(directory: Path, int8: bool) -> dict:
     """What a model's outputs depend on besides the decoding settings: its files as they are now."""
-    files = {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(directory.iterdir())
-             if path.is_file()}
+    files = {path.name: [stat.st_size, stat.st_mtime_ns] for path in sorted(directory.iterdir())
+             if path.is_file() for stat in (path.stat(),)}
     return {"directory": str(directory.resolve()), "files": files, "int8": int8}
 
 

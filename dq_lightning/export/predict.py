@@ -164,14 +164,14 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
             raise UserError(f"{flag} {directory}: --int8 needs a packed export (this directory has no "
                             f"{MANIFEST}; make one with python -m dq_lightning export)")
         model = load_pretrained(str(path), flag=flag, attn_implementation=attn or "eager").eval()
-        task = _languages_of_hf_directory(path)
+        task = _task_of_hf_directory(path)
     tokenizer = load_tokenizer(str(path), flag=flag)
     if task.get("source_lang") and hasattr(tokenizer, "src_lang"):
         tokenizer.src_lang = task["source_lang"]
     return model, tokenizer, task
 
 
-def _languages_of_hf_directory(path: Path) -> dict:
+def _task_of_hf_directory(path: Path) -> dict:
     """The source and target language codes of the task a teacher directory was trained on (its
     `dq_lightning.json`), which decide how sources are laid out, and the source length it was trained with;
     {} when it says none."""

@@ -57,21 +57,20 @@ def measure_all(run_dirs: list[Path], rate: float, data_dir: str | None, test_fi
     from dq_lightning.sweep.runner import Stop, last_error
 
     failed: list[tuple[str, str, str]] = []
-    todo = [run_dir for run_dir in run_dirs if not report_path(run_dir, rate).is_file()]
 
     def score(run_dir: Path, stopping: Stop | None = None) -> None:
         if report_path(run_dir, rate).is_file():
-            return  # scored meanwhile by another sweep process (a second worker of the same sweep)
+            return  # scored already, or meanwhile by another sweep process (a second worker of the same sweep)
         log = run_dir / "robustness.log"
         print(f"{run_dir.name}: robustness at rate {rate:g} ...", flush=True)
         if run_logged(command(run_dir, rate, data_dir, test_file, decode_cache), log, env, stopping) != 0:
             failed.append((run_dir.name, "robustness", last_error(log)))
             print(f"{run_dir.name}: FAILED in robustness: {last_error(log)} (log: {log})", flush=True)
 
-    for run_dir in todo[:1] if workers > 1 else todo:
+    for run_dir in run_dirs[:1] if workers > 1 else run_dirs:
         score(run_dir)
     if workers > 1:
-        _in_threads(todo[1:], workers, score, Stop())
+        _in_threads(run_dirs[1:], workers, score, Stop())
     return failed
 
 
