@@ -233,7 +233,7 @@ def student_checkpoint(teacher: Path, bits: str, depth: str, work: Path, width: 
     from dq_lightning.quant import prepare
 
     path = work / f"student-{bits}-{depth}{'-' + width if width else ''}.ckpt"
-    module = DQStudentModule(teacher=str(teacher), bits=bits, depth=depth, width=width, width_method="rand")
+    module = DQStudentModule(teacher=str(teacher), bits=bits, depth=depth, width=width, shape={"width_method": "rand"})
     prepare(module.model, module.quant_config)
     state = {f"model.{key}": value for key, value in module.model.state_dict().items()}
     checkpoint = {"state_dict": state, "hyper_parameters": dict(module.hparams), "global_step": 0}

@@ -24,27 +24,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dq_lightning.distill.layer_map import layer_map  # noqa: E402
-from dq_lightning.distill.recipe import recipe_settings  # noqa: E402
-from dq_lightning.quant.config import QuantConfig, recipe_defaults  # noqa: E402
+from dq_lightning.distill.recipe import TABLE  # noqa: E402
 
 METRICS = ("test/rougeL", "test/label_loyalty", "test/prob_loyalty")
 
 
 def choices(depth: str, attention_dropout: float) -> dict[str, str]:
     """{flag: the dq_lightning value}, for every setting where the two recipes differ."""
-    fields = QuantConfig.__dataclass_fields__
-    official = {**recipe_settings("dq-bart"), **{name: fields[name].default for name in fields}}
-    project = {**recipe_settings("dq_lightning"), **recipe_defaults("dq_lightning")}
     flags = {}
-    for name, value in project.items():
-        if official.get(name) == value:
-            continue
-        flags[name] = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    for group, settings in TABLE["dq_lightning"].items():
+        for name, value in settings.items():
+            if TABLE["dq-bart"][group][name] == value:
+                continue
+            flags[f"{group}.{name}"] = str(value).lower() if isinstance(value, bool) else str(value)
     encoder, decoder = (int(n) for n in depth.split("-"))
     if all(layer_map(6, n, "dq-bart") == layer_map(6, n, "max_spacing") for n in (encoder, decoder)):
-        flags.pop("layer_map")  # the two maps agree at this depth: nothing to ablate
+        flags.pop("shape.layer_map")  # the two maps agree at this depth: nothing to ablate
     if attention_dropout == 0:
-        flags.pop("attention_maps")  # before and after a dropout of 0 are the same map
+        flags.pop("objective.attention_maps")  # before and after a dropout of 0 are the same map
     return flags
 
 

@@ -13,12 +13,14 @@ cannot be written or already holds another run are refused before anything is bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -28,6 +30,7 @@ from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
 from dq_lightning.cluster import resume_path, with_agent_args
+from dq_lightning.compat import upgrade_student_hparams
 from dq_lightning.errors import UserError, command_line, first_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
@@ -35,6 +38,7 @@ from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writa
                                      is_other_rank, move_aside, replace_own_files)
 from dq_lightning.config_files import BASE_KEY, data_class, data_task, expand_bases, resolve_task_monitors, setting_origin
 from dq_lightning.devices import check_gpu_request
+from dq_lightning.distill.recipe import GROUPS as SETTINGS_GROUPS
 
 # Settings dataclasses (QuantSettings, ...) document each field in the docstring below it, as litgpt does:
 # this makes those docstrings the `--help` of `--model.quant_settings.*`.
@@ -220,16 +224,37 @@ class DQLightningCLI(LightningCLI):
             check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI replaces the whole model config by the checkpoint's hyper-parameters, command-line flags
-        # included: `test --model.eval_head=deployed --ckpt_path ...` would test the trained head, and a lower
-        # `--model.lr` on resume would be dropped. The model settings given on the command line win; the saved
-        # config.yaml then says what really ran.
+        """LightningCLI's `_parse_ckpt_path` (the model config becomes the checkpoint's hyper-parameters), with
+        two differences. A DQ student checkpoint written before the settings were grouped is read as today's
+        arguments (`dq_lightning.compat`). And the model settings given on the command line win: LightningCLI
+        would replace them too, so `test --model.evaluation.eval_head=deployed --ckpt_path ...` would test the
+        trained head, and a lower `--model.lr` on resume would be dropped; the saved config.yaml then says what
+        really ran. A setting inside a group is overridden alone (`--model.objective.hidden_weight=3` keeps the
+        checkpoint's other objective settings)."""
         subcommand = self.config.get("subcommand")
-        model = self.config.get(subcommand, {}).get("model") if subcommand else None
-        init_args = model.get("init_args") if model is not None else None
-        given = {name: init_args[name] for name in getattr(self, "_model_flags", ())
-                 if init_args is not None and name in init_args}
-        super()._parse_ckpt_path()
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        model = self.config[subcommand].get("model")
+        given = {}
+        for name in getattr(self, "_model_flags", ()):
+            with contextlib.suppress(KeyError):
+                given[name] = model.init_args[name] if "." not in name else model[f"init_args.{name}"]
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        if class_path is not None and class_path.endswith("DQStudentModule"):
+            hparams = upgrade_student_hparams(hparams)
+        model_hparams = {"class_path": class_path, "init_args": hparams} if class_path else hparams
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model_hparams}}, self.config)
+        except (SystemExit, argparse.ArgumentError) as error:
+            raise UserError(f"--ckpt_path={ckpt_path}: its hyper-parameters do not parse as today's "
+                            f"{str(class_path).rpartition('.')[2]} settings ({first_line(error)})") from None
         for name, value in given.items():
             self.config[f"{subcommand}.model.init_args.{name}"] = value
 
@@ -283,14 +308,16 @@ class DQLightningCLI(LightningCLI):
 
 
 def model_settings_given(argv: list[str]) -> list[str]:
-    """The model settings named on the command line: `--model.lr=1e-5`, `--model.init_args.lr 1e-5` and
-    `--model.generation.num_beams=1` give lr, lr and generation."""
+    """The model settings named on the command line, as keys of the model's init args: `--model.lr=1e-5` and
+    `--model.init_args.lr 1e-5` give lr, `--model.objective.hidden_weight=3` gives objective.hidden_weight, and
+    `--model.generation.num_beams=1` gives generation (a mapping, not settings of its own)."""
     names = []
     for token in argv:
         if isinstance(token, str) and token.startswith("--model."):
-            key = token[len("--model."):].split("=", 1)[0].removeprefix("init_args.").split(".")[0]
-            if key and key not in ("class_path", "init_args", "dict_kwargs"):
-                names.append(key)
+            key = token[len("--model."):].split("=", 1)[0].removeprefix("init_args.")
+            first = key.split(".")[0]
+            if first and first not in ("class_path", "init_args", "dict_kwargs", "help"):
+                names.append(key if first in SETTINGS_GROUPS else first)
     return names
 
 

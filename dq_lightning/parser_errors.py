@@ -15,6 +15,8 @@ import re
 import typing
 from collections.abc import Iterable, Sequence
 
+from dq_lightning.compat import moved_setting
+
 _ARTICLES = {"int": "an int", "float": "a float", "bool": "a bool (true or false)", "str": "a string",
              "dict": "a mapping ({key: value, ...})", "list": "a list ([a, b, ...])"}
 
@@ -112,7 +114,10 @@ def _rejected_option(key: str, name: str, classes: list[str], argv: Sequence[str
     near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     outer = next((".".join(chain[:depth + 1]) for depth in range(len(classes) - 2, -1, -1)
                   if name in _init_parameters(classes[depth])), None)
-    if outer:
+    moved = moved_setting(name) if classes[0].endswith(("DQStudentModule", "DQSupernetModule")) else None
+    if moved:
+        hint = f"; that setting is now {moved}"
+    elif outer:
         hint = f"; {name} is a setting of its own: --{outer}.{name}"
     elif near:
         hint = f"; did you mean --{key}.{near[0]}?"

@@ -41,7 +41,7 @@ from torch import nn
 
 from dq_lightning.errors import UserError, command_line
 from dq_lightning.quant.api import is_converted, quant_config_of, token_embedding_weight
-from dq_lightning.quant.config import FULL_PRECISION, RECIPES, QuantConfig, parse_wea
+from dq_lightning.quant.config import FULL_PRECISION, QuantConfig, parse_wea
 from dq_lightning.quant.quantizers import FakeQuantizer
 
 CONVENTIONS = ("paper", "strict")
@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all)")
     parser.add_argument("--decoder-layers", type=int, metavar="N", help="student decoder layers "
                         "(default: all)")
+    from dq_lightning.distill.recipe import RECIPES
+
     parser.add_argument("--recipe", choices=RECIPES, default="dq-bart",
                         help="the recipe whose scale granularity the strict convention counts (default dq-bart: "
                              "one scale per Linear weight, one per embedding row)")
@@ -386,9 +388,11 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     w_bits, e_bits, a_bits = _bits_from_args(args, parser)
+    from dq_lightning.distill.recipe import recipe_quant_config  # the recipe table sits above this module
+
     try:
         granularity = {} if args.weight_granularity is None else {"weight_granularity": args.weight_granularity}
-        quant = QuantConfig.recipe(args.recipe, w_bits, e_bits, a_bits, **granularity)
+        quant = recipe_quant_config(args.recipe, (w_bits, e_bits, a_bits), **granularity)
         config, name = _config_from_args(args)
         conventions = CONVENTIONS if args.convention == "both" else (args.convention,)
         reports = [model_size(config, quant, encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers,

@@ -146,7 +146,7 @@ DICT_CASES = {
     "quant_settings of a distill_only student": (["--model.mode=distill_only", "--model.quant_settings={nonsense: 1}"],
                                                  ["model.quant_settings.nonsense", "--model.quant_settings"]),
     "a bit width in quant_settings": (["--model.quant_settings={w_bits: 4}"],
-                                      ["model.quant_settings.w_bits", "--model.w_bits"]),
+                                      ["model.quant_settings.w_bits", "--model.bits"]),
     "generation": (["--model.generation={num_beam: 2}"], ["model.generation.num_beam", "--model.generation",
                                                            "num_beams"]),
 }

@@ -252,7 +252,7 @@ def test_sbatch_runs_the_fit_entry_point_under_srun_with_the_allocation_and_resu
     env = {**os.environ, "PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}", "FAKE_SRUN_ARGS": str(record),
            "SLURM_SUBMIT_DIR": str(PROJECT_ROOT), "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "1234", "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(SBATCH), "experiments/xsum/dq-paper.yaml", "--model.w_bits=2"],
+    result = subprocess.run(["bash", str(SBATCH), "experiments/xsum/dq-paper.yaml", "--model.bits=2-2-8"],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     args = record.read_text().splitlines()
@@ -262,7 +262,7 @@ def test_sbatch_runs_the_fit_entry_point_under_srun_with_the_allocation_and_resu
     for flag in ("--trainer.accelerator=gpu", "--trainer.devices=4", "--trainer.num_nodes=2", "--trainer.strategy=ddp"):
         assert flag in args, args
     assert args[args.index("--ckpt_path") + 1] == "last"
-    assert args[-1] == "--model.w_bits=2"
+    assert args[-1] == "--model.bits=2-2-8"
 
     missing = subprocess.run(["bash", str(SBATCH), "experiments/xsum/nope.yaml"], capture_output=True, text=True,
                              env=env, cwd=tmp_path)

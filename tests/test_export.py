@@ -112,7 +112,7 @@ def checkpoints(teacher_dir, shared_data, cache_dir, tmp_path_factory):
                          num_sanity_val_steps=0)
     trainer.fit(module, datamodule=_datamodule(shared_data, cache_dir, teacher_dir))
     lsq = DQStudentModule(teacher=str(teacher_dir), bits="4-4-8", depth="2-1", generation=GENERATION,
-                          attention_quant="asym_probs", quant_settings={"act_method": "lsq"})
+                          quant_settings={"attention_quant": "asym_probs", "act_method": "lsq"})
     return {
         "2-2-8 fitted": next((root / "fit").rglob("*.ckpt")),
         "8-8-8": _save_untrained(DQStudentModule(teacher=str(teacher_dir), bits="8-8-8", depth="4-2",

@@ -213,7 +213,8 @@ def _outputs(model, input_ids, attention_mask, labels):
 
 
 def test_objective_without_lightning_official_value_and_masked_variant_ignores_padding():
-    from dq_lightning.distill.objective import DQObjective, ObjectiveConfig
+    from dq_lightning.distill.objective import DQObjective
+    from dq_lightning.distill.recipe import resolve
 
     teacher, student = _eager_pair()
     layers = list(range(student.config.encoder_layers)), list(range(student.config.decoder_layers))
@@ -226,7 +227,7 @@ def test_objective_without_lightning_official_value_and_masked_variant_ignores_p
     def loss(recipe, ids, source_mask, targets):
         with torch.no_grad():
             s, t = _outputs(student, ids, source_mask, targets), _outputs(teacher, ids, source_mask, targets)
-        value, _ = DQObjective(ObjectiveConfig.recipe(recipe))(s, t, targets, source_mask, *layers)
+        value, _ = DQObjective(resolve(recipe).objective_config("dq"))(s, t, targets, source_mask, *layers)
         return value, s, t
 
     official, s, t = loss("dq-bart", input_ids, mask, labels)
@@ -246,7 +247,8 @@ def test_objective_without_lightning_official_value_and_masked_variant_ignores_p
 
 @pytest.mark.parametrize("eval_head", ["trained", "deployed"])
 def test_eval_head_picks_the_head_validation_and_test_use(teacher_dir, eval_head):
-    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", depth="2-1", eval_head=eval_head)
+    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", depth="2-1",
+                             evaluation={"eval_head": eval_head})
     prepare(module.model, module.quant_config)
     token = module.model.model.shared
     for start in (module.on_validation_start, module.on_test_start):

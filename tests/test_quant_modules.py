@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BartForConditionalGeneration, MBartForConditionalGeneration
 
+from dq_lightning.distill.recipe import recipe_quant_config
 from dq_lightning.errors import UserError
 from dq_lightning.models.presets import build_config
 from dq_lightning.quant import (ConvertedEmbedding, ConvertedLinear, QuantConfig, QuantEmbedding, QuantLinear,
@@ -65,7 +66,7 @@ def test_prepare_swaps_every_linear_and_the_token_embedding_keeping_the_tie_and_
     params_before = dict(model.named_parameters())
     keys_before = set(model.state_dict())
     n_linears = len(linears(model))
-    prepare(model, QuantConfig.from_notation("2-2-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "2-2-8"))
 
     quant_linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(quant_linears) == n_linears  # 2*6 encoder + 2*10 decoder + LM head
@@ -89,7 +90,7 @@ def test_prepare_leaves_positional_embeddings_and_layernorms_untouched():
     assert len(untouched) == 2 + 2 + 2 * 2 + 2 * 3  # positions, embedding LNs, 2 encoder and 2 decoder layers
     values = {name: copy.deepcopy(m.state_dict()) for name, m in untouched.items()}
     classes = {name: type(m) for name, m in untouched.items()}
-    prepare(model, QuantConfig.from_notation("2-2-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "2-2-8"))
     modules = dict(model.named_modules())
     for name, module in untouched.items():
         assert modules[name] is module and type(module) is classes[name]
@@ -101,7 +102,7 @@ def test_prepare_leaves_positional_embeddings_and_layernorms_untouched():
 def test_mbart_keeps_its_embedding_scale():
     model = bart("tiny-mbart")
     reference = copy.deepcopy(model)
-    prepare(model, QuantConfig.from_notation("8-8-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "8-8-8"))
     embedding = model.model.encoder.embed_tokens
     assert isinstance(embedding, QuantEmbedding)
     assert embedding.embed_scale == pytest.approx(math.sqrt(model.config.d_model))
@@ -113,7 +114,7 @@ def test_mbart_keeps_its_embedding_scale():
 def test_disabled_quantization_is_the_full_precision_model():
     model = bart()
     reference = copy.deepcopy(model)
-    prepare(model, QuantConfig.from_notation("2-2-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "2-2-8"))
     with torch.no_grad():
         assert not torch.equal(model(**batch()).logits, reference(**batch()).logits)
         set_quantization_enabled(model, False)
@@ -124,7 +125,7 @@ def test_quant_linear_forward_equals_manual_fake_quantization():
     torch.manual_seed(2)
     linear = nn.Linear(24, 10)
     x = torch.randn(3, 5, 24) * 2
-    module = QuantLinear.from_float(linear, QuantConfig.from_notation("2-2-8", recipe="dq_lightning"))
+    module = QuantLinear.from_float(linear, recipe_quant_config("dq_lightning", "2-2-8"))
     expected = F.linear(symmetric(x, 8, 2.5), twn_rows(linear.weight.detach()), linear.bias)
     torch.testing.assert_close(module(x), expected)
 
@@ -132,7 +133,7 @@ def test_quant_linear_forward_equals_manual_fake_quantization():
 def test_prepared_model_forward_equals_manual_fake_quantization():
     model = bart()
     reference = copy.deepcopy(model)
-    prepare(model, QuantConfig.from_notation("2-2-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "2-2-8"))
     with torch.no_grad():
         # Ternary weights, ternary tied embedding (shared by both lookups and the LM head) ...
         for module in linears(reference).values():
@@ -144,12 +145,12 @@ def test_prepared_model_forward_equals_manual_fake_quantization():
 
 
 CONVERT_CONFIGS = {
-    "2-2-8": QuantConfig.from_notation("2-2-8", recipe="dq_lightning"),
-    "8-8-8": QuantConfig.from_notation("8-8-8", recipe="dq_lightning"),
-    "2-8-8": QuantConfig.from_notation("2-8-8", recipe="dq_lightning"),
-    "4-4-8-lsq": QuantConfig.from_notation("4-4-8", recipe="dq_lightning", weight_method="lsq", embedding_method="lsq", act_method="lsq"),
-    "3-3-4-tensor-asym": QuantConfig.from_notation("3-3-4", recipe="dq_lightning", weight_granularity="tensor", act_method="asym_minmax"),
-    "2-2-8-attention": QuantConfig.from_notation("2-2-8", recipe="dq_lightning", attention_quant="asym_probs"),
+    "2-2-8": recipe_quant_config("dq_lightning", "2-2-8"),
+    "8-8-8": recipe_quant_config("dq_lightning", "8-8-8"),
+    "2-8-8": recipe_quant_config("dq_lightning", "2-8-8"),
+    "4-4-8-lsq": recipe_quant_config("dq_lightning", "4-4-8", weight_method="lsq", embedding_method="lsq", act_method="lsq"),
+    "3-3-4-tensor-asym": recipe_quant_config("dq_lightning", "3-3-4", weight_granularity="tensor", act_method="asym_minmax"),
+    "2-2-8-attention": recipe_quant_config("dq_lightning", "2-2-8", attention_quant="asym_probs"),
 }
 
 
@@ -220,7 +221,7 @@ def test_gradients_reach_the_latent_weights(name):
 def test_an_optimizer_built_before_prepare_trains_the_latent_weights():
     model = bart()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    prepare(model, QuantConfig.from_notation("8-8-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "8-8-8"))
     fc1 = model.model.encoder.layers[0].fc1
     before = fc1.weight.detach().clone()
     b = batch()
@@ -232,8 +233,8 @@ def test_an_optimizer_built_before_prepare_trains_the_latent_weights():
 
 def test_attention_inputs_are_quantized_on_request():
     plain, quantized = bart(), bart()
-    prepare(plain, QuantConfig.from_notation("8-8-8", recipe="dq_lightning"))
-    prepare(quantized, QuantConfig.from_notation("8-8-8", recipe="dq_lightning", attention_quant="asym_probs"))
+    prepare(plain, recipe_quant_config("dq_lightning", "8-8-8"))
+    prepare(quantized, recipe_quant_config("dq_lightning", "8-8-8", attention_quant="asym_probs"))
     assert quantized.config._attn_implementation == "dq_quant_eager"
     set_observe(quantized, True)
     with torch.no_grad():
@@ -250,7 +251,7 @@ def test_attention_inputs_are_quantized_on_request():
 
 def test_statistics_are_recorded_only_when_observing():
     model = bart()
-    prepare(model, QuantConfig.from_notation("2-2-8", recipe="dq_lightning", weight_clip=0.05))
+    prepare(model, recipe_quant_config("dq_lightning", "2-2-8", weight_clip=0.05))
     with torch.no_grad():
         model(**batch())
     assert collect_stats(model) == {}
@@ -269,13 +270,13 @@ def test_statistics_are_recorded_only_when_observing():
 
 def test_prepare_is_idempotent_and_refuses_another_config():
     model = bart()
-    config = QuantConfig.from_notation("2-2-8", recipe="dq_lightning")
+    config = recipe_quant_config("dq_lightning", "2-2-8")
     prepare(model, config)
     fc1 = model.model.encoder.layers[0].fc1
-    prepare(model, QuantConfig.from_notation("2-2-8", recipe="dq_lightning"))
+    prepare(model, recipe_quant_config("dq_lightning", "2-2-8"))
     assert model.model.encoder.layers[0].fc1 is fc1 and is_prepared(model)
     with pytest.raises(UserError, match="already prepared for 2-2-8"):
-        prepare(model, QuantConfig.from_notation("8-8-8", recipe="dq_lightning"))
+        prepare(model, recipe_quant_config("dq_lightning", "8-8-8"))
 
 
 def test_model_without_quantizable_layer_is_refused():
@@ -290,7 +291,7 @@ def test_convert_needs_a_prepared_model():
 
 def test_quant_linear_round_trips_to_a_float_linear_sharing_the_parameters():
     linear = nn.Linear(8, 4)
-    quantized = QuantLinear.from_float(linear, QuantConfig.from_notation("4-4-8", recipe="dq_lightning"))
+    quantized = QuantLinear.from_float(linear, recipe_quant_config("dq_lightning", "4-4-8"))
     back = quantized.to_float()
     assert type(back) is nn.Linear and back.weight is linear.weight and back.bias is linear.bias
     x = torch.randn(2, 8)

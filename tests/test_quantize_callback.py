@@ -10,6 +10,7 @@ from dq_lightning.callbacks.quantize import QuantizeOnForward
 from dq_lightning.errors import UserError
 from dq_lightning.models.presets import build_config
 from dq_lightning.quant import ConvertedLinear, QuantConfig, QuantLinear, is_converted, is_prepared
+from dq_lightning.distill.recipe import recipe_quant_config
 
 VOCAB = 256
 
@@ -81,7 +82,7 @@ def test_callback_prepares_warms_up_logs_and_converts():
 
 
 def test_callback_without_conversion_leaves_a_prepared_student_and_aggregates_only():
-    callback = QuantizeOnForward(QuantConfig.from_notation("8-8-8", recipe="dq_lightning"), log_every_n_steps=1, per_layer_stats=False,
+    callback = QuantizeOnForward(recipe_quant_config("dq_lightning", "8-8-8"), log_every_n_steps=1, per_layer_stats=False,
                                  convert_on_fit_end=False)
     module = fit(callback, max_steps=2)
     assert is_prepared(module.student) and not is_converted(module.student)

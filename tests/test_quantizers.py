@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dq_lightning.distill.recipe import recipe_quant_config
 from dq_lightning.errors import UserError
 from dq_lightning.quant.quantizers import make_activation_quantizer, make_weight_quantizer
 from dq_lightning.quant import (AsymMinMaxQuantizer, LSQQuantizer, MinMaxQuantizer, QuantConfig, TernaryQuantizer,
@@ -195,15 +196,16 @@ def test_quant_config_defaults_are_the_official_recipe():
 
 
 def test_the_project_recipe_differs_only_where_it_says():
-    official, project = QuantConfig.dq_bart(2, 2, 8), QuantConfig.dq_lightning(2, 2, 8)
+    official, project = recipe_quant_config("dq-bart", "2-2-8"), recipe_quant_config("dq_lightning", "2-2-8")
+    assert official == QuantConfig.dq_bart(2, 2, 8)
     differing = {f for f in official.to_dict() if getattr(official, f) != getattr(project, f)}
     assert differing == {"weight_granularity", "weight_clip", "quantize_lm_head", "attention_quant"}
     assert (project.weight_granularity, project.weight_clip) == ("row", None)
     assert project.quantize_lm_head and project.attention_quant == "off"
     # A recipe only sets defaults: a single field can still be changed.
-    assert QuantConfig.dq_bart(2, 2, 8, weight_granularity="row").weight_granularity == "row"
+    assert recipe_quant_config("dq-bart", "2-2-8", weight_granularity="row").weight_granularity == "row"
     with pytest.raises(UserError, match="recipe='dq_bart' is not a recipe; choose from dq-bart, dq_lightning"):
-        QuantConfig.recipe("dq_bart")
+        recipe_quant_config("dq_bart")
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -100,10 +100,10 @@ def test_layer_map_takes_unsorted_maps_only_when_asked():
 def test_a_student_takes_an_unsorted_map_only_when_asked(teacher_dir):
     from dq_lightning.modules.student import DQStudentModule
 
-    with pytest.raises(UserError, match="model.decoder_layer_map=.*strictly increasing"):
-        DQStudentModule(teacher=str(teacher_dir), depth="4-2", decoder_layer_map=[3, 0])
-    student = DQStudentModule(teacher=str(teacher_dir), depth="4-2", decoder_layer_map=[3, 0],
-                              unsorted_layer_maps=True)
+    with pytest.raises(UserError, match="model.shape.decoder_layer_map=.*strictly increasing"):
+        DQStudentModule(teacher=str(teacher_dir), depth="4-2", shape={"decoder_layer_map": [3, 0]})
+    student = DQStudentModule(teacher=str(teacher_dir), depth="4-2",
+                              shape={"decoder_layer_map": [3, 0], "unsorted_layer_maps": True})
     assert student.decoder_map == [3, 0]
     teacher_layers = student.teacher.get_decoder().layers
     assert torch.equal(student.model.get_decoder().layers[0].fc1.weight, teacher_layers[3].fc1.weight)
@@ -233,8 +233,8 @@ def test_best_json_holds_the_flags_of_the_best_map(tmp_path):
     found = rows(tmp_path)
     top = max(found, key=lambda row: float(row["fitness"]))
     assert best["fitness"] == pytest.approx(float(top["fitness"]))
-    assert best["fit_flags"] == (f"--model.encoder_layer_map={top['encoder_map'].replace(' ', '')} "
-                                 f"--model.decoder_layer_map={top['decoder_map'].replace(' ', '')}")
+    assert best["fit_flags"] == (f"--model.shape.encoder_layer_map={top['encoder_map'].replace(' ', '')} "
+                                 f"--model.shape.decoder_layer_map={top['decoder_map'].replace(' ', '')}")
     assert best["best_hand_made"]["hand_made"]
     assert (tmp_path / "fitness.png").stat().st_size > 1000
 

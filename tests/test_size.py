@@ -11,6 +11,7 @@ from dq_lightning.__main__ import main as dq_main
 from dq_lightning.models.presets import build_config
 from dq_lightning.quant import QuantConfig, prepare
 from dq_lightning.size import MIB, model_size
+from dq_lightning.distill.recipe import recipe_quant_config
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -58,7 +59,7 @@ def test_strict_convention_adds_scales_fp32_biases_and_buffers():
     config = build_config("micro", vocab_size=300)
     torch.manual_seed(0)
     model = BartForConditionalGeneration(config)
-    project = QuantConfig.from_notation("2-2-8", recipe="dq_lightning")  # one scale per row everywhere
+    project = recipe_quant_config("dq_lightning", "2-2-8")  # one scale per row everywhere
     paper = model_size(config, project, convention="paper")
     strict = model_size(config, project, convention="strict")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
@@ -78,7 +79,7 @@ def test_strict_convention_adds_scales_fp32_biases_and_buffers():
 def test_size_of_a_prepared_student_uses_its_config_and_an_explicit_teacher():
     teacher_config = build_config("micro", vocab_size=300)
     student = BartForConditionalGeneration(build_config("micro", vocab_size=300, decoder_layers=1))
-    prepare(student, QuantConfig.from_notation("2-2-8", recipe="dq_lightning", weight_method="lsq"))
+    prepare(student, recipe_quant_config("dq_lightning", "2-2-8", weight_method="lsq"))
     from_model = model_size(student, teacher=teacher_config)
     from_config = model_size(teacher_config, "2-2-8", decoder_layers=1)
     assert from_model.notation == "2-2-8"

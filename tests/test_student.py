@@ -45,8 +45,8 @@ def test_full_depth_full_precision_student_is_the_teacher(teacher_dir, shared_da
 
 def test_attention_and_hidden_losses_are_nonzero_for_a_quantized_shallow_student(teacher_dir, shared_data,
                                                                                  cache_dir, tmp_path):
-    module = DQStudentModule(teacher=str(teacher_dir), mode="dq", w_bits=2, e_bits=2, a_bits=8,
-                             student_decoder_layers=2, generation=QUICK_GENERATION)
+    module = DQStudentModule(teacher=str(teacher_dir), mode="dq", bits="2-2-8", depth="4-2",
+                             generation=QUICK_GENERATION)
     results = trainer(tmp_path).validate(module, datamodule=datamodule(shared_data, cache_dir, teacher_dir))[0]
     assert module.decoder_map == [0, 3]
     for term in ("logits", "hidden", "attention"):
@@ -57,8 +57,7 @@ def test_attention_and_hidden_losses_are_nonzero_for_a_quantized_shallow_student
 
 @pytest.mark.parametrize("mode", ["dq", "quant_only", "distill_only"])
 def test_fit_trains_the_student_only(mode, teacher_dir, shared_data, cache_dir, tmp_path):
-    module = DQStudentModule(teacher=str(teacher_dir), mode=mode, w_bits=2, e_bits=8, a_bits=8,
-                             student_encoder_layers=2, student_decoder_layers=1, lr=1e-2,
+    module = DQStudentModule(teacher=str(teacher_dir), mode=mode, bits="2-8-8", depth="2-1", lr=1e-2,
                              generation=QUICK_GENERATION)
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in module.model.state_dict().items()}
@@ -85,10 +84,15 @@ def test_fit_trains_the_student_only(mode, teacher_dir, shared_data, cache_dir, 
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"student_decoder_layers": 6}, "model.student_decoder_layers: a student of 6 layers"),
-    ({"decoder_layer_map": [0, 5], "student_decoder_layers": 2}, "layer 5 is outside the teacher's 4 layers"),
-    ({"encoder_layer_map": [0, 1, 2]}, "model.encoder_layer_map=[0, 1, 2] has 3 entries but the student has 4"),
-    ({"w_bits": 5}, "w_bits"),
+    ({"depth": "4-6"}, r"model.depth \(decoder\): a student of 6 layers"),
+    ({"shape": {"decoder_layer_map": [0, 5]}, "depth": "4-2"}, "layer 5 is outside the teacher's 4 layers"),
+    ({"shape": {"encoder_layer_map": [0, 1, 2]}},
+     "model.shape.encoder_layer_map=[0, 1, 2] has 3 entries but the student has 4"),
+    ({"bits": "5-2-8"}, "w_bits"),
+    ({"shape": {"width_hidden": "both"}}, "model.shape.width_hidden='both'"),
+    ({"objective": {"task_weight": -1}}, "model.objective.task_weight=-1"),
+    ({"optimizer": {"weight_decay": -0.1}}, "model.optimizer.weight_decay=-0.1"),
+    ({"objective": {"hidden_wieght": 2}}, "model.objective.hidden_wieght: unknown setting"),
     ({"mode": "prune"}, "model.mode='prune'"),
 ])
 def test_bad_student_settings_name_the_setting(settings, message, teacher_dir):
@@ -111,7 +115,7 @@ def test_run_summary_names_what_was_actually_trained(settings, expected, teacher
 
 
 def test_run_summary_names_a_thinner_students_widths(teacher_dir):
-    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", width="0.5", width_method="rand")
+    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", width="0.5", shape={"width_method": "rand"})
     config = module.model.config
     assert module.run_summary()["width"] == (f"heads={config.encoder_attention_heads},ffn={config.encoder_ffn_dim},"
                                              f"d_model={config.d_model} rand")
@@ -139,7 +143,7 @@ def test_student_ddp_fit_two_processes(teacher_dir, shared_data, cache_dir, tmp_
     root = tmp_path / "ddp"
     result = run_cli("fit", "--config", DQ_XSUM, f"--model.teacher={teacher_dir}",
                      f"--data.data_dir={shared_data / 'xsum'}", f"--data.cache_dir={cache_dir}",
-                     f"--trainer.default_root_dir={root}", "--model.student_decoder_layers=2",
+                     f"--trainer.default_root_dir={root}", "--model.depth=4-2",
                      "--data.max_train_samples=16", "--data.max_eval_samples=5", "--data.max_source_length=64",
                      "--data.max_target_length=16", "--data.batch_size=4", "--trainer.max_epochs=1",
                      "--model.generation={num_beams: 1, max_length: 6}", "--trainer.logger=false",

@@ -42,17 +42,18 @@ def numel(model) -> int:
 
 @pytest.fixture(scope="module")
 def rand_run(teacher_dir, shared_data, cache_dir, tmp_path_factory):
-    return fitted(tmp_path_factory.mktemp("rand"), teacher_dir, shared_data, cache_dir, width_method="rand")
+    return fitted(tmp_path_factory.mktemp("rand"), teacher_dir, shared_data, cache_dir, shape={"width_method": "rand"})
 
 
 @pytest.fixture(scope="module")
 def impt_run(teacher_dir, shared_data, cache_dir, tmp_path_factory):
-    return fitted(tmp_path_factory.mktemp("impt"), teacher_dir, shared_data, cache_dir, width_method="impt")
+    return fitted(tmp_path_factory.mktemp("impt"), teacher_dir, shared_data, cache_dir, shape={"width_method": "impt"})
 
 
 @pytest.mark.parametrize("mode", ["dq", "quant_only", "distill_only"])
 def test_thinner_rand_student_trains_in_every_mode(mode, teacher_dir, shared_data, cache_dir, tmp_path):
-    module, fit, checkpoint = fitted(tmp_path, teacher_dir, shared_data, cache_dir, mode=mode, width_method="rand")
+    module, fit, checkpoint = fitted(tmp_path, teacher_dir, shared_data, cache_dir, mode=mode,
+                                     shape={"width_method": "rand"})
     config = module.model.config
     assert (config.d_model, config.encoder_attention_heads, config.decoder_ffn_dim) == (16, 1, 32)
     assert optimized_numel(fit) == numel(module.factory.new_student())  # the thinner student's, nothing else
@@ -78,7 +79,7 @@ def _validate(teacher_dir, shared_data, cache_dir, tmp_path, **settings):
 def test_full_width_gives_todays_losses_exactly(width, teacher_dir, shared_data, cache_dir, tmp_path):
     settings = dict(bits="2-2-8", depth="4-2")
     today = _validate(teacher_dir, shared_data, cache_dir, tmp_path / "none", **settings)
-    full = _validate(teacher_dir, shared_data, cache_dir, tmp_path / "full", width=width, width_method="rand",
+    full = _validate(teacher_dir, shared_data, cache_dir, tmp_path / "full", width=width, shape={"width_method": "rand"},
                      **settings)
     for key in ("val/loss_hidden", "val/loss_attention", "val/loss_final_encoder", "val/loss_logits",
                 "val/size_mb", "val/size_mb_strict"):
@@ -88,7 +89,7 @@ def test_full_width_gives_todays_losses_exactly(width, teacher_dir, shared_data,
 def test_full_width_full_depth_full_precision_student_is_the_teacher(teacher_dir, shared_data, cache_dir,
                                                                     tmp_path):
     results = _validate(teacher_dir, shared_data, cache_dir, tmp_path, mode="distill_only", width="1",
-                        width_method="rand")
+                        shape={"width_method": "rand"})
     for term in ("logits", "hidden", "attention"):
         assert results[f"val/loss_{term}"] == 0.0, term
     assert results["val/label_loyalty"] == 1.0
@@ -160,7 +161,7 @@ def test_test_with_ckpt_path_uses_the_stored_units(impt_run, teacher_dir, shared
                                                    monkeypatch):
     _, _, checkpoint = impt_run
     monkeypatch.setattr(student_factory, "importance", lambda *args: pytest.fail("scored again"))
-    module = DQStudentModule(teacher=str(teacher_dir), **{**THIN, "width_method": "impt"})
+    module = DQStudentModule(teacher=str(teacher_dir), **{**THIN, "shape": {"width_method": "impt"}})
     results = trainer(tmp_path, limit_test_batches=1).test(
         module, datamodule=datamodule(shared_data, cache_dir, teacher_dir), ckpt_path=str(checkpoint))[0]
     assert math.isfinite(results["test/loss"])
@@ -206,7 +207,8 @@ def test_projection_starts_as_the_kept_dimensions_and_trains_with_the_student(te
     """width_hidden=projection: a Linear from the student's width to the teacher's, outside the student (not
     exported), started so that student dimension i lands on the teacher dimension it was extracted from, then
     optimized with the student; its checkpoint reloads and exports like any thinner student's."""
-    module = DQStudentModule(teacher=str(teacher_dir), **{**THIN, "width_method": "rand"}, width_hidden="projection")
+    module = DQStudentModule(teacher=str(teacher_dir), **THIN,
+                             shape={"width_method": "rand", "width_hidden": "projection"})
     module._start_projection()
     kept = module.factory.kept.hidden
     states = torch.randn(2, 3, module.model.config.d_model)
@@ -224,8 +226,8 @@ def test_projection_starts_as_the_kept_dimensions_and_trains_with_the_student(te
     width = module.teacher.config.d_model
     assert through.item() == pytest.approx(at_kept.item() * len(kept) / width + energy.item(), rel=1e-4)
 
-    trained, fit, checkpoint = fitted(tmp_path, teacher_dir, shared_data, cache_dir, steps=3, width_method="rand",
-                                      width_hidden="projection")
+    trained, fit, checkpoint = fitted(tmp_path, teacher_dir, shared_data, cache_dir, steps=3,
+                                      shape={"width_method": "rand", "width_hidden": "projection"})
     assert any(p is trained.hidden_projection.weight for g in fit.optimizers[0].param_groups for p in g["params"])
     assert not torch.equal(trained.hidden_projection.weight, module.hidden_projection.weight)  # it learned
     state = torch.load(checkpoint, weights_only=True)["state_dict"]

@@ -1,6 +1,6 @@
 """The DQ-BART training objective as one component: task cross-entropy plus distillation against the teacher.
 
-    objective = DQObjective(ObjectiveConfig.recipe("dq-bart"))
+    objective = DQObjective(resolve("dq-bart").objective_config(mode="dq"))  # dq_lightning.distill.recipe
     loss, terms = objective(student_outputs, teacher_outputs, labels, source_mask, encoder_map, decoder_map)
 
 Terms (each a scalar, weighted and summed into the loss):
@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from dq_lightning.distill.losses import (aligned, attention_loss, hidden_states_loss, logits_loss,
                                          per_example_states_loss)
-from dq_lightning.distill.recipe import recipe_settings
 from dq_lightning.distill.width import Units
 from dq_lightning.errors import UserError
 
@@ -70,19 +69,13 @@ class ObjectiveConfig:
         for name in ("task_weight", "logits_weight", "hidden_weight", "attention_weight", "final_encoder_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise UserError(f"model.{name}={value!r} must be a non-negative number")
+                raise UserError(f"model.objective.{name}={value!r} must be a non-negative number")
         if self.logits_loss not in LOGITS_LOSSES:
-            raise UserError(f"model.logits_loss={self.logits_loss!r} is not one of {', '.join(LOGITS_LOSSES)}")
+            raise UserError(f"model.objective.logits_loss={self.logits_loss!r} is not one of {', '.join(LOGITS_LOSSES)}")
         if not self.temperature > 0:
-            raise UserError(f"model.temperature={self.temperature!r} must be positive")
+            raise UserError(f"model.objective.temperature={self.temperature!r} must be positive")
         if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"model.label_smoothing={self.label_smoothing} must be in [0, 1)")
-
-    @classmethod
-    def recipe(cls, name: str, **settings: Any) -> ObjectiveConfig:
-        """The objective of recipe `name` ("dq-bart" or "dq_lightning"); `settings` override single fields."""
-        fields = set(cls.__dataclass_fields__)
-        return cls(**{**{k: v for k, v in recipe_settings(name).items() if k in fields}, **settings})
+            raise UserError(f"model.objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
 
     @property
     def needs_hidden_states(self) -> bool:

@@ -1,44 +1,307 @@
-"""Recipes: named sets of defaults for a DQ student. A recipe only sets defaults; every choice it makes is also
-a setting of its own (`DQStudentModule`'s arguments, `QuantConfig`'s fields), so choices can be mixed.
+"""Recipes, and the settings of a DQ student grouped by concept.
+
+A recipe is a named set of defaults: every setting it decides is a field of one of the groups below, unset
+(None) unless the user sets it. `resolve` turns a recipe name and the groups into one `ResolvedRecipe`, once:
+the LightningModules (the DQ student, the supernet) receive resolved settings and never consult the table.
 
 - `dq-bart`: what the official code (amazon-science/dq-bart: `quant/utils_quant.py`,
   `quant/modeling_bart_quant.py`, `run_summarization_no_trainer.py`) does.
 - `dq_lightning`: this project's own choices.
 
-| setting | dq-bart (official) | dq_lightning |
-|---|---|---|
-| `weight_granularity` (Linear weights) | tensor | row |
-| `embedding_granularity` | row | row |
-| `weight_clip` | 2.5 | none |
-| `quantize_lm_head` | false: full-precision head, input unquantized | true: E-bit tied matrix, input at A bits |
-| `attention_quant` | dq-bart: q (after scaling), k, v, probs (after dropout) | off |
-| `mask_padding` (distillation means) | false | true |
-| `final_encoder_weight` | 1 | 0 |
-| `attention_maps` distilled | before_dropout | after_dropout |
-| `layer_map` | dq-bart (the official table for 6-layer teachers) | max_spacing |
-| `weight_decay` | 0 | 0.01 |
-| `gradient_clip` | 0 (none) | 1.0 |
-
-The quantization rows are `dq_lightning.quant.config.recipe_defaults`; this module holds the others.
+| group | setting | dq-bart (official) | dq_lightning |
+|---|---|---|---|
+| quant_settings | `weight_granularity` (Linear weights) | tensor | row |
+| quant_settings | `weight_clip` | 2.5 | none |
+| quant_settings | `quantize_lm_head` | false: full-precision head, input unquantized | true: E-bit tied matrix, input at A bits |
+| quant_settings | `attention_quant` | dq-bart: q (after scaling), k, v, probs (after dropout) | off |
+| objective | `mask_padding` (distillation means) | false | true |
+| objective | `final_encoder_weight` | 1 | 0 |
+| objective | `attention_maps` distilled | before_dropout | after_dropout |
+| shape | `layer_map` | dq-bart (the official table for 6-layer teachers) | max_spacing |
+| optimizer | `weight_decay` | 0 | 0.01 |
+| optimizer | `gradient_clip` | 0 (none) | 1.0 |
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal, get_args
 
-from dq_lightning.quant.config import RECIPES, recipe_defaults
+from dq_lightning.distill.layer_map import LayerMapStrategy
+from dq_lightning.distill.objective import LogitsLoss, ObjectiveConfig
+from dq_lightning.distill.width import WidthMethod
+from dq_lightning.errors import UserError
+from dq_lightning.quant.config import (FULL_PRECISION, ActMethod, AttentionQuant, Granularity, QuantConfig,
+                                       WeightMethod, parse_wea)
 
-_STUDENT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dq-bart": {"mask_padding": False, "final_encoder_weight": 1.0, "attention_maps": "before_dropout",
-                "layer_map": "dq-bart", "weight_decay": 0.0, "gradient_clip": 0.0},
-    "dq_lightning": {"mask_padding": True, "final_encoder_weight": 0.0, "attention_maps": "after_dropout",
-                     "layer_map": "max_spacing", "weight_decay": 0.01, "gradient_clip": 1.0},
+Recipe = Literal["dq-bart", "dq_lightning"]
+RECIPES = get_args(Recipe)
+Mode = Literal["dq", "quant_only", "distill_only"]
+MODES = get_args(Mode)
+AttentionMaps = Literal["before_dropout", "after_dropout"]
+EvalHead = Literal["trained", "deployed"]
+WidthHidden = Literal["kept", "projection"]
+
+# The one table: what each recipe sets, by group and field.
+TABLE: dict[str, dict[str, dict[str, Any]]] = {
+    "dq-bart": {
+        "quant_settings": {"weight_granularity": "tensor", "weight_clip": 2.5, "quantize_lm_head": False,
+                           "attention_quant": "dq-bart"},
+        "objective": {"mask_padding": False, "final_encoder_weight": 1.0, "attention_maps": "before_dropout"},
+        "shape": {"layer_map": "dq-bart"},
+        "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0},
+    },
+    "dq_lightning": {
+        "quant_settings": {"weight_granularity": "row", "weight_clip": float("inf"), "quantize_lm_head": True,
+                           "attention_quant": "off"},
+        "objective": {"mask_padding": True, "final_encoder_weight": 0.0, "attention_maps": "after_dropout"},
+        "shape": {"layer_map": "max_spacing"},
+        "optimizer": {"weight_decay": 0.01, "gradient_clip": 1.0},
+    },
 }
-assert set(_STUDENT_DEFAULTS) == set(RECIPES)
+assert set(TABLE) == set(RECIPES)
 
 
-def recipe_settings(name: str, flag: str = "model.recipe") -> dict[str, Any]:
-    """The student settings (distillation and training; not quantization) recipe `name` sets."""
-    recipe_defaults(name, flag)  # names the flag for an unknown recipe
-    return dict(_STUDENT_DEFAULTS[name])
+@dataclass(frozen=True)
+class ShapeSettings:
+    """Which teacher layers and units the student is made of (its depth, bits and width are `--model.depth`,
+    `--model.bits` and `--model.width`)."""
 
+    layer_map: LayerMapStrategy | None = None
+    """Which teacher layers the student copies: dq-bart (the official table for 6-layer teachers, max_spacing's
+    formula for other depths), max_spacing (first to last, evenly), uniform, first, last. Unset: the recipe's
+    (dq-bart; dq_lightning: max_spacing)."""
+    encoder_layer_map: list[int] | None = None
+    """Explicit teacher encoder layers to copy (overrides layer_map for the encoder)."""
+    decoder_layer_map: list[int] | None = None
+    """Explicit teacher decoder layers to copy (overrides layer_map for the decoder)."""
+    unsorted_layer_maps: bool = False
+    """Explicit maps may list distinct teacher layers in any order (a map searched with search-map
+    --allow-unsorted); false: strictly increasing."""
+    width_method: WidthMethod = "impt"
+    """Which units a thinner student (--model.width) keeps: impt (the most important, scored on the first
+    width_batches training batches when fit starts) or rand (a random choice seeded by width_seed)."""
+    width_batches: int = 8
+    """Training batches (in stored order, unshuffled) scored for width_method impt."""
+    width_seed: int = 0
+    """The seed of width_method rand."""
+    width_hidden: WidthHidden = "kept"
+    """How a thinner student's hidden states meet the teacher's in the hidden-state and final-encoder losses:
+    kept (at the teacher dimensions it kept) or projection (through a learned linear map to the teacher's width,
+    TinyBERT's W_h, trained with the student and not exported; it starts as the kept dimensions' embedding)."""
+
+    def __post_init__(self) -> None:
+        if self.width_method not in get_args(WidthMethod):
+            raise UserError(f"model.shape.width_method={self.width_method!r}: choose impt or rand")
+        if isinstance(self.width_batches, bool) or not isinstance(self.width_batches, int) or self.width_batches < 1:
+            raise UserError(f"model.shape.width_batches={self.width_batches!r} must be a positive integer")
+        if self.width_hidden not in get_args(WidthHidden):
+            raise UserError(f"model.shape.width_hidden={self.width_hidden!r}: choose kept or projection")
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The DQ loss: the task cross-entropy plus the distillation terms against the frozen teacher."""
+
+    task_weight: float = 1.0
+    """Weight of the task cross-entropy."""
+    logits_weight: float = 1.0
+    """Weight of the logits distillation loss."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state MSE (encoder + decoder, summed over layers)."""
+    attention_weight: float = 1.0
+    """Weight of the attention-map MSE (encoder self, decoder self, cross)."""
+    final_encoder_weight: float | None = None
+    """Weight of the official extra final-encoder-state term (one MSE per example, summed over the batch).
+    Unset: the recipe's (dq-bart 1; dq_lightning 0)."""
+    logits_loss: LogitsLoss = "mse"
+    """mse (the paper's) or kl (with temperature)."""
+    temperature: float = 1.0
+    """Softening temperature of the KL logits loss."""
+    mask_padding: bool | None = None
+    """Distillation means over real tokens only (true) or over every position, padding included (false).
+    Unset: the recipe's (dq-bart false; dq_lightning true)."""
+    attention_maps: AttentionMaps | None = None
+    """Which attention map is distilled: before_dropout (the softmax, as the official code) or after_dropout
+    (what transformers returns). Unset: the recipe's (dq-bart before_dropout; dq_lightning after_dropout)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the task cross-entropy while training."""
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the student is quantized, beyond its W-E-A bits (`--model.bits`). Unset (null) fields take the
+    recipe's value, or the `QuantConfig` default where no recipe sets them."""
+
+    weight_method: WeightMethod = "auto"
+    """Weight quantizer: auto (ternary at 2 bits, min-max otherwise), minmax, ternary, lsq."""
+    weight_granularity: Granularity | None = None
+    """Linear weights: tensor (one scale per matrix) or row (one per output row). The token embedding is per row
+    in both recipes (embedding_granularity). Unset: the recipe's (dq-bart tensor; dq_lightning row)."""
+    weight_clip: float | None = None
+    """Linear weights and the embedding are clipped to +-weight_clip before quantization; inf for no clip.
+    Unset: the recipe's (dq-bart 2.5; dq_lightning inf)."""
+    quantize_lm_head: bool | None = None
+    """Quantize the LM head (the tied embedding at e_bits, its input at a_bits), or train it in full precision
+    (false; export still ships the E-bit matrix, see evaluation.eval_head). Unset: the recipe's (dq-bart false;
+    dq_lightning true)."""
+    attention_quant: AttentionQuant | None = None
+    """Attention operands at a_bits: dq-bart (q after scaling, k, v, probabilities after dropout, symmetric per
+    tensor), asym_probs (q before scaling, k, v with the activation quantizer, probabilities asymmetric before
+    dropout) or off. Unset: the recipe's (dq-bart; dq_lightning off)."""
+    embedding_method: WeightMethod | None = None
+    """Quantizer of the token embedding: auto (ternary at 2 bits, minmax otherwise), minmax, ternary or lsq.
+    Unset: auto."""
+    act_method: ActMethod | None = None
+    """Activation quantizer: minmax (symmetric, the official), asym_minmax (with a zero point) or lsq (learned
+    step size). Unset: minmax."""
+    embedding_granularity: Granularity | None = None
+    """Token embedding (and a quantized LM head): row, one scale per token (the official), or tensor. Unset: row."""
+    act_granularity: Granularity | None = None
+    """Activations: tensor, one dynamic scale per tensor (the official), or row, one per token. Unset: tensor."""
+    act_clip: float | None = None
+    """Activations are clipped to +-act_clip before quantization; inf for no clip. Unset: 2.5 (the official)."""
+    warmup_steps: int = 0
+    """Optimizer steps in full precision before quantization starts."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise UserError(f"model.quant_settings.warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+
+    def quant_fields(self) -> dict[str, Any]:
+        """The `QuantConfig` fields that are set, as `QuantConfig` takes them (inf, no clip, is its None)."""
+        given = {name: value for name, value in asdict(self).items() if value is not None and name != "warmup_steps"}
+        for clip in ("weight_clip", "act_clip"):
+            if given.get(clip) == float("inf"):
+                given[clip] = None
+        return given
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its schedule (the peak learning rate is `--model.lr`)."""
+
+    weight_decay: float | None = None
+    """AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's (dq-bart 0; dq_lightning
+    0.01)."""
+    gradient_clip: float | None = None
+    """Clip the gradient norm at this value; 0 for none. --trainer.gradient_clip_val, when set, takes
+    precedence. Unset: the recipe's (dq-bart 0; dq_lightning 1.0)."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly."""
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise UserError(f"model.optimizer.weight_decay={self.weight_decay} must not be negative")
+        if self.gradient_clip is not None and not self.gradient_clip >= 0:
+            raise UserError(f"model.optimizer.gradient_clip={self.gradient_clip!r} must be 0 (none) or positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"model.optimizer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What validation and test do besides the loss."""
+
+    eval_head: EvalHead = "trained"
+    """With a full-precision-trained LM head (quant_settings.quantize_lm_head false), which head validation and
+    test use: trained (the latent full-precision head, the official evaluation) or deployed (the E-bit tied
+    matrix that export writes and the size accounting counts)."""
+    evaluate_teacher: bool = False
+    """At test time also generate with the teacher and log test/teacher_<metric>."""
+    generate_on_validation: bool = True
+    """Generate and score ROUGE/BLEU at every validation."""
+    prediction_table_rows: int = 100
+    """Test examples shown as a W&B table beside the teacher's outputs (from the teacher's own
+    test_predictions.jsonl, when it has one); 0 logs none. Every example's output and score is written to
+    test_predictions.jsonl regardless."""
+
+    def __post_init__(self) -> None:
+        if self.eval_head not in get_args(EvalHead):
+            raise UserError(f"model.evaluation.eval_head={self.eval_head!r} is not one of trained, deployed")
+        if self.prediction_table_rows < 0:
+            raise UserError(f"model.evaluation.prediction_table_rows={self.prediction_table_rows} must be 0 or more")
+
+
+GROUPS = {"shape": ShapeSettings, "objective": ObjectiveSettings, "quant_settings": QuantSettings,
+          "optimizer": OptimizerSettings, "evaluation": EvaluationSettings}
+
+
+def as_group(name: str, value: Any) -> Any:
+    """`value` as the dataclass of group `name`: itself, or built from a mapping (a checkpoint's
+    hyper-parameters, a Python caller) whose unknown keys are named in the error."""
+    cls = GROUPS[name]
+    if isinstance(value, cls):
+        return value
+    known = [field.name for field in fields(cls)]
+    for key in value or {}:
+        if key not in known:
+            raise UserError(f"model.{name}.{key}: unknown setting of --model.{name}; known: {', '.join(known)}")
+    return cls(**(value or {}))
+
+
+def _check_recipe(name: str, flag: str) -> None:
+    if name not in TABLE:
+        raise UserError(f"{flag}={name!r} is not a recipe; choose from {', '.join(RECIPES)}")
+
+
+@dataclass(frozen=True)
+class ResolvedRecipe:
+    """A recipe with every setting decided: the groups with no field left unset that the recipe sets."""
+
+    name: str
+    shape: ShapeSettings
+    objective: ObjectiveSettings
+    quant_settings: QuantSettings
+    optimizer: OptimizerSettings
+
+    def objective_config(self, mode: str) -> ObjectiveConfig:
+        """The loss of `mode`: quant_only trains on the task loss alone."""
+        settings = {name: value for name, value in asdict(self.objective).items() if name != "attention_maps"}
+        return ObjectiveConfig(distill=mode != "quant_only", **settings)
+
+    def quant_config(self, bits: str | tuple[int, int, int], mode: str = "dq") -> QuantConfig | None:
+        """The student's `QuantConfig` at W-E-A `bits`, or None for a full-precision student (distill_only, or
+        32-32-32)."""
+        widths = parse_wea(bits) if isinstance(bits, str) else tuple(bits)
+        if mode == "distill_only" or widths == (FULL_PRECISION,) * 3:
+            return None
+        return self.quantizers(widths)
+
+    def quantizers(self, widths: tuple[int, int, int]) -> QuantConfig:
+        """The `QuantConfig` at these W-E-A widths, full precision included."""
+        try:
+            return QuantConfig(*widths, **self.quant_settings.quant_fields())
+        except UserError as error:
+            raise UserError(f"model.{error} (recipe {self.name})") from None
+
+    def maps_before_dropout(self, mode: str) -> bool:
+        """Whether a student of `mode` returns its attention maps before dropout: the map it is distilled on."""
+        return self.objective.attention_maps == "before_dropout" and self.objective_config(mode).needs_attentions
+
+
+def resolve(name: str, shape: ShapeSettings = ShapeSettings(), objective: ObjectiveSettings = ObjectiveSettings(),
+            quant_settings: QuantSettings = QuantSettings(), optimizer: OptimizerSettings = OptimizerSettings(),
+            flag: str = "model.recipe") -> ResolvedRecipe:
+    """Recipe `name` with the groups' set fields winning over its table; `flag` names the recipe in errors."""
+    _check_recipe(name, flag)
+    groups = {"shape": shape, "objective": objective, "quant_settings": quant_settings, "optimizer": optimizer}
+    resolved = {}
+    for group, settings in groups.items():
+        settings = as_group(group, settings)
+        defaults = {key: value for key, value in TABLE[name][group].items() if getattr(settings, key) is None}
+        resolved[group] = replace(settings, **defaults)
+    return ResolvedRecipe(name, **resolved)
+
+
+def recipe_quant_config(name: str, bits: str | tuple[int, int, int] = "8-8-8", **quant_settings: Any) -> QuantConfig:
+    """The `QuantConfig` of recipe `name` at `bits` (W-E-A), with `quant_settings` fields overriding it: the
+    quantizers alone, for a caller that builds its own student (`prepare(model, config)`)."""
+    widths = parse_wea(bits) if isinstance(bits, str) else tuple(bits)
+    return resolve(name, quant_settings=QuantSettings(**quant_settings)).quantizers(widths)
+
+
+def quant_fields_of(name: str) -> dict[str, Any]:
+    """The `QuantConfig` fields recipe `name` sets (bit widths aside)."""
+    _check_recipe(name, "recipe")
+    return dict(TABLE[name]["quant_settings"])

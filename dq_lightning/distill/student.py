@@ -17,10 +17,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dq_lightning.distill.layer_map import LayerMapStrategy, layer_map
+from dq_lightning.distill.recipe import ResolvedRecipe
 from dq_lightning.distill.width import Units, WidthMethod, WidthSpec, extract, importance, random_importance
 from dq_lightning.errors import UserError
 from dq_lightning.models.loading import load_pretrained
-from dq_lightning.quant import return_maps_before_dropout
+from dq_lightning.quant import QuantConfig, return_maps_before_dropout
+from dq_lightning.quant.config import FULL_PRECISION
+from dq_lightning.size import SizeReport, model_size
 
 _loaded_teachers: dict[tuple, PreTrainedModel] | None = None  # set inside `each_teacher_loaded_once`
 
@@ -113,14 +116,25 @@ class TeacherAndStudent:
         self.kept: Units | None = None
         """The teacher units a thinner student kept (indices; layers numbered as the student's), once built."""
 
+    @classmethod
+    def for_recipe(cls, teacher: str, recipe: ResolvedRecipe, mode: str, encoder_layers: int | None = None,
+                   decoder_layers: int | None = None, width: str | None = None) -> TeacherAndStudent:
+        """The factory of a student of `mode` at this depth and width, made as `recipe` says (its layer maps,
+        width method and attention maps)."""
+        shape = recipe.shape
+        return cls(teacher, encoder_layers, decoder_layers, shape.layer_map, shape.encoder_layer_map,
+                   shape.decoder_layer_map, maps_before_dropout=recipe.maps_before_dropout(mode),
+                   unsorted_layer_maps=shape.unsorted_layer_maps, width=None if width is None else str(width),
+                   width_method=shape.width_method, width_seed=shape.width_seed)
+
     @staticmethod
     def _map(stack: str, teacher_layers: int, layers: int | None, strategy: str,
              explicit: Sequence[int] | None, unsorted: bool) -> list[int]:
         layers = teacher_layers if layers is None else layers
         if explicit is not None:
-            return layer_map(teacher_layers, layers, explicit, flag=f"model.{stack}_layer_map",
+            return layer_map(teacher_layers, layers, explicit, flag=f"model.shape.{stack}_layer_map",
                              allow_unsorted=unsorted)
-        return layer_map(teacher_layers, layers, strategy, flag=f"model.student_{stack}_layers")
+        return layer_map(teacher_layers, layers, strategy, flag=f"model.depth ({stack})")
 
     def score_width(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Score the units of the layer-copied student on a few training batches, for `width_method` impt."""
@@ -172,6 +186,22 @@ class TeacherAndStudent:
         if self.width.method == "rand":
             return random_importance(student, self.width_seed)
         raise RuntimeError("model.width with width_method impt: call score_width(batches) before new_student")
+
+    def size_report(self, quant: QuantConfig | None, convention: str) -> SizeReport:
+        """The student's size under `convention` (`dq_lightning.size`), from shapes alone: its depth, and a
+        thinner student's own widths, against the full-width FP32 teacher; `quant` None is full precision."""
+        quant = quant or QuantConfig(w_bits=FULL_PRECISION, e_bits=FULL_PRECISION, a_bits=FULL_PRECISION)
+        source, teacher = (self.teacher.config, None) if self.width is None else (
+            self.student_config(), self.teacher.config)
+        return model_size(source, quant, encoder_layers=len(self.encoder_map), decoder_layers=len(self.decoder_map),
+                          convention=convention, teacher=teacher)
+
+    def check_tokenizer(self, tokenizer, teacher: str) -> None:
+        """Refuse a data tokenizer that is not the teacher's (a student reads what its teacher read)."""
+        vocabulary = self.teacher.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocabulary or tokenizer.pad_token_id != self.teacher.config.pad_token_id:
+            raise UserError(f"model.teacher={teacher}: its vocabulary ({vocabulary} tokens) is not the data "
+                            f"tokenizer's ({len(tokenizer)}); set data.tokenizer to the teacher's directory")
 
     def teacher_on(self, device: torch.device) -> PreTrainedModel:
         """The teacher, moved to `device` on first use there (it is not moved with the LightningModule)."""

@@ -32,7 +32,7 @@ import contextlib
 import copy
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal, get_args
 
@@ -201,6 +201,20 @@ class Units:
                      {path: top(s, getattr(size, f"{_stack(path)}_ffn")) for path, s in self.neurons.items()})
 
 
+    def for_layers(self, maps: Mapping[str, Sequence[int]]) -> Units:
+        """These units as a layer-copied student's: its layer i of each stack is this model's layer
+        `maps[stack][i]` (keys renumbered to the student's layers); the residual stream's are shared."""
+        def picked(group: dict[str, Tensor]) -> dict[str, Tensor]:
+            found = {}
+            for path, value in group.items():
+                match = _LAYER_PATH.search(path)
+                stack, layer = match.group(2), int(match.group(3))
+                for index in (i for i, source in enumerate(maps[stack]) if source == layer):
+                    found[_LAYER_PATH.sub(f"\\g<1>{stack}.layers.{index}", path)] = value
+            return dict(sorted(found.items(), key=lambda item: _layer_order(item[0])))
+
+        return Units(self.hidden, picked(self.heads), picked(self.neurons))
+
     def to_state(self) -> dict[str, Tensor | dict[str, Tensor]]:
         """Plain tensors and dicts, for a checkpoint read with torch.load(weights_only=True)."""
         return {"hidden": self.hidden, "heads": dict(self.heads), "neurons": dict(self.neurons)}
@@ -235,6 +249,14 @@ class Units:
             if match and match.group(1, 3) == (stack, attention):
                 found[int(match.group(2))] = heads
         return [found[index] for index in range(len(found))]
+
+
+_LAYER_PATH = re.compile(r"(^|\.)(encoder|decoder)\.layers\.(\d+)(?=\.|$)")
+
+
+def _layer_order(path: str) -> tuple:
+    match = _LAYER_PATH.search(path)
+    return (match.group(2) == "decoder", int(match.group(3)), path)
 
 
 _ATTENTION = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn)$")
@@ -358,14 +380,41 @@ def extract(model: PreTrainedModel, spec: WidthSpec, scores: Units) -> tuple[Pre
     """
     kept = scores.keep(spec)
     student = type(model)(spec.student.applied_to(model.config)).to(model.dtype)
-    axes = _axes(model, kept)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        rows, columns = axes.get(name.rpartition(".")[0], (None, None))
-        state[name] = _sliced(tensor, rows, columns)
-    student.load_state_dict(state)
-    _keep_embedding_balance(model, student)
+    plan = slicing_plan(model, kept, embedding_balance(model.config, student.config))
+    student.load_state_dict({name: plan[name](tensor) for name, tensor in model.state_dict().items()})
     return student.to(model.device).train(model.training), kept
+
+
+@dataclass(frozen=True)
+class Slice:
+    """How one tensor of a thinner model is taken from the wider model's tensor of the same name: the rows and
+    columns kept (None: all), then scaled by `factor`. Differentiable (`index_select`), so a supernet can train
+    the wider tensor through it."""
+
+    rows: Tensor | None = None
+    columns: Tensor | None = None
+    factor: float = 1.0
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        if self.rows is not None:
+            tensor = tensor.index_select(0, self.rows.to(tensor.device))
+        if self.columns is not None and tensor.dim() > 1:
+            tensor = tensor.index_select(1, self.columns.to(tensor.device))
+        return tensor if self.factor == 1 else tensor * self.factor
+
+
+def slicing_plan(model: nn.Module, kept: Units, position_factor: float = 1.0) -> dict[str, Slice]:
+    """For every tensor of `model`'s state dict, the `Slice` that gives the thinner model's tensor of that name:
+    the kept units (`_axes`), and for the positional embeddings `position_factor` (`embedding_balance`)."""
+    axes = _axes(model, kept)
+    positions = {path for path, module in model.named_modules()
+                 if isinstance(module, nn.Embedding) and not hasattr(module, "embed_scale")}
+    plan = {}
+    for name in model.state_dict():
+        path = name.rpartition(".")[0]
+        rows, columns = axes.get(path, (None, None))
+        plan[name] = Slice(rows, columns, position_factor if path in positions else 1.0)
+    return plan
 
 
 def _axes(model: nn.Module, kept: Units) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -390,23 +439,12 @@ def _axes(model: nn.Module, kept: Units) -> dict[str, tuple[Tensor | None, Tenso
     return axes
 
 
-def _sliced(tensor: Tensor, rows: Tensor | None, columns: Tensor | None) -> Tensor:
-    if rows is not None:
-        tensor = tensor.index_select(0, rows.to(tensor.device))
-    if columns is not None and tensor.dim() > 1:
-        tensor = tensor.index_select(1, columns.to(tensor.device))
-    return tensor
-
-
-def _keep_embedding_balance(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
-    """With scale_embedding the token embedding is multiplied by sqrt(d_model), which a narrower config
-    lowers; its weight is the LM head's too and cannot be rescaled. Scaling the positional embeddings by the
-    same factor keeps the token-to-position balance, and the LayerNorm that follows their sum undoes the common
-    factor: the embedding output is the teacher's (at the kept dimensions, renormalised), not a mix tilted
-    towards positions. Without scale_embedding the factor is 1."""
-    factor = student.get_input_embeddings().embed_scale / teacher.get_input_embeddings().embed_scale
-    if factor != 1:
-        with torch.no_grad():
-            for path, module in student.named_modules():
-                if isinstance(module, nn.Embedding) and not hasattr(module, "embed_scale"):
-                    module.weight.mul_(factor)
+def embedding_balance(teacher_config, student_config) -> float:
+    """The factor on a thinner student's positional embeddings. With scale_embedding the token embedding is
+    multiplied by sqrt(d_model), which a narrower config lowers; its weight is the LM head's too and cannot be
+    rescaled. Scaling the positional embeddings by the same factor keeps the token-to-position balance, and the
+    LayerNorm that follows their sum undoes the common factor: the embedding output is the teacher's (at the
+    kept dimensions, renormalised), not a mix tilted towards positions. Without scale_embedding the factor is 1."""
+    if not getattr(teacher_config, "scale_embedding", False):
+        return 1.0
+    return math.sqrt(student_config.d_model) / math.sqrt(teacher_config.d_model)

@@ -14,7 +14,7 @@ import torch
 
 from dq_lightning.errors import UserError, first_line
 
-STUDENT_KEYS = ("teacher", "mode", "w_bits", "e_bits", "a_bits")
+STUDENT_KEYS = ("teacher", "mode")
 
 
 def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict[str, Any]:
@@ -52,18 +52,14 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None, quanti
     """The `DQStudentModule` of a checkpoint, rebuilt from its hyper-parameters and teacher directory, its
     student prepared for quantization (and converted, if the checkpoint holds converted codes) and loaded,
     in eval mode. Returns (module, checkpoint). `quantized=False` also takes a full-precision student."""
+    from dq_lightning.compat import upgrade_student_hparams
     from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import in_form_of
 
     checkpoint = read_checkpoint(checkpoint_path)
-    hparams = checkpoint["hyper_parameters"]
+    hparams = upgrade_student_hparams(checkpoint["hyper_parameters"])
     accepted = inspect.signature(DQStudentModule.__init__).parameters
     settings = {key: value for key, value in hparams.items() if key in accepted and key != "self"}
-    if "recipe" not in hparams:
-        # Written before recipes existed: trained with what is now recipe dq_lightning.
-        settings["recipe"] = "dq_lightning"
-        if hparams.get("quantize_attention_inputs"):
-            settings["attention_quant"] = "asym_probs"
     if teacher is not None:
         settings["teacher"] = str(teacher)
     try:

@@ -91,7 +91,11 @@ class Seq2SeqModule(pl.LightningModule):
         if not 0 <= label_smoothing < 1:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
         _check_generation_keys(generation)
-        self.weight_decay = weight_decay
+        # Held here rather than read from hparams: a subclass may group its own arguments differently.
+        self.lr, self.weight_decay, self.warmup_ratio, self.label_smoothing = lr, weight_decay, warmup_ratio, \
+            label_smoothing
+        self.generation_overrides, self.generate_on_validation = generation, generate_on_validation
+        self.prediction_table_rows = prediction_table_rows
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.task: TaskSpec | None = None
@@ -137,7 +141,7 @@ class Seq2SeqModule(pl.LightningModule):
                                 "(max_position_embeddings)")
 
     def generation_config(self) -> GenerationConfig:
-        settings = {**self.task.generation, **(self.hparams.generation or {})}
+        settings = {**self.task.generation, **(self.generation_overrides or {})}
         _check_generation_keys(settings)
         base = self.model.generation_config.to_dict() if self.model is not None else {}
         for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id",
@@ -158,7 +162,7 @@ class Seq2SeqModule(pl.LightningModule):
         labels = batch["labels"]
         outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
-        task = label_smoothed_loss(outputs.logits, labels, self.hparams.label_smoothing if stage == "train" else 0.0)
+        task = label_smoothed_loss(outputs.logits, labels, self.label_smoothing if stage == "train" else 0.0)
         auxiliary = self.auxiliary_losses(batch, outputs)
         loss = task
         for weight, term in auxiliary.values():
@@ -238,7 +242,7 @@ class Seq2SeqModule(pl.LightningModule):
 
     def _evaluate(self, batch, stage: str) -> None:
         self._step(batch, stage)
-        if stage == "val" and not self.hparams.generate_on_validation:
+        if stage == "val" and not self.generate_on_validation:
             return
         generated = self.generate(batch)
         lengths = (generated != self.tokenizer.pad_token_id).sum(dim=1) - 1  # minus the start token
@@ -259,7 +263,7 @@ class Seq2SeqModule(pl.LightningModule):
 
     def _log_generation_metrics(self, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        if stage == "val" and not self.hparams.generate_on_validation:
+        if stage == "val" and not self.generate_on_validation:
             return
         scores = metrics.compute()
         self.log_dict({f"{stage}/{key}": value for key, value in scores.items()},
@@ -301,7 +305,7 @@ class Seq2SeqModule(pl.LightningModule):
         from lightning.pytorch.loggers import WandbLogger
 
         loggers = [logger for logger in self.loggers if isinstance(logger, WandbLogger)]
-        count = self.hparams.prediction_table_rows
+        count = self.prediction_table_rows
         if not loggers or not count or not rows:
             return
         metric = self.task.metric
@@ -332,9 +336,9 @@ class Seq2SeqModule(pl.LightningModule):
             (no_decay if any(marker in name for marker in NO_DECAY) else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total_steps),
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total_steps),
                                                     total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -344,8 +348,8 @@ class Seq2SeqModule(pl.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             started_with = scheduler.base_lrs[0]
-            if started_with > 0 and abs(self.hparams.lr / started_with - 1) > 1e-9:
-                ratio = self.hparams.lr / started_with
+            if started_with > 0 and abs(self.lr / started_with - 1) > 1e-9:
+                ratio = self.lr / started_with
                 scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
                 for group in scheduler.optimizer.param_groups:
                     group["lr"] *= ratio

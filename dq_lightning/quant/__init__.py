@@ -10,14 +10,14 @@ BART/mBART modules, `prepare` (swap them in) and `convert` (bake integer codes).
 from dq_lightning.quant.api import (collect_stats, convert, holds_codes, in_form_of, is_converted, is_prepared, prepare, quant_config_of,
                                     quantizers, return_maps_before_dropout, set_observe, set_quantization_enabled,
                                     use_deployed_head)
-from dq_lightning.quant.config import RECIPES, SUPPORTED_BITS, QuantConfig, parse_wea
+from dq_lightning.quant.config import SUPPORTED_BITS, QuantConfig, parse_wea
 from dq_lightning.quant.modules import (AttentionInputQuantizer, ConvertedEmbedding, ConvertedLinear, PackedWeight,
                                         QuantEmbedding, QuantLinear)
 from dq_lightning.quant.quantizers import (AsymMinMaxQuantizer, FakeQuantizer, LSQQuantizer, MinMaxQuantizer,
                                            TernaryQuantizer, make_activation_quantizer, make_weight_quantizer)
 
 __all__ = [
-    "RECIPES", "SUPPORTED_BITS", "AsymMinMaxQuantizer", "AttentionInputQuantizer", "ConvertedEmbedding", "ConvertedLinear",
+    "SUPPORTED_BITS", "AsymMinMaxQuantizer", "AttentionInputQuantizer", "ConvertedEmbedding", "ConvertedLinear",
     "FakeQuantizer", "LSQQuantizer", "MinMaxQuantizer", "PackedWeight", "QuantConfig", "QuantEmbedding",
     "QuantLinear", "TernaryQuantizer", "collect_stats", "convert", "holds_codes", "in_form_of", "is_converted", "is_prepared",
     "make_activation_quantizer", "make_weight_quantizer", "parse_wea", "prepare", "quant_config_of", "quantizers",

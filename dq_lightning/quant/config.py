@@ -3,15 +3,14 @@
 DQ-BART names a setting by three bit widths, weights-embeddings-activations: "8-8-8", "2-8-8", "2-2-8".
 Here each of the three is independent and may be 2, 3, 4 or 8 bits, or 32 for full precision.
 
-Two recipes put the quantizers together (`RECIPES`): "dq-bart", what the official code
-(amazon-science/dq-bart, `quant/utils_quant.py` and `quant/modeling_bart_quant.py`) does, and the field
-defaults; "dq_lightning", this project's own choices, each of which is a field of its own.
+The field defaults are what the official code (amazon-science/dq-bart, `quant/utils_quant.py` and
+`quant/modeling_bart_quant.py`) does; the recipes that set other values are `dq_lightning.distill.recipe`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from dq_lightning.errors import UserError
 
@@ -22,12 +21,10 @@ WeightMethod = Literal["auto", "minmax", "ternary", "lsq"]
 ActMethod = Literal["minmax", "asym_minmax", "lsq"]
 Granularity = Literal["row", "tensor"]
 AttentionQuant = Literal["off", "dq-bart", "asym_probs"]
-Recipe = Literal["dq-bart", "dq_lightning"]
 WEIGHT_METHODS = get_args(WeightMethod)
 ACT_METHODS = get_args(ActMethod)
 GRANULARITIES = get_args(Granularity)
 ATTENTION_QUANT = get_args(AttentionQuant)
-RECIPES = get_args(Recipe)
 
 
 def parse_wea(notation: str) -> tuple[int, int, int]:
@@ -67,8 +64,8 @@ class QuantConfig:
     """How the student is quantized. The field defaults are the official DQ-BART recipe at 8-8-8.
 
     Weights, the token embedding and activations each have their own width, so the paper's settings are
-    `QuantConfig(w_bits=2, e_bits=2, a_bits=8)`, `QuantConfig.from_notation("2-2-8")` or
-    `QuantConfig.dq_bart(2, 2, 8)`; `QuantConfig.dq_lightning(2, 2, 8)` is this project's recipe.
+    `QuantConfig(w_bits=2, e_bits=2, a_bits=8)` or `QuantConfig.from_notation("2-2-8")`; another recipe's are
+    `dq_lightning.distill.recipe.recipe_quant_config("dq_lightning", "2-2-8")`.
 
     Always full precision: positional embeddings, LayerNorm parameters and biases. Together they are 1.2% of
     bart-base's parameters; the paper keeps them in FP32 and so does this library (no switch is offered,
@@ -158,28 +155,18 @@ class QuantConfig:
                             "act_granularity='tensor'")
 
     @classmethod
-    def from_notation(cls, notation: str, recipe: str = "dq-bart", **settings) -> QuantConfig:
-        """A config of `recipe` from the paper's "W-E-A" string, e.g. `QuantConfig.from_notation("2-2-8")`;
-        `settings` override single fields."""
-        return cls.recipe(recipe, *parse_wea(notation), **settings)
+    def from_notation(cls, notation: str, **settings) -> QuantConfig:
+        """A config from the paper's "W-E-A" string, e.g. `QuantConfig.from_notation("2-2-8")`, with the
+        official defaults; `settings` override single fields."""
+        w_bits, e_bits, a_bits = parse_wea(notation)
+        return cls(w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, **settings)
 
     @classmethod
     def dq_bart(cls, w_bits: int = 8, e_bits: int = 8, a_bits: int = 8, **settings) -> QuantConfig:
-        """The official DQ-BART recipe (the field defaults): per-tensor Linear weights and per-row embedding,
+        """The official DQ-BART quantizers (the field defaults): per-tensor Linear weights and per-row embedding,
         both clipped at 2.5; TWN at 2 bits; symmetric per-tensor activations clipped at 2.5; q (after the
         scaling), k, v and the probabilities (after dropout) quantized; a full-precision LM head."""
-        return cls.recipe("dq-bart", w_bits, e_bits, a_bits, **settings)
-
-    @classmethod
-    def dq_lightning(cls, w_bits: int = 8, e_bits: int = 8, a_bits: int = 8, **settings) -> QuantConfig:
-        """This project's recipe: per-row weights without a clip, the LM head quantized with the tied E-bit
-        embedding (input at A bits), attention operands left in full precision."""
-        return cls.recipe("dq_lightning", w_bits, e_bits, a_bits, **settings)
-
-    @classmethod
-    def recipe(cls, name: str, w_bits: int = 8, e_bits: int = 8, a_bits: int = 8, **settings) -> QuantConfig:
-        """A config of recipe `name` ("dq-bart" or "dq_lightning"); `settings` override single fields."""
-        return cls(w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, **{**recipe_defaults(name), **settings})
+        return cls(w_bits=w_bits, e_bits=e_bits, a_bits=a_bits, **settings)
 
     @property
     def quantizes_attention(self) -> bool:
@@ -200,45 +187,6 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """The `QuantConfig` fields that are not arguments of the student of their own (`--model.quant_settings.*`).
-    Unset (null) takes the `QuantConfig` default, which both recipes share."""
-
-    embedding_method: WeightMethod | None = None
-    """Quantizer of the token embedding: auto (ternary at 2 bits, minmax otherwise), minmax, ternary or lsq.
-    Unset: auto."""
-
-    act_method: ActMethod | None = None
-    """Activation quantizer: minmax (symmetric, the official), asym_minmax (with a zero point) or lsq (learned
-    step size). Unset: minmax."""
-
-    embedding_granularity: Granularity | None = None
-    """Token embedding (and a quantized LM head): row, one scale per token (the official), or tensor. Unset: row."""
-
-    act_granularity: Granularity | None = None
-    """Activations: tensor, one dynamic scale per tensor (the official), or row, one per token. Unset: tensor."""
-
-    act_clip: float | None = None
-    """Activations are clipped to +-act_clip before quantization; inf for no clip. Unset: 2.5 (the official)."""
-
-    def given(self) -> dict[str, Any]:
-        """The fields that are set, as `QuantConfig` takes them (inf, no clip, is `QuantConfig`'s None)."""
-        fields = {name: value for name, value in asdict(self).items() if value is not None}
-        if fields.get("act_clip") == float("inf"):
-            fields["act_clip"] = None
-        return fields
-
-
-def recipe_defaults(name: str, flag: str = "recipe") -> dict:
-    """The `QuantConfig` fields recipe `name` sets (bit widths aside); `flag` names the setting in errors."""
-    if name == "dq-bart":
-        return {}  # the field defaults are the official recipe
-    if name == "dq_lightning":
-        return {"weight_granularity": "row", "weight_clip": None, "quantize_lm_head": True, "attention_quant": "off"}
-    raise UserError(f"{flag}={name!r} is not a recipe; choose from {', '.join(RECIPES)}")
 
 
 def _resolve(method: str, bits: int) -> str:

@@ -77,11 +77,13 @@ class DQFitness:
         self.data = run.data_class(**run.data_args)
 
     def module(self, genome: Genome):
-        settings = self.settings
-        overrides = dict(bits=settings.bits, depth=settings.depth, encoder_layer_map=list(genome[0]),
-                         decoder_layer_map=list(genome[1]), unsorted_layer_maps=settings.allow_unsorted,
-                         generate_on_validation=False, evaluate_teacher=False, prediction_table_rows=0)
-        return self.run.model_class(**{**self.run.model_args, **overrides})
+        settings, args = self.settings, self.run.model_args
+        shape = {**(args.get("shape") or {}), "encoder_layer_map": list(genome[0]),
+                 "decoder_layer_map": list(genome[1]), "unsorted_layer_maps": settings.allow_unsorted}
+        evaluation = {**(args.get("evaluation") or {}), "generate_on_validation": False, "evaluate_teacher": False,
+                      "prediction_table_rows": 0}
+        return self.run.model_class(**{**args, "bits": settings.bits, "depth": settings.depth, "shape": shape,
+                                       "evaluation": evaluation})
 
     def logger(self, genome: Genome):
         from dq_lightning.loggers import WandbLogger, resolve_wandb_mode

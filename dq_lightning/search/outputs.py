@@ -70,17 +70,17 @@ def _maps(row: dict[str, Any]) -> dict[str, Any]:
 def write_best(out_dir: Path, records: list[dict[str, Any]], settings: dict[str, Any], config: str) -> dict:
     """best.json: the best maps, the flags that train them, and the best hand-made map beside it."""
     best, hand_made = best_row(records), best_row(records, only_hand_made=True)
-    flags = " ".join(f"--model.{name}={json.dumps(best[key], separators=(',', ':'))}"
+    flags = " ".join(f"--model.shape.{name}={json.dumps(best[key], separators=(',', ':'))}"
                      for name, key in (("encoder_layer_map", "encoder_map"), ("decoder_layer_map", "decoder_map")))
-    unsorted = {"model.unsorted_layer_maps": {"value": True}} if settings.get("allow_unsorted") else {}
+    unsorted = {"model.shape.unsorted_layer_maps": {"value": True}} if settings.get("allow_unsorted") else {}
     if unsorted:
-        flags += " --model.unsorted_layer_maps=true"
+        flags += " --model.shape.unsorted_layer_maps=true"
     result = {**_maps(best), "label_loyalty": best["label_loyalty"], "prob_loyalty": best["prob_loyalty"],
               "fit_flags": flags,
               "fit_command": f"python -m dq_lightning fit --config {config} --model.bits={settings['bits']} "
                              f"--model.depth={settings['depth']} {flags}",
-              "sweep_parameters": {"model.encoder_layer_map": {"value": best["encoder_map"]},
-                                   "model.decoder_layer_map": {"value": best["decoder_map"]}, **unsorted},
+              "sweep_parameters": {"model.shape.encoder_layer_map": {"value": best["encoder_map"]},
+                                   "model.shape.decoder_layer_map": {"value": best["decoder_map"]}, **unsorted},
               "best_hand_made": _maps(hand_made) if hand_made else None,
               "generations_done": len({row["generation"] for row in records}),
               "candidates_trained": sum(1 for row in records if row["trained"]), "settings": settings}

@@ -1,0 +1,165 @@
+"""`python -m dq_lightning extract`: one point of a supernet as an ordinary DQ student checkpoint.
+
+The checkpoint is what a `DQStudentModule` fit of that point would have saved (its hyper-parameters, its
+prepared student's latent weights, a thinner student's kept units), so `test --ckpt_path`, `export`, `predict`
+and `robustness` take it unchanged; its `supernet` entry says where it came from. Its weights are the
+sub-network's slices of the supernet, bit for bit, so the extracted student computes what the supernet's
+sub-network computed.
+
+    python -m dq_lightning extract --ckpt runs/xsum/supernet-tiny/checkpoints/last.ckpt --bits 2-2-8 --depth 6-3 \\
+        --out runs/xsum/supernet-tiny/extracted/2-2-8_6-3.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from dq_lightning.errors import UserError, command_line, first_line
+
+STUDENT_CLASS = "dq_lightning.modules.student.DQStudentModule"
+SUPERNET_CLASS = "dq_lightning.modules.supernet.DQSupernetModule"
+GROUP_NAMES = ("shape", "objective", "quant_settings", "optimizer", "evaluation")
+
+
+def student_checkpoint(supernet, subnet, datamodule_hparams: dict | None = None,
+                       progress: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The checkpoint of `subnet`'s student (a `SubNet`; built if it is not one of the grid's) with the
+    supernet's current weights; `progress` the (epoch, optimizer step) they were trained to (default: the
+    supernet's trainer's)."""
+    import lightning.pytorch as pl
+
+    from dq_lightning.modules.student import DQStudentModule
+    from dq_lightning.quant import prepare
+    from dq_lightning.supernet.subnetwork import SubNetwork
+
+    network = supernet.subnetworks().get(subnet) or SubNetwork(subnet, supernet.hparams.teacher, supernet.recipe,
+                                                               supernet.width_scores)
+    epoch, step = progress if progress is not None else (supernet.current_epoch, supernet.global_step)
+    hparams = supernet.hparams
+    module = DQStudentModule(teacher=hparams.teacher, mode="dq", recipe=hparams.recipe, bits=subnet.bits,
+                             depth=subnet.depth, width=subnet.width, lr=hparams.lr, generation=hparams.generation,
+                             **{name: hparams[name] for name in GROUP_NAMES})
+    if network.kept is not None:
+        module.use_checkpoint_width({"width_kept": network.kept.to_state()})
+    if module.quant_config is not None:
+        prepare(module.model, module.quant_config)
+    module.model.load_state_dict(network.state(supernet.latent()))
+    checkpoint = {"state_dict": module.state_dict(),
+                  "hyper_parameters": {**dict(module.hparams), "_class_path": STUDENT_CLASS},
+                  "module_class": STUDENT_CLASS, "pytorch-lightning_version": pl.__version__,
+                  "epoch": epoch, "global_step": step,
+                  "supernet": {"subnet": subnet.name, "trained_point": subnet in supernet.grid,
+                               "global_step": step, "subnet_passes": supernet.subnet_passes}}
+    if network.kept is not None:
+        checkpoint["width_kept"] = network.kept.to_state()
+    if datamodule_hparams:
+        checkpoint["datamodule_hyper_parameters"] = datamodule_hparams
+    return checkpoint
+
+
+def save_student_checkpoint(supernet, subnet, path: Path, datamodule_hparams: dict | None = None,
+                            progress: tuple[int, int] | None = None) -> Path:
+    """`student_checkpoint` written atomically to `path` (the DataModule's hyper-parameters from the running
+    fit unless given, so export and predict know the task and the source length)."""
+    from dq_lightning.checkpoints import AtomicCheckpointIO
+
+    if datamodule_hparams is None:
+        datamodule = getattr(supernet._trainer, "datamodule", None) if supernet._trainer is not None else None
+        datamodule_hparams = dict(datamodule.hparams) if datamodule is not None else None
+    AtomicCheckpointIO().save_checkpoint(student_checkpoint(supernet, subnet, datamodule_hparams, progress), path)
+    return path
+
+
+def load_supernet(path: str | Path, teacher: str | None = None):
+    """The `DQSupernetModule` of a supernet checkpoint, rebuilt from its hyper-parameters and stored grid, its
+    latent weights and width scores loaded. Returns (module, checkpoint)."""
+    import torch
+
+    from dq_lightning.checkpoints import module_class
+    from dq_lightning.modules.supernet import DQSupernetModule
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--ckpt {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a bad file raises many types (pickle, zip, EOF, weights_only)
+        raise UserError(f"--ckpt {path}: cannot read it as a checkpoint with torch.load(weights_only=True) "
+                        f"({first_line(error)})") from None
+    saved = module_class(checkpoint) if isinstance(checkpoint, dict) else None
+    if saved != SUPERNET_CLASS or "supernet" not in checkpoint:
+        what = f"it holds a {saved.rpartition('.')[2]}" if saved else "no module class recorded"
+        raise UserError(f"--ckpt {path}: not a supernet checkpoint ({what}); extract takes the checkpoint of a "
+                        "DQSupernetModule fit (experiments/<task>/supernet-*.yaml)")
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    hparams["grid"] = checkpoint["supernet"]["grid"]  # as resolved when it trained: no sweep file needed now
+    if teacher is not None:
+        hparams["teacher"] = str(teacher)
+    module = DQSupernetModule(**hparams)
+    module.on_load_checkpoint(checkpoint)
+    prefix = "model."
+    module.model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+                                  if k.startswith(prefix)})
+    return module.eval(), checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dq_lightning extract",
+                                     description="Write one point of a supernet as an ordinary DQ student "
+                                                 "checkpoint (test, export, predict and robustness take it).")
+    parser.add_argument("--ckpt", required=True, help="a supernet checkpoint (DQSupernetModule fit)")
+    parser.add_argument("--bits", required=True, metavar="W-E-A", help="the point's bits, e.g. 2-2-8 (one the "
+                        "supernet trained)")
+    parser.add_argument("--depth", metavar="E-D", help="encoder-decoder layers, e.g. 6-3 (default: the teacher's)")
+    parser.add_argument("--width", help="a thinner point's width as the grid names it (heads=3,ffn=512); default "
+                        "the teacher's")
+    parser.add_argument("--out", required=True, help="the student checkpoint to write (.ckpt)")
+    parser.add_argument("--teacher", help="the teacher directory, if it moved since the supernet trained")
+    return parser
+
+
+def resolve_point(supernet, bits: str, depth: str | None, width: str | None):
+    """The `SubNet` to extract: bits and width among the trained ones, a depth the teacher has."""
+    from dq_lightning.quant.config import parse_wea
+    from dq_lightning.supernet.grid import SubNet, check_depth
+
+    try:
+        parse_wea(bits)
+    except UserError as error:
+        raise UserError(f"--bits {bits}: {error}") from None
+    trained_bits = sorted({subnet.bits for subnet in supernet.grid})
+    if bits not in trained_bits:
+        raise UserError(f"--bits {bits}: the supernet trained no {bits} sub-network; its bits: "
+                        f"{', '.join(trained_bits)}")
+    config = supernet.factory.teacher.config
+    layers = (config.encoder_layers, config.decoder_layers)
+    depth = check_depth(depth or f"{layers[0]}-{layers[1]}", layers, f"--depth {depth}")
+    trained_widths = {subnet.width for subnet in supernet.grid}
+    if width is not None and width not in trained_widths:
+        known = ", ".join(sorted(w for w in trained_widths if w)) or "none"
+        raise UserError(f"--width {width}: the supernet trained no such width; its widths: {known} (or omit "
+                        "--width for the teacher's)")
+    return SubNet(bits, depth, width)
+
+
+@command_line
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out).expanduser()
+    if out.suffix != ".ckpt":
+        raise UserError(f"--out {args.out}: give a .ckpt file name")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {args.out}: exists and is not a file")
+    if not os.access(out.parent if out.parent.exists() else Path.cwd(), os.W_OK):
+        raise UserError(f"--out {args.out}: its folder is not writable")
+    supernet, checkpoint = load_supernet(args.ckpt, args.teacher)
+    subnet = resolve_point(supernet, args.bits, args.depth, args.width)
+    save_student_checkpoint(supernet, subnet, out, checkpoint.get("datamodule_hyper_parameters") or {},
+                            (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)))
+    trained = "a trained point" if subnet in supernet.grid else "not a trained point: its layers and widths " \
+                                                                 "were trained inside other sub-networks"
+    print(f"extracted {subnet.name} ({trained}) from {args.ckpt} to {out}")
+    return 0

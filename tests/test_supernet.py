@@ -1,0 +1,166 @@
+"""The elastic DQ supernet (dq_lightning.supernet, DQSupernetModule) on the micro teacher (4+4 layers, d_model 32,
+2 heads, FFN 64): its sub-networks are exactly the students `DQStudentModule` would train, extraction gives
+those students bit for bit, and the fit resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from dq_lightning.data.datamodule import XSumDataModule
+from dq_lightning.errors import UserError
+from dq_lightning.export.checkpoint import load_student
+from dq_lightning.modules.supernet import DQSupernetModule
+from dq_lightning.quant.quantizers import embedding_quantizer_for, weight_quantizer_for
+from dq_lightning.quant.modules import QuantEmbedding, QuantLinear
+from dq_lightning.supernet.grid import SubNet, parse_grid
+from dq_lightning.supernet.sampling import Sampler, SamplingSettings
+from tests.conftest import run_cli
+
+GRID = ["8-8-8 4-4", "2-2-8 4-2", "2-2-8 2-1", "32-32-32 4-4", "2-2-8 4-4 heads=1,ffn=32"]
+QUICK_GENERATION = {"num_beams": 1, "max_length": 6, "min_length": 1}
+
+
+def datamodule(shared_data, cache_dir, teacher_dir, **kwargs):
+    settings = dict(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=16,
+                    max_eval_samples=4, max_source_length=48, max_target_length=12, batch_size=4,
+                    cache_dir=str(cache_dir))
+    return XSumDataModule(**{**settings, **kwargs})
+
+
+def trainer(tmp_path, **kwargs):
+    settings = dict(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=1,
+                    num_sanity_val_steps=0, enable_checkpointing=False)
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def supernet(teacher_dir, **kwargs) -> DQSupernetModule:
+    settings = dict(teacher=str(teacher_dir), grid=GRID, lr=1e-2, generation=QUICK_GENERATION,
+                    sampling={"policy": "sandwich", "random_subnets": 1})
+    return DQSupernetModule(**{**settings, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def trained(teacher_dir, shared_data, cache_dir, tmp_path_factory):
+    """A supernet trained 3 steps (so its weights are no longer the teacher's), validated once."""
+    root = tmp_path_factory.mktemp("supernet")
+    module = supernet(teacher_dir)
+    data = datamodule(shared_data, cache_dir, teacher_dir)
+    fit = trainer(root, check_val_every_n_epoch=None, val_check_interval=3)
+    fit.fit(module, datamodule=data)
+    return module, data, root
+
+
+def batch_of(data) -> dict[str, torch.Tensor]:
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))
+
+
+def test_grid_reads_points_and_sweep_files_and_refuses_impossible_points():
+    teacher = (6, 6)
+    grid = parse_grid(["2-2-8 6-3", "sweeps/xsum-tiny.yaml", "sweeps/xsum-width-tiny.yaml", "2-2-8 6-3"], teacher)
+    names = [subnet.name for subnet in grid]
+    assert names[0] == "2-2-8 6-3" and names.count("2-2-8 6-3") == 1  # each point once
+    assert "32-32-32 3-1" in names and "8-8-8 6-6 heads=2,ffn=512" in names
+    assert len(grid) == 9 + 4  # xsum-tiny's dq points; the width sweep's impt points (rand has no place here)
+    for text, message in [("2-2-8 7-3", "7 encoder layers; the teacher has 6"), ("2-2-9 6-3", "a_bits=9"),
+                          ("2-2-8", "not a sub-network"), ("2-2-8 six-3", "depth 'six-3'")]:
+        with pytest.raises(UserError, match=message):
+            parse_grid([text], teacher)
+
+
+def test_sandwich_draws_the_largest_and_smallest_and_depends_only_on_the_step():
+    ordered = [SubNet("32-32-32", "6-6"), SubNet("8-8-8", "6-6"), SubNet("8-8-8", "6-3"), SubNet("2-2-8", "3-1")]
+    sampler = Sampler(ordered, SamplingSettings(policy="sandwich", random_subnets=1, seed=3))
+    draws = [sampler.sample(step) for step in range(40)]
+    assert all(draw[0] == ordered[0] and draw[-1] == ordered[-1] and len(draw) == 3 for draw in draws)
+    assert {draw[1] for draw in draws} == set(ordered[1:3])  # both middle points get drawn
+    assert draws == [Sampler(ordered, sampler.settings).sample(step) for step in range(40)]  # a resumed fit's
+    assert sampler.passes_per_step() == 3
+    with pytest.raises(UserError, match="model.sampling.policy='sometimes'"):
+        SamplingSettings(policy="sometimes")
+
+
+def test_nested_quantizers_are_the_ordinary_quantizers_of_each_width(trained):
+    """Every point quantizes the supernet's latent weights (its slices of them) with the quantizer a separately
+    trained student of its bits uses, its scale computed from those weights: bits nest by sharing latents."""
+    module, _, _ = trained
+    latent = module.latent()
+    for subnet, network in module.subnetworks().items():
+        if network.quant_config is None:
+            continue
+        tensors = network.tensors(latent)
+        for name, child in network.skeleton.named_modules():
+            if isinstance(child, (QuantLinear, QuantEmbedding)) and child.weight_quantizer is not None:
+                weight = tensors[f"{name}.weight"] if f"{name}.weight" in tensors else \
+                    tensors[network._canonical[f"{name}.weight"]]
+                ordinary = (embedding_quantizer_for if isinstance(child, QuantEmbedding) else weight_quantizer_for)(
+                    network.quant_config, weight)
+                assert torch.equal(child.weight_quantizer(weight), ordinary(weight)), (subnet.name, name)
+
+
+def test_extracted_students_compute_what_the_supernet_computed(trained, tmp_path):
+    """Bit for bit: each grid point's logits in the supernet equal its extracted student's, loaded the way
+    export loads any student checkpoint."""
+    from dq_lightning.supernet.extract import save_student_checkpoint
+
+    module, data, _ = trained
+    batch = batch_of(data)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  decoder_input_ids=module.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]))
+    latent = module.latent()
+    for subnet, network in module.subnetworks().items():
+        network.set_training(False)
+        with torch.no_grad():
+            expected = network(latent, **inputs).logits
+        path = save_student_checkpoint(module, subnet, tmp_path / f"{subnet.key}.ckpt", dict(data.hparams))
+        student, checkpoint = load_student(path, quantized=False)
+        assert checkpoint["supernet"]["subnet"] == subnet.name
+        with torch.no_grad():
+            got = student.model(**inputs).logits
+        assert torch.equal(got, expected), subnet.name
+        network.set_training(True)
+        assert (len(student.encoder_map), len(student.decoder_map)) == subnet.layers
+        assert (student.quant_config is None) == (not subnet.quantized)
+
+
+def test_validation_scores_every_point_and_keeps_each_points_best_student(trained):
+    module, _, root = trained
+    best = json.loads((root / "subnets" / "best.json").read_text())
+    assert set(best) == {SubNet.parse(text, (4, 4)).key for text in GRID}
+    for key in best:
+        assert (root / "subnets" / f"{key}.ckpt").is_file()
+    assert module.subnet_passes == 3 * 3  # sandwich: the largest, the smallest and one more, 3 steps
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "4-4-8"], "--bits 4-4-8: the supernet trained no 4-4-8 sub-network; its bits: 2-2-8, 32-32-32, 8-8-8"),
+    (["--bits", "2-2-8", "--depth", "5-2"], "--depth 5-2: 5 encoder layers; the teacher has 4"),
+    (["--bits", "2-2-8", "--width", "heads=1,ffn=16"], "--width heads=1,ffn=16: the supernet trained no such width"),
+    (["--bits", "2-2-9"], "--bits 2-2-9: a_bits=9 is not supported"),
+])
+def test_extract_refuses_a_point_the_supernet_cannot_give_in_one_line(flags, message, trained, tmp_path):
+    module, _, root = trained
+    checkpoint = root / "supernet.ckpt"
+    if not checkpoint.exists():
+        trainer(root).strategy.connect(module)
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                    "module_class": "dq_lightning.modules.supernet.DQSupernetModule",
+                    "supernet": {"grid": [s.name for s in module.grid], "best": {}, "subnet_passes": 0,
+                                 "width_scores": module.width_scores.to_state()}}, checkpoint)
+    result = run_cli("extract", "--ckpt", str(checkpoint), *flags, "--out", str(tmp_path / "x.ckpt"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {message}"] or (len(errors) == 1 and message in errors[0]), result.stderr[-2000:]
+    assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_a_supernet_refuses_settings_it_cannot_share(teacher_dir):
+    with pytest.raises(UserError, match="model.quant_settings.act_method=lsq"):
+        supernet(teacher_dir, quant_settings={"act_method": "lsq"})
+    with pytest.raises(UserError, match="model.select_by=task needs model.evaluation.generate_on_validation"):
+        supernet(teacher_dir, evaluation={"generate_on_validation": False})
