@@ -121,6 +121,21 @@ sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; 
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS)
 
+# One elastic DQ supernet for the whole curve (experiments/TASK/supernet-SCALE.yaml: the sweep grid's quantized dq
+# points), teacher first if missing; then every point extracted and tested beside the trained points.
+SUPERNET_RUN := $(RUNS)/supernet-$(SCALE)
+.PHONY: supernet
+supernet: check-task $(STAMP) ## Teacher if missing, one supernet fit, then every point extracted and tested; runs/TASK/sweep/
+	@$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --preflight
+	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
+	@$(MAKE) --no-print-directory $(SUPERNET_RUN)/fit_metrics.json
+	$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --from-supernet $(SUPERNET_RUN)
+
+# A supernet killed half-way continues from its last.ckpt when `make supernet` is run again.
+$(SUPERNET_RUN)/fit_metrics.json: | $(STAMP)
+	$(PY) -m dq_lightning fit --config experiments/$(TASK)/supernet-$(SCALE).yaml $(DATA_ARG) $(GPU_ARGS) \
+		$(call RESUME,$(SUPERNET_RUN))
+
 # The genetic search of the teacher layers a DEPTH (encoder-decoder) x BITS (W-E-A) student copies, teacher first
 # if missing; the same command continues a killed search. ARGS: more search-map flags (e.g. ARGS='--steps 40').
 DEPTH ?= 6-3

@@ -65,8 +65,9 @@ def test_grid_reads_points_and_sweep_files_and_refuses_impossible_points():
     grid = parse_grid(["2-2-8 6-3", "sweeps/xsum-tiny.yaml", "sweeps/xsum-width-tiny.yaml", "2-2-8 6-3"], teacher)
     names = [subnet.name for subnet in grid]
     assert names[0] == "2-2-8 6-3" and names.count("2-2-8 6-3") == 1  # each point once
-    assert "32-32-32 3-1" in names and "8-8-8 6-6 heads=2,ffn=512" in names
-    assert len(grid) == 9 + 4  # xsum-tiny's dq points; the width sweep's impt points (rand has no place here)
+    assert "8-8-8 6-6 heads=2,ffn=512" in names and not any(name.startswith("32-32-32") for name in names)
+    assert len(grid) == 6 + 4  # xsum-tiny's quantized dq points; the width sweep's impt points (not rand)
+    assert parse_grid(["32-32-32 6-3"], teacher)[0].name == "32-32-32 6-3"  # named, a full-precision point joins
     for text, message in [("2-2-8 7-3", "7 encoder layers; the teacher has 6"), ("2-2-9 6-3", "a_bits=9"),
                           ("2-2-8", "not a sub-network"), ("2-2-8 six-3", "depth 'six-3'")]:
         with pytest.raises(UserError, match=message):
@@ -164,3 +165,36 @@ def test_a_supernet_refuses_settings_it_cannot_share(teacher_dir):
         supernet(teacher_dir, quant_settings={"act_method": "lsq"})
     with pytest.raises(UserError, match="model.select_by=task needs model.evaluation.generate_on_validation"):
         supernet(teacher_dir, evaluation={"generate_on_validation": False})
+
+
+@pytest.mark.slow  # three supernet fits, one killed mid-epoch: `make test-slow`
+@pytest.mark.timeout(1200)
+def test_killed_supernet_fit_resumes_exactly(tmp_path, shared_data, cache_dir, teacher_dir):
+    """The draws of sub-networks follow the step, the width scores travel in the checkpoint, the data position
+    and RNG states are the student's: losses after the resume are an uninterrupted fit's."""
+    import yaml
+
+    from dq_lightning.config_files import read_composed
+    from tests.conftest import PROJECT_ROOT
+    from tests.test_reliability import assert_resumed_exactly
+
+    config = read_composed(PROJECT_ROOT / "experiments/xsum/supernet-tiny.yaml")
+    config["model"]["init_args"].update(teacher=str(teacher_dir), grid=GRID, generation=QUICK_GENERATION)
+    config["data"]["init_args"].update(data_dir=str(shared_data / "xsum"), cache_dir=str(cache_dir),
+                                       max_train_samples=32, max_eval_samples=4, max_source_length=48,
+                                       max_target_length=12, batch_size=4)
+    config["trainer"].update(limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False, max_steps=14,
+                             max_epochs=-1)
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": "${...default_root_dir}", "name": "csv"}}
+    config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"dirpath": "${....default_root_dir}/checkpoints", "save_top_k": 0,
+                                                     "save_last": True, "every_n_train_steps": 3}}]
+    path = tmp_path / "supernet.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # 32 rows / batch 4 = 8 steps per epoch; checkpoints every 3 steps are never on an epoch boundary.
+    assert_resumed_exactly(tmp_path, path, 14, 8)
+    whole, resumed = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["supernet"]
+                      for run in ("whole", "killed"))
+    assert resumed["subnet_passes"] == whole["subnet_passes"] == 14 * 3
+    assert all(torch.equal(whole["width_scores"]["hidden"], resumed["width_scores"]["hidden"]) for _ in [0])

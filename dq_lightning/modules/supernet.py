@@ -35,12 +35,12 @@ from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.modules.seq2seq import Seq2SeqModule
 from dq_lightning.modules.student import grouped_settings
 from dq_lightning.quant import use_deployed_head
+from dq_lightning.supernet.extract import SUBNETS_DIR
 from dq_lightning.supernet.grid import SubNet, by_size, parse_grid
 from dq_lightning.supernet.sampling import Sampler, SamplingSettings
 from dq_lightning.supernet.subnetwork import SubNetwork
 
 SelectBy = Literal["task", "label_loyalty"]
-SUBNETS_DIR = "subnets"
 
 
 class DQSupernetModule(Seq2SeqModule):
@@ -269,8 +269,9 @@ class DQSupernetModule(Seq2SeqModule):
         improved = [subnet for subnet in self.grid
                     if subnet.key not in self.best or scores[subnet][metric] > self.best[subnet.key]["score"]]
         for subnet in improved:
-            self.best[subnet.key] = {"score": scores[subnet][metric], "metric": metric,
-                                     "epoch": self.current_epoch, "step": self.global_step}
+            self.best[subnet.key] = {"score": scores[subnet][metric], "metric": metric, "subnet": subnet.name,
+                                     "epoch": self.current_epoch, "step": self.global_step,
+                                     "metrics": {f"val/{name}": value for name, value in scores[subnet].items()}}
         if not improved or not self.trainer.is_global_zero:
             return
         from dq_lightning.supernet.extract import save_student_checkpoint

@@ -8,6 +8,11 @@ sub-network computed.
 
     python -m dq_lightning extract --ckpt runs/xsum/supernet-tiny/checkpoints/last.ckpt --bits 2-2-8 --depth 6-3 \\
         --out runs/xsum/supernet-tiny/extracted/2-2-8_6-3.ckpt
+
+`--ckpt` may also be the supernet's run folder: a grid point whose best student the fit kept
+(`<run>/subnets/<point>.ckpt`, its best validation during the fit) is taken from there, any other point is
+extracted from `<run>/checkpoints/last.ckpt`. `--fit-metrics FILE` also writes what a fit of that student would
+leave as `fit_metrics.json` (its validation metrics at that best, its summary), for a sweep's report.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from dq_lightning.errors import UserError, command_line, first_line
 
 STUDENT_CLASS = "dq_lightning.modules.student.DQStudentModule"
+SUBNETS_DIR = "subnets"  # <supernet run>/subnets/<point>.ckpt: each point's best student of the fit
 SUPERNET_CLASS = "dq_lightning.modules.supernet.DQSupernetModule"
 GROUP_NAMES = ("shape", "objective", "quant_settings", "optimizer", "evaluation")
 
@@ -118,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the teacher's")
     parser.add_argument("--out", required=True, help="the student checkpoint to write (.ckpt)")
     parser.add_argument("--teacher", help="the teacher directory, if it moved since the supernet trained")
+    parser.add_argument("--fit-metrics", metavar="FILE", help="also write the student's fit_metrics.json there "
+                        "(for sweep reports)")
     return parser
 
 
@@ -155,11 +163,56 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--out {args.out}: exists and is not a file")
     if not os.access(out.parent if out.parent.exists() else Path.cwd(), os.W_OK):
         raise UserError(f"--out {args.out}: its folder is not writable")
-    supernet, checkpoint = load_supernet(args.ckpt, args.teacher)
+    source = Path(args.ckpt).expanduser()
+    run_dir = source if source.is_dir() else None
+    if run_dir is not None:
+        source = run_dir / "checkpoints" / "last.ckpt"
+        if not source.is_file():
+            raise UserError(f"--ckpt {args.ckpt}: a folder without checkpoints/last.ckpt (not a supernet run)")
+    supernet, checkpoint = load_supernet(source, args.teacher)
     subnet = resolve_point(supernet, args.bits, args.depth, args.width)
-    save_student_checkpoint(supernet, subnet, out, checkpoint.get("datamodule_hyper_parameters") or {},
-                            (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)))
+    best = (checkpoint["supernet"].get("best") or {}).get(subnet.key) if run_dir is not None else None
+    kept = run_dir / SUBNETS_DIR / f"{subnet.key}.ckpt" if run_dir is not None else None
+    if best is not None and kept.is_file():
+        _copy_atomic(kept, out)
+        origin = f"its best student of the fit ({best['metric']} {best['score']:.4g} at step {best['step']})"
+    else:
+        save_student_checkpoint(supernet, subnet, out, checkpoint.get("datamodule_hyper_parameters") or {},
+                                (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)))
+        origin = f"the supernet at step {checkpoint.get('global_step', 0)}"
+    if args.fit_metrics:
+        write_fit_metrics(Path(args.fit_metrics), out, best, checkpoint, run_dir)
     trained = "a trained point" if subnet in supernet.grid else "not a trained point: its layers and widths " \
                                                                  "were trained inside other sub-networks"
-    print(f"extracted {subnet.name} ({trained}) from {args.ckpt} to {out}")
+    print(f"extracted {subnet.name} ({trained}) from {origin} to {out}")
     return 0
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, staging)
+    os.replace(staging, target)
+
+
+def write_fit_metrics(path: Path, student_checkpoint_path: Path, best: dict | None, supernet_checkpoint: dict,
+                      supernet_run: Path | None = None) -> None:
+    """`fit_metrics.json` as a fit of the extracted student would leave it: its validation metrics at the best
+    the supernet kept for it, its summary (what it is, `source: supernet`), its checkpoint."""
+    from dq_lightning.export.checkpoint import load_student
+    from dq_lightning.files import write_json_atomic
+
+    module, checkpoint = load_student(student_checkpoint_path, quantized=False)
+    stored = supernet_checkpoint["supernet"]
+    summary = {**module.run_summary(), "source": "supernet", "subnet": checkpoint["supernet"]["subnet"],
+               "supernet_run": str(supernet_run) if supernet_run else None,
+               "supernet_subnet_passes": stored.get("subnet_passes"),
+               "supernet_global_step": supernet_checkpoint.get("global_step")}
+    write_json_atomic(path, {
+        "monitor": best["metric"] if best else None, "best": best["score"] if best else None,
+        "metrics": {**(best or {}).get("metrics", {}), **({"epoch": best["epoch"], "step": best["step"]} if best
+                                                          else {})},
+        "best_model_path": str(student_checkpoint_path), "last_model_path": "",
+        "global_step": checkpoint.get("global_step", 0), "wall_time_s": 0.0, "summary": summary})

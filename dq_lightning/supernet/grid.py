@@ -1,8 +1,9 @@
 """The sub-networks of a supernet: one `SubNet` per point of the trade-off curve (W-E-A bits, depth, width).
 
 A grid is written as a list whose items are either one point, `"2-2-8 6-3"` (bits, encoder-decoder depth) or
-`"2-2-8 6-6 heads=3,ffn=512"` (and a width, as `--model.width` takes it), or a W&B sweep file, whose dq points
-it contributes (`sweeps/xsum-tiny.yaml`): the supernet trains the curve the sweep would train point by point.
+`"2-2-8 6-6 heads=3,ffn=512"` (and a width, as `--model.width` takes it), or a W&B sweep file, whose quantized
+dq points it contributes (`sweeps/xsum-tiny.yaml`): the supernet trains the curve the sweep would train point
+by point.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def check_depth(depth: str, teacher_layers: tuple[int, int], where: str) -> str:
 
 
 def sweep_points(path: Path, teacher_layers: tuple[int, int]) -> list[SubNet]:
-    """The dq points of a sweep file as sub-networks (quant_only runs and ETD-Rand widths have no place in a
-    distilled supernet whose widths follow one importance order; depth unset is the teacher's)."""
+    """The quantized dq points of a sweep file as sub-networks; depth unset is the teacher's. Left out: quant_only
+    runs and ETD-Rand widths (a distilled supernet's widths follow one importance order) and full-precision
+    points (the sweep's distill_only baselines, which a grid may still name itself: "32-32-32 6-3")."""
     from dq_lightning.sweep.spec import expand_grid, load_sweep
 
     points = []
@@ -94,7 +96,9 @@ def sweep_points(path: Path, teacher_layers: tuple[int, int]) -> list[SubNet]:
             parse_wea(bits)
         except UserError as error:
             raise UserError(f"{where}: {error}") from None
-        points.append(SubNet(bits, check_depth(depth, teacher_layers, where), params.get("model.width")))
+        subnet = SubNet(bits, check_depth(depth, teacher_layers, where), params.get("model.width"))
+        if subnet.quantized:
+            points.append(subnet)
     return points
 
 

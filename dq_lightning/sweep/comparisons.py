@@ -37,11 +37,73 @@ def predictions_of(run_dir: Path, metric: str) -> list[dict[str, Any]] | None:
 
 
 def point_key(row: dict[str, Any]) -> str:
-    """What makes a grid point, apart from the mode and the seed: the other sweep parameters."""
+    """What makes a grid point, apart from the mode and the seed: the other sweep parameters (and a supernet's
+    point is its own, never a seed of the trained one)."""
     params = {k: v for k, v in (row.get("params") or {}).items() if k not in ("model.mode", SEED_PARAMETER)}
     if not params:
         params = {"bits": row.get("bits"), "depth": f"{row.get('encoder_layers')}-{row.get('decoder_layers')}"}
-    return " ".join(f"{k.removeprefix('model.')}={v}" for k, v in params.items())
+    key = " ".join(f"{k.removeprefix('model.')}={v}" for k, v in params.items())
+    return key if row.get("source", "trained") == "trained" else f"{key} source={row['source']}"
+
+
+def point_identity(row: dict[str, Any]) -> tuple | None:
+    """The point a run is, whatever sweep made it: bits, depth and (an ETD-Impt) width; None for a point that a
+    supernet cannot be (another mode, ETD-Rand units)."""
+    width = row.get("width") or "full"  # DQStudentModule.width_label: full, or the widths and "impt"/"rand"
+    if row.get("mode") != "dq" or width.endswith(" rand"):
+        return None
+    return row.get("bits"), f"{row.get('encoder_layers')}-{row.get('decoder_layers')}", width
+
+
+def supernet_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]], metric: str,
+                   bootstrap: Bootstrap) -> list[dict[str, Any]]:
+    """At every point extracted from a supernet and also trained on its own (one seed: the first finished run):
+    supernet minus trained, paired over test examples, and both loyalties."""
+    trained: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("source", "trained") == "trained" and row.get("status") == "finished" and point_identity(row):
+            trained.setdefault(point_identity(row), row)
+    table = []
+    for row in rows:
+        identity = point_identity(row)
+        if row.get("source") != "supernet" or row.get("status") != "finished" or identity not in trained:
+            continue
+        other = trained[identity]
+        line: dict[str, Any] = {"point": " ".join(part for part in identity if part != "full"),
+                                "compression": row.get("compression"), "supernet": row.get(f"test/{metric}"),
+                                "trained": other.get(f"test/{metric}"), "trained_run": other["run_id"]}
+        for side, source in (("supernet", row), ("trained", other)):
+            for name in ("label_loyalty", "prob_loyalty"):
+                line[f"{side}_{name}"] = source.get(f"test/{name}")
+        mine, theirs = predictions.get(row["run_id"]), predictions.get(other["run_id"])
+        if mine is not None and theirs is not None:
+            try:
+                difference = paired_difference(mine, theirs, metric, bootstrap.resamples, bootstrap.seed)
+                line.update(delta=difference.point, low=difference.low, high=difference.high, p=difference.p_value)
+            except UserError as error:
+                line["note"] = str(error)
+        table.append(line)
+    return table
+
+
+def supernet_markdown(table: list[dict[str, Any]], metric: str) -> str:
+    """The "supernet vs separately trained" table."""
+    header = ["point", "compression", f"supernet {metric}", f"trained {metric}", "supernet - trained",
+              "95% interval", "p", "label loyalty s/t", "prob. loyalty s/t"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, digits=2):
+        return "" if value in (None, "") or (isinstance(value, float) and math.isnan(value)) else \
+            f"{float(value):.{digits}f}"
+
+    for line in table:
+        span = f"[{line['low']:+.2f}, {line['high']:+.2f}]" if "delta" in line else line.get("note", "")
+        lines.append("| " + " | ".join([
+            line["point"], fmt(line.get("compression"), 1), fmt(line["supernet"]), fmt(line["trained"]),
+            f"{line['delta']:+.2f}" if "delta" in line else "", span, fmt(line.get("p"), 3),
+            f"{fmt(line['supernet_label_loyalty'], 3)} / {fmt(line['trained_label_loyalty'], 3)}",
+            f"{fmt(line['supernet_prob_loyalty'], 3)} / {fmt(line['trained_prob_loyalty'], 3)}"]) + " |")
+    return "\n".join(lines)
 
 
 def add_intervals(rows: list[dict[str, Any]], run_dirs: dict[str, Path], metric: str,

@@ -25,7 +25,7 @@ from dq_lightning.sweep.comparisons import point_key
 from dq_lightning.sweep.robustness import COLUMN_PREFIX as ROBUST_PREFIX, columns as robustness_columns
 from dq_lightning.sweep.spec import SweepPoint
 
-FIXED_COLUMNS = ["run_id", "status", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
+FIXED_COLUMNS = ["run_id", "status", "source", "mode", "bits", "w_bits", "e_bits", "a_bits", "encoder_layers",
                  "decoder_layers", "width", "seed", "size_mb", "compression", "size_mb_strict", "compression_strict"]
 TAIL_COLUMNS = ["wall_time_s", "threads", "error"]
 
@@ -73,7 +73,9 @@ def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | Non
                            "bits": bits, "w_bits": w, "e_bits": e, "a_bits": a,
                            "encoder_layers": encoder_layers, "decoder_layers": decoder_layers,
                            "width": summary.get("width") or params.get("model.width") or "full",
-                           "seed": params.get("seed_everything"), "params": params}
+                           "seed": params.get("seed_everything"), "params": params,
+                           # trained point by point, or extracted from a supernet (`sweep --from-supernet`)
+                           "source": summary.get("source", "trained"), "supernet_run": summary.get("supernet_run")}
     val = fit.get("metrics", {})
     for key in ("size_mb", "compression", "size_mb_strict", "compression_strict"):
         row[key] = test.get(f"test/{key}", val.get(f"val/{key}"))

@@ -35,18 +35,20 @@ from dq_lightning.cluster import AGENT_ARGS_ENV
 from dq_lightning.data.jsonl import check_jsonl
 from dq_lightning.files import write_json_atomic, write_text_atomic
 from dq_lightning.data.tasks import TASKS, get_task
-from dq_lightning.errors import UserError, command_line
+from dq_lightning.errors import UserError, command_line, first_line
 from dq_lightning.evaluation.bootstrap import check_resamples
 from dq_lightning.evaluation.perturb import check_rate
 from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillation_markdown, distillation_table,
-                                            seed_summary)
+                                            seed_summary, supernet_markdown, supernet_table)
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
                                        seed_markdown, teacher_row, write_csv_atomic)
 from dq_lightning.sweep import claims, robustness
 from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
-from dq_lightning.sweep.spec import SEED_PARAMETER, SweepPoint, command_for, expand_grid, load_sweep, run_id_of
+from dq_lightning.sweep.spec import (SEED_PARAMETER, SweepPoint, command_for, expand_grid, format_flags, load_sweep,
+                                    run_id_of)
 
 SCALES = ("tiny", "paper")
+SUPERNET_DIR = "supernet"  # <sweep_dir>/supernet/<point>/: the points extracted from a supernet run
 
 
 def sweep_file(task: str, scale: str) -> Path:
@@ -395,6 +397,76 @@ class LocalSweep:
         return None
 
 
+class SupernetPoints(LocalSweep):
+    """The points of a supernet run (`--from-supernet RUN`), each "fitted" by extracting its student
+    (`python -m dq_lightning extract`, which takes the best student the supernet fit kept for it) and tested as a
+    trained point is, in `<sweep_dir>/supernet/<point>/`."""
+
+    def __init__(self, supernet_run: Path, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supernet_run = supernet_run
+
+    def command(self, point: SweepPoint, stage: str) -> list[str]:
+        if stage != "fit":
+            return super().command(point, stage)
+        run_dir = self.sweep_dir / point.run_id
+        params = point.params
+        width = ["--width", str(params["model.width"])] if params.get("model.width") else []
+        return [sys.executable, "-m", "dq_lightning", "extract", "--ckpt", str(self.supernet_run),
+                "--bits", str(params["model.bits"]), "--depth", str(params["model.depth"]), *width,
+                "--out", str(run_dir / "checkpoints" / f"{point.run_id}.ckpt"),
+                "--fit-metrics", str(run_dir / "fit_metrics.json")]
+
+
+def supernet_points(run: Path) -> list[SweepPoint]:
+    """The grid a supernet run trained (from its last checkpoint) as sweep points named by the point."""
+    import torch
+
+    from dq_lightning.supernet.grid import SubNet
+
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise UserError(f"--from-supernet {run}: no checkpoints/last.ckpt there (train it first: make supernet)")
+    try:
+        stored = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("supernet")
+    except Exception as error:  # noqa: BLE001 - a bad file raises many types
+        raise UserError(f"--from-supernet {run}: cannot read checkpoints/last.ckpt ({first_line(error)})") from None
+    if not stored:
+        raise UserError(f"--from-supernet {run}: checkpoints/last.ckpt is not a supernet's")
+    points = []
+    for name in stored["grid"]:
+        bits, depth, *width = name.split()
+        subnet = SubNet(bits, depth, width[0] if width else None)
+        params = {"model.bits": bits, "model.depth": depth, **({"model.width": width[0]} if width else {})}
+        points.append(SweepPoint(params, subnet.key, format_flags(params)))
+    return points
+
+
+def supernet_cost(run: Path, rows: list[dict], sweep_dir: Path) -> str:
+    """What the supernet's fit cost against the separately trained fits of the points it replaces."""
+    from dq_lightning.sweep.comparisons import point_identity
+
+    fit = read_json(run / "fit_metrics.json")
+    summary = fit.get("summary", {})
+    extracted = {point_identity(row) for row in rows if row.get("source") == "supernet"}
+    replaced = [row for row in rows if row.get("source", "trained") == "trained" and row.get("status") == "finished"
+                and point_identity(row) in extracted]
+    fits = [read_json(sweep_dir / row["run_id"] / "fit_metrics.json") for row in replaced]
+    steps = sum(int(f.get("global_step") or 0) for f in fits)
+    wall = sum(float(f.get("wall_time_s") or 0) for f in fits)
+    threads = sorted({f.get("threads") for f in fits} | {fit.get("threads")} - {None})
+    lines = ["| | sub-network forward/backward passes | teacher forwards | optimizer steps | fit wall time |",
+             "|---|---|---|---|---|",
+             f"| supernet ({len(extracted)} points, one fit) | {summary.get('subnet_passes')} | {fit.get('global_step')} "
+             f"| {fit.get('global_step')} | {fit.get('wall_time_s')} s |",
+             f"| {len(replaced)} separately trained dq fits | {steps} | {steps} | {steps} | {wall:.0f} s |"]
+    if steps and summary.get("subnet_passes") is not None and fit.get("wall_time_s"):
+        lines.append(f"| supernet / separate | {summary['subnet_passes'] / steps:.2f} | "
+                     f"{fit['global_step'] / steps:.2f} | {fit['global_step'] / steps:.2f} | "
+                     f"{float(fit['wall_time_s']) / wall:.2f} |" if wall else "")
+    return "\n".join(lines) + f"\n\n(threads per process: {threads}; tests of the points are the same on both sides)"
+
+
 def failure_line(outcome: Outcome, total: int, sweep_dir: Path) -> str:
     """One line for a sweep with failed runs: how many, which, why, and where the logs are."""
     shown = [f"{run_id} ({stage}: {error.removeprefix('error: ')[:160]})"
@@ -500,6 +572,11 @@ def collect_rows(points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path,
     rows += [run_row(path, test_dir=retest_dir(path, test_set)) for path in sorted(sweep_dir.iterdir())
              if path.is_dir() and path.name not in known and (path / "fit_metrics.json").exists()
              ] if sweep_dir.exists() else []
+    extracted = sweep_dir / SUPERNET_DIR
+    if test_set is None and extracted.is_dir():  # points extracted from a supernet (`--from-supernet`)
+        for path in sorted(extracted.iterdir()):
+            if (path / "fit_metrics.json").exists():
+                rows.append({**run_row(path), "run_id": f"{SUPERNET_DIR}/{path.name}"})
     teacher = teacher_row(teacher_dir, retest_dir(teacher_dir, test_set))
     return ([teacher] if teacher else []) + rows
 
@@ -547,6 +624,15 @@ def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: 
         sections.append(f"Does distillation pay off? dq minus quant_only in test {metric}, paired over test examples "
                         f"({bootstrap.resamples} bootstrap resamples, seed {bootstrap.seed}; several seeds: their "
                         f"per-example mean)\n\n" + distillation_markdown(distillation, metric))
+    extracted = supernet_table(all_rows, predictions, metric, bootstrap)
+    if extracted:
+        sections.append(f"Supernet vs separately trained: each point extracted from the supernet minus the same point "
+                        f"trained on its own, test {metric} paired over test examples\n\n"
+                        + supernet_markdown(extracted, metric))
+        runs = {row.get("supernet_run") for row in all_rows if row.get("supernet_run")}
+        for run in sorted(runs):
+            sections.append(f"What the supernet cost ({run}) against the fits it replaces\n\n"
+                            + supernet_cost(Path(run), all_rows, sweep_dir))
     text = "\n\n".join(sections)
     write_text_atomic(md_path, text + "\n")
     print(text)
@@ -583,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after training, score the teacher and every finished run on test sources with this "
                              "share of words perturbed (python -m dq_lightning robustness); results.csv gains "
                              "robust<RATE>/... columns")
+    parser.add_argument("--from-supernet", metavar="RUN",
+                        help="instead of training the grid, extract every point of this supernet run "
+                             "(runs/<task>/supernet-<scale>) and test each; the report sets them beside the "
+                             "trained points (make supernet)")
     parser.add_argument("--preflight", action="store_true",
                         help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
                              "exit; `make sweep` runs it before training the teacher")
@@ -625,6 +715,20 @@ def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[st
         outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes, workers).run()
     print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
     return outcome, classes
+
+
+def _extract_supernet(run: Path, sweep: dict, sweep_dir: Path, name: str, extra: list[str],
+                      workers: int) -> Outcome:
+    """`--from-supernet`: every point of the supernet run extracted and tested, as the grid's runs are."""
+    points = supernet_points(run)
+    print(f"sweep: {len(points)} points of the supernet {run}, extracted and tested in {sweep_dir / SUPERNET_DIR}",
+          flush=True)
+    classes = {point.run_id: "dq_lightning.modules.student.DQStudentModule" for point in points}
+    started = time.time()
+    outcome = SupernetPoints(run, sweep, points, sweep_dir / SUPERNET_DIR, f"{name}-supernet", extra, classes,
+                             workers).run()
+    print(f"supernet points wall time: {time.time() - started:.0f} s", flush=True)
+    return outcome
 
 
 def _measure_robustness(args: argparse.Namespace, points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path,
@@ -672,8 +776,13 @@ def _main(args: argparse.Namespace) -> int:
         extra = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
         if args.gpus:
             extra += ["--trainer.accelerator=gpu", f"--trainer.devices={args.gpus}", "--trainer.strategy=ddp"]
-        outcome, classes = (None, {}) if args.report_only else \
-            _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode)
+        if args.from_supernet:
+            outcome, classes = None, {}
+            if not args.report_only:
+                outcome = _extract_supernet(Path(args.from_supernet), sweep, sweep_dir, name, extra, workers)
+        else:
+            outcome, classes = (None, {}) if args.report_only else \
+                _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode)
         if test_set is not None:
             failures = retest(LocalSweep(sweep, points, sweep_dir, name, extra, classes), points, teacher_dir,
                               Path("experiments") / args.task / f"teacher-{args.scale}.yaml", test_set, extra)
