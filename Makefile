@@ -122,14 +122,16 @@ sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; 
 	$(PY) -m dq_lightning sweep $(SWEEP_ARGS)
 
 # One elastic DQ supernet for the whole curve (experiments/TASK/supernet-SCALE.yaml: the sweep grid's quantized dq
-# points), teacher first if missing; then every point extracted and tested beside the trained points.
+# points), teacher first if missing; then every point extracted (FINETUNE=n: and fine-tuned n steps) and tested
+# beside the trained points.
+FINETUNE ?=
 SUPERNET_RUN := $(RUNS)/supernet-$(SCALE)
 .PHONY: supernet
 supernet: check-task $(STAMP) ## Teacher if missing, one supernet fit, then every point extracted and tested; runs/TASK/sweep/
 	@$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --preflight
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 	@$(MAKE) --no-print-directory $(SUPERNET_RUN)/fit_metrics.json
-	$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --from-supernet $(SUPERNET_RUN)
+	$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --from-supernet $(SUPERNET_RUN) $(if $(FINETUNE),--finetune-steps $(FINETUNE))
 
 # A supernet killed half-way continues from its last.ckpt when `make supernet` is run again.
 $(SUPERNET_RUN)/fit_metrics.json: | $(STAMP)

@@ -71,6 +71,8 @@ class DQStudentModule(Seq2SeqModule):
             the teacher's widths. How the units are chosen: shape.width_method.
         lr: peak learning rate of AdamW.
         generation: overrides of the task's decoding settings.
+        init_from: a student checkpoint of this point (bits, depth, width), e.g. one `extract` wrote from a
+            supernet, whose weights this student starts from instead of the teacher's layers: a short fine-tune.
         shape: which teacher layers and units the student copies (layer maps, width method).
         objective: the weights and form of the DQ loss.
         quant_settings: the quantizers beyond their bits (granularity, clips, LM head, attention, warm-up).
@@ -81,7 +83,7 @@ class DQStudentModule(Seq2SeqModule):
     def __init__(
         self, teacher: str, mode: Mode = "dq", recipe: Recipe = "dq-bart", bits: str = "2-2-8",
         depth: str | None = None, width: str | None = None, lr: float = 3e-5,
-        generation: dict[str, Any] | None = None, shape: ShapeSettings = ShapeSettings(),
+        generation: dict[str, Any] | None = None, init_from: str | None = None, shape: ShapeSettings = ShapeSettings(),
         objective: ObjectiveSettings = ObjectiveSettings(), quant_settings: QuantSettings = QuantSettings(),
         optimizer: OptimizerSettings = OptimizerSettings(), evaluation: EvaluationSettings = EvaluationSettings(),
     ):
@@ -115,6 +117,9 @@ class DQStudentModule(Seq2SeqModule):
         # impt needs training batches: the student is built in configure_model (build_model).
         self.model = None if self._scores_width else self.factory.new_student()
         self._provisional_width = False
+        self.started_from: dict[str, Any] | None = None
+        if init_from is not None:
+            self._start_from(init_from)
         self.quantize = None if self.quant_config is None else QuantizeOnForward(
             self.quant_config, student_attr="model", teacher_attr="teacher",
             warmup_steps=self.recipe.quant_settings.warmup_steps)
@@ -132,6 +137,34 @@ class DQStudentModule(Seq2SeqModule):
                     if not key.startswith("_")}
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, **{**settings, **kwargs})
+
+    def _start_from(self, path: str) -> None:
+        """The student built from the kept units (a thinner one) and weights of checkpoint `path` (`init_from`),
+        which must hold a student of this point."""
+        from dq_lightning.export.checkpoint import read_checkpoint
+
+        from dq_lightning.compat import upgrade_student_hparams
+
+        checkpoint = read_checkpoint(path, flag="--model.init_from")
+        saved = upgrade_student_hparams(checkpoint["hyper_parameters"])
+        depth = (len(self.encoder_map), len(self.decoder_map))
+        theirs = {"bits": saved.get("bits"), "width": saved.get("width"),
+                  "depth": parse_depth(saved["depth"]) if saved.get("depth") else depth}
+        mine = {"bits": self.hparams.bits, "width": self.hparams.width, "depth": depth}
+        for name in ("bits", "depth", "width"):
+            if theirs[name] != mine[name]:
+                raise UserError(f"--model.init_from {path}: it holds a student of {name} {theirs[name]}, this one "
+                                f"is of {name} {mine[name]}; give the point it was trained as")
+        if checkpoint.get("width_kept") is not None:
+            self.use_checkpoint_width(checkpoint)
+        state = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items()
+                 if key.startswith("model.")}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as error:
+            raise UserError(f"--model.init_from {path}: its weights do not fit this student "
+                            f"({str(error).splitlines()[0]})") from None
+        self.started_from = {"init_from": str(path), **(checkpoint.get("supernet") or {})}
 
     @property
     def teacher(self) -> PreTrainedModel:
@@ -305,7 +338,10 @@ class DQStudentModule(Seq2SeqModule):
                 **dict(zip(("w_bits", "e_bits", "a_bits"), widths)),
                 "encoder_layers": len(self.encoder_map), "decoder_layers": len(self.decoder_map),
                 "encoder_layer_map": self.encoder_map, "decoder_layer_map": self.decoder_map,
-                "width": self.width_label(), "teacher": self.hparams.teacher}
+                "width": self.width_label(), "teacher": self.hparams.teacher,
+                **({"source": "supernet+finetune" if "subnet" in self.started_from else "init_from",
+                    "supernet_run": self.started_from.get("run"), "started_from": self.started_from}
+                   if self.started_from else {})}
 
     def width_label(self) -> str:
         """`full`, or the thinner student's widths and how its units were chosen (`heads=4,ffn=512,d_model=128

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"default {DEFAULTS[name].default}")
     parser.add_argument("--allow-unsorted", action="store_true",
                         help="maps may list distinct teacher layers in any order (default: strictly increasing)")
+    parser.add_argument("--supernet", metavar="RUN_OR_CKPT",
+                        help="score each map from this trained supernet (its run folder or a checkpoint: one "
+                             "validation pass of the map's sub-network) instead of a short fit; --steps is unused")
     parser.add_argument("--out", help="output folder (default: runs/<task>/search-map/<bits>_<depth>)")
     parser.add_argument("--preflight", action="store_true",
                         help="only check the flags, then exit (the depth against the teacher only once it exists); "
@@ -60,6 +63,17 @@ def settings_of(args: argparse.Namespace, teacher_layers: tuple[int, int]) -> Se
 _ANY_DEPTH = 1_000
 
 
+def supernet_checkpoint(path: str) -> str:
+    """`--supernet`: a supernet run folder's last checkpoint, or the checkpoint given."""
+    from dq_lightning.errors import UserError
+
+    given = Path(path).expanduser()
+    checkpoint = given / "checkpoints" / "last.ckpt" if given.is_dir() else given
+    if not checkpoint.is_file():
+        raise UserError(f"--supernet {path}: {'no checkpoints/last.ckpt in that folder' if given.is_dir() else 'no such file'}")
+    return str(checkpoint)
+
+
 @command_line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
@@ -69,7 +83,7 @@ def main(argv: list[str]) -> int:
         print("search-map: flags checked", flush=True)
         return 0
     from dq_lightning.distill.student import each_teacher_loaded_once, load_teacher
-    from dq_lightning.search.fitness import DQFitness
+    from dq_lightning.search.fitness import DQFitness, SupernetFitness
     from dq_lightning.search.run_config import read_run_config
     from dq_lightning.search.search import prepare, run_search
 
@@ -83,9 +97,12 @@ def main(argv: list[str]) -> int:
         settings = settings_of(args, (teacher.encoder_layers, teacher.decoder_layers))
         name = f"{settings.bits}_{settings.depth}"
         out_dir = Path(args.out or Path("runs") / run.task / "search-map" / name)
-        identity = {**settings.as_dict(), "config": args.config, "data_dir": args.data_dir, "teacher": run.teacher}
+        identity = {**settings.as_dict(), "config": args.config, "data_dir": args.data_dir, "teacher": run.teacher,
+                    **({"supernet": args.supernet} if args.supernet else {})}
         prepare(out_dir, settings, identity, args.restart)  # a state of another search: refused before any write
-        fitness = DQFitness(run, settings, out_dir, group=f"search-map-{run.task}-{name}")
+        group = f"search-map-{run.task}-{name}"
+        fitness = DQFitness(run, settings, out_dir, group) if not args.supernet else \
+            SupernetFitness(run, settings, out_dir, group, supernet_checkpoint(args.supernet))
         print(f"search-map: {settings.space.size()} valid maps, at most {settings.max_candidates} candidates "
               f"trained ({settings.steps} steps each); results in {out_dir}", flush=True)
         run_search(settings, fitness, out_dir, identity, restart=args.restart,

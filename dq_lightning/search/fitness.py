@@ -124,3 +124,44 @@ class DQFitness:
         scores = Fitness(*(float(metrics[f"val/{name}"]) for name in ("label_loyalty", "prob_loyalty", "loss_task",
                                                                      "loss")), seconds=time.monotonic() - start)
         return scores
+
+
+class SupernetFitness(DQFitness):
+    """Fitness of a genome read off a trained supernet (`search-map --supernet`): the student of the map is the
+    supernet's sub-network with those layers (`dq_lightning.supernet`), validated as it is, without a fit. The
+    maps need not be trained points: a layer is the supernet's whatever map picks it, so this scores a map by how
+    well the layers the supernet trained serve in it (one validation pass instead of a short fit)."""
+
+    def __init__(self, run: RunConfig, settings: SearchSettings, out_dir: Path, group: str, supernet_path: str):
+        super().__init__(run, settings, out_dir, group)
+        from dq_lightning.supernet.extract import load_supernet
+
+        self.supernet, _ = load_supernet(supernet_path)
+        if self.supernet.hparams.recipe != run.model_args.get("recipe", "dq-bart"):
+            from dq_lightning.errors import UserError
+
+            raise UserError(f"--supernet {supernet_path}: trained with recipe {self.supernet.hparams.recipe}, the "
+                            f"config's students use {run.model_args.get('recipe')}; give a config of the same recipe")
+        self.latent = self.supernet.latent()
+
+    def __call__(self, genome: Genome) -> Fitness:
+        from dataclasses import replace
+
+        from dq_lightning.quant import prepare
+        from dq_lightning.supernet.grid import SubNet
+        from dq_lightning.supernet.subnetwork import SubNetwork
+
+        start = time.monotonic()
+        recipe = self.supernet.recipe
+        shape = replace(recipe.shape, encoder_layer_map=list(genome[0]), decoder_layer_map=list(genome[1]),
+                        unsorted_layer_maps=self.settings.allow_unsorted)
+        network = SubNetwork(SubNet(self.settings.bits, self.settings.depth), self.supernet.hparams.teacher,
+                             replace(recipe, shape=shape), self.supernet.width_scores)
+        module = self.module(genome)
+        if module.quant_config is not None:
+            prepare(module.model, module.quant_config)
+        module.model.load_state_dict(network.state(self.latent))
+        metrics = self.trainer(False).validate(module, datamodule=self.data, verbose=False)[0]
+        return Fitness(*(float(metrics[f"val/{name}"]) for name in ("label_loyalty", "prob_loyalty", "loss_task",
+                                                                    "loss")), seconds=time.monotonic() - start)
+

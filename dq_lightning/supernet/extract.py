@@ -44,6 +44,8 @@ def student_checkpoint(supernet, subnet, datamodule_hparams: dict | None = None,
     network = supernet.subnetworks().get(subnet) or SubNetwork(subnet, supernet.hparams.teacher, supernet.recipe,
                                                                supernet.width_scores)
     epoch, step = progress if progress is not None else (supernet.current_epoch, supernet.global_step)
+    trainer = supernet._trainer
+    run = str(Path(trainer.default_root_dir).resolve()) if trainer is not None else getattr(supernet, "run_dir", None)
     hparams = supernet.hparams
     module = DQStudentModule(teacher=hparams.teacher, mode="dq", recipe=hparams.recipe, bits=subnet.bits,
                              depth=subnet.depth, width=subnet.width, lr=hparams.lr, generation=hparams.generation,
@@ -57,7 +59,7 @@ def student_checkpoint(supernet, subnet, datamodule_hparams: dict | None = None,
                   "hyper_parameters": {**dict(module.hparams), "_class_path": STUDENT_CLASS},
                   "module_class": STUDENT_CLASS, "pytorch-lightning_version": pl.__version__,
                   "epoch": epoch, "global_step": step,
-                  "supernet": {"subnet": subnet.name, "trained_point": subnet in supernet.grid,
+                  "supernet": {"subnet": subnet.name, "trained_point": subnet in supernet.grid, "run": run,
                                "global_step": step, "subnet_passes": supernet.subnet_passes}}
     if network.kept is not None:
         checkpoint["width_kept"] = network.kept.to_state()
@@ -170,6 +172,7 @@ def main(argv: list[str]) -> int:
         if not source.is_file():
             raise UserError(f"--ckpt {args.ckpt}: a folder without checkpoints/last.ckpt (not a supernet run)")
     supernet, checkpoint = load_supernet(source, args.teacher)
+    supernet.run_dir = str((run_dir or source.parent.parent).resolve())
     subnet = resolve_point(supernet, args.bits, args.depth, args.width)
     best = (checkpoint["supernet"].get("best") or {}).get(subnet.key) if run_dir is not None else None
     kept = run_dir / SUBNETS_DIR / f"{subnet.key}.ckpt" if run_dir is not None else None
@@ -181,7 +184,7 @@ def main(argv: list[str]) -> int:
                                 (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)))
         origin = f"the supernet at step {checkpoint.get('global_step', 0)}"
     if args.fit_metrics:
-        write_fit_metrics(Path(args.fit_metrics), out, best, checkpoint, run_dir)
+        write_fit_metrics(Path(args.fit_metrics), out, best, checkpoint)
     trained = "a trained point" if subnet in supernet.grid else "not a trained point: its layers and widths " \
                                                                  "were trained inside other sub-networks"
     print(f"extracted {subnet.name} ({trained}) from {origin} to {out}")
@@ -197,8 +200,7 @@ def _copy_atomic(source: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
-def write_fit_metrics(path: Path, student_checkpoint_path: Path, best: dict | None, supernet_checkpoint: dict,
-                      supernet_run: Path | None = None) -> None:
+def write_fit_metrics(path: Path, student_checkpoint_path: Path, best: dict | None, supernet_checkpoint: dict) -> None:
     """`fit_metrics.json` as a fit of the extracted student would leave it: its validation metrics at the best
     the supernet kept for it, its summary (what it is, `source: supernet`), its checkpoint."""
     from dq_lightning.export.checkpoint import load_student
@@ -207,12 +209,13 @@ def write_fit_metrics(path: Path, student_checkpoint_path: Path, best: dict | No
     module, checkpoint = load_student(student_checkpoint_path, quantized=False)
     stored = supernet_checkpoint["supernet"]
     summary = {**module.run_summary(), "source": "supernet", "subnet": checkpoint["supernet"]["subnet"],
-               "supernet_run": str(supernet_run) if supernet_run else None,
+               "supernet_run": checkpoint["supernet"].get("run"),
                "supernet_subnet_passes": stored.get("subnet_passes"),
                "supernet_global_step": supernet_checkpoint.get("global_step")}
     write_json_atomic(path, {
         "monitor": best["metric"] if best else None, "best": best["score"] if best else None,
         "metrics": {**(best or {}).get("metrics", {}), **({"epoch": best["epoch"], "step": best["step"]} if best
                                                           else {})},
-        "best_model_path": str(student_checkpoint_path), "last_model_path": "",
-        "global_step": checkpoint.get("global_step", 0), "wall_time_s": 0.0, "summary": summary})
+        # No fit ran for this student: its steps and time are the supernet's (summary), not its own.
+        "best_model_path": str(student_checkpoint_path), "last_model_path": "", "global_step": 0,
+        "wall_time_s": 0.0, "summary": summary})

@@ -66,10 +66,12 @@ def supernet_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]
     table = []
     for row in rows:
         identity = point_identity(row)
-        if row.get("source") != "supernet" or row.get("status") != "finished" or identity not in trained:
+        if not str(row.get("source", "")).startswith("supernet") or row.get("status") != "finished" \
+                or identity not in trained:
             continue
         other = trained[identity]
-        line: dict[str, Any] = {"point": " ".join(part for part in identity if part != "full"),
+        line: dict[str, Any] = {"point": " ".join(part for part in identity if part != "full")
+                                + ("" if row["source"] == "supernet" else f" ({row['source']})"),
                                 "compression": row.get("compression"), "supernet": row.get(f"test/{metric}"),
                                 "trained": other.get(f"test/{metric}"), "trained_run": other["run_id"]}
         for side, source in (("supernet", row), ("trained", other)):

@@ -346,6 +346,15 @@ class LocalSweep:
         except OSError as error:
             raise UserError(f"{run_dir}: cannot claim this run directory ({error.strerror or error})") from None
 
+    def fit_commands(self, point: SweepPoint, run_dir: Path, prefix: str, say) -> list[list[str]]:
+        """The commands that leave the point's fit_metrics.json: its fit, resumed from its last checkpoint."""
+        fit = self.command(point, "fit")
+        resume = resume_checkpoint(run_dir, self.classes[point.run_id], say)
+        if resume is not None:
+            fit.append(f"--ckpt_path={resume}")
+        print(f"{prefix}: fit{f' (resumed from {resume.name})' if resume else ''} ...", flush=True)
+        return [fit]
+
     def run_point(self, point: SweepPoint, run_dir: Path, status: dict, prefix: str) -> tuple[str, str] | None:
         """Fit (resuming) and test one point; None when it finished, else (stage, error line)."""
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -367,15 +376,11 @@ class LocalSweep:
         record("running")
         try:
             if not (run_dir / "fit_metrics.json").exists():
-                fit = self.command(point, "fit")
-                resume = resume_checkpoint(run_dir, self.classes[point.run_id], say)
-                if resume is not None:
-                    fit.append(f"--ckpt_path={resume}")
-                print(f"{prefix}: fit{f' (resumed from {resume.name})' if resume else ''} ...", flush=True)
-                if _run_logged(fit, log, self.env, self.stopping) != 0:
-                    record("failed", stage="fit", error=last_error(log))
-                    print(f"{prefix}: FAILED in fit: {last_error(log)} (log: {log})", flush=True)
-                    return "fit", last_error(log)
+                for fit in self.fit_commands(point, run_dir, prefix, say):
+                    if _run_logged(fit, log, self.env, self.stopping) != 0:
+                        record("failed", stage="fit", error=last_error(log))
+                        print(f"{prefix}: FAILED in fit: {last_error(log)} (log: {log})", flush=True)
+                        return "fit", last_error(log)
             if not tested_after_fit(run_dir):
                 fit_metrics = read_json(run_dir / "fit_metrics.json")
                 checkpoint = fit_metrics.get("best_model_path") or fit_metrics.get("last_model_path")
@@ -399,23 +404,30 @@ class LocalSweep:
 
 class SupernetPoints(LocalSweep):
     """The points of a supernet run (`--from-supernet RUN`), each "fitted" by extracting its student
-    (`python -m dq_lightning extract`, which takes the best student the supernet fit kept for it) and tested as a
-    trained point is, in `<sweep_dir>/supernet/<point>/`."""
+    (`python -m dq_lightning extract`, which takes the best student the supernet fit kept for it) and, with
+    `finetune_steps`, a short fit from it (`--model.init_from`); then tested as a trained point is, in
+    `<sweep_dir>/supernet/<point>/`."""
 
-    def __init__(self, supernet_run: Path, *args, **kwargs):
+    def __init__(self, supernet_run: Path, finetune_steps: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.supernet_run = supernet_run
+        self.supernet_run, self.finetune_steps = supernet_run, finetune_steps
 
-    def command(self, point: SweepPoint, stage: str) -> list[str]:
-        if stage != "fit":
-            return super().command(point, stage)
-        run_dir = self.sweep_dir / point.run_id
+    def fit_commands(self, point: SweepPoint, run_dir: Path, prefix: str, say) -> list[list[str]]:
         params = point.params
         width = ["--width", str(params["model.width"])] if params.get("model.width") else []
-        return [sys.executable, "-m", "dq_lightning", "extract", "--ckpt", str(self.supernet_run),
-                "--bits", str(params["model.bits"]), "--depth", str(params["model.depth"]), *width,
-                "--out", str(run_dir / "checkpoints" / f"{point.run_id}.ckpt"),
-                "--fit-metrics", str(run_dir / "fit_metrics.json")]
+        extracted = run_dir / "extracted" / f"{point.run_id}.ckpt"
+        extract = [sys.executable, "-m", "dq_lightning", "extract", "--ckpt", str(self.supernet_run),
+                   "--bits", str(params["model.bits"]), "--depth", str(params["model.depth"]), *width,
+                   "--out", str(extracted)]
+        if not self.finetune_steps:
+            print(f"{prefix}: extract ...", flush=True)
+            return [[*extract, "--fit-metrics", str(run_dir / "fit_metrics.json")]]
+        resume = resume_checkpoint(run_dir, self.classes[point.run_id], say)
+        finetune = [*self.command(point, "fit"), f"--model.init_from={extracted}",
+                    f"--trainer.max_steps={self.finetune_steps}", "--trainer.max_epochs=-1",
+                    *([f"--ckpt_path={resume}"] if resume is not None else [])]
+        print(f"{prefix}: extract, fine-tune {self.finetune_steps} steps ...", flush=True)
+        return ([] if extracted.exists() else [extract]) + [finetune]
 
 
 def supernet_points(run: Path) -> list[SweepPoint]:
@@ -448,22 +460,30 @@ def supernet_cost(run: Path, rows: list[dict], sweep_dir: Path) -> str:
 
     fit = read_json(run / "fit_metrics.json")
     summary = fit.get("summary", {})
-    extracted = {point_identity(row) for row in rows if row.get("source") == "supernet"}
+    extracted = {point_identity(row) for row in rows if row.get("supernet_run") == str(run)}
     replaced = [row for row in rows if row.get("source", "trained") == "trained" and row.get("status") == "finished"
                 and point_identity(row) in extracted]
     fits = [read_json(sweep_dir / row["run_id"] / "fit_metrics.json") for row in replaced]
     steps = sum(int(f.get("global_step") or 0) for f in fits)
     wall = sum(float(f.get("wall_time_s") or 0) for f in fits)
-    threads = sorted({f.get("threads") for f in fits} | {fit.get("threads")} - {None})
+    # A fine-tuned point's own fit (`--finetune-steps`): one student pass and one teacher forward per step.
+    tuned = [read_json(sweep_dir / row["run_id"] / "fit_metrics.json") for row in rows
+             if row.get("source") == "supernet+finetune" and row.get("supernet_run") == str(run)]
+    tuned_steps = sum(int(f.get("global_step") or 0) for f in tuned)
+    tuned_wall = sum(float(f.get("wall_time_s") or 0) for f in tuned)
+    passes = int(summary.get("subnet_passes") or 0) + tuned_steps
+    teacher = int(fit.get("global_step") or 0) + tuned_steps
+    supernet_wall = float(fit.get("wall_time_s") or 0) + tuned_wall
+    threads = sorted({f.get("threads") for f in [*fits, fit]} - {None})
+    tuned_text = f" + fine-tuning {tuned_steps} steps" if tuned_steps else ""
     lines = ["| | sub-network forward/backward passes | teacher forwards | optimizer steps | fit wall time |",
              "|---|---|---|---|---|",
-             f"| supernet ({len(extracted)} points, one fit) | {summary.get('subnet_passes')} | {fit.get('global_step')} "
-             f"| {fit.get('global_step')} | {fit.get('wall_time_s')} s |",
+             f"| supernet ({len(extracted)} points, one fit{tuned_text}) | {passes} | {teacher} | {teacher} | "
+             f"{supernet_wall:.0f} s |",
              f"| {len(replaced)} separately trained dq fits | {steps} | {steps} | {steps} | {wall:.0f} s |"]
-    if steps and summary.get("subnet_passes") is not None and fit.get("wall_time_s"):
-        lines.append(f"| supernet / separate | {summary['subnet_passes'] / steps:.2f} | "
-                     f"{fit['global_step'] / steps:.2f} | {fit['global_step'] / steps:.2f} | "
-                     f"{float(fit['wall_time_s']) / wall:.2f} |" if wall else "")
+    if steps and wall:
+        lines.append(f"| supernet / separate | {passes / steps:.2f} | {teacher / steps:.2f} | {teacher / steps:.2f} | "
+                     f"{supernet_wall / wall:.2f} |")
     return "\n".join(lines) + f"\n\n(threads per process: {threads}; tests of the points are the same on both sides)"
 
 
@@ -673,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of training the grid, extract every point of this supernet run "
                              "(runs/<task>/supernet-<scale>) and test each; the report sets them beside the "
                              "trained points (make supernet)")
+    parser.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                        help="with --from-supernet: fine-tune each extracted student N optimizer steps "
+                             "(--model.init_from) before testing it; the steps count in the report's cost")
     parser.add_argument("--preflight", action="store_true",
                         help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
                              "exit; `make sweep` runs it before training the teacher")
@@ -717,7 +740,7 @@ def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[st
     return outcome, classes
 
 
-def _extract_supernet(run: Path, sweep: dict, sweep_dir: Path, name: str, extra: list[str],
+def _extract_supernet(run: Path, finetune_steps: int, sweep: dict, sweep_dir: Path, name: str, extra: list[str],
                       workers: int) -> Outcome:
     """`--from-supernet`: every point of the supernet run extracted and tested, as the grid's runs are."""
     points = supernet_points(run)
@@ -725,8 +748,8 @@ def _extract_supernet(run: Path, sweep: dict, sweep_dir: Path, name: str, extra:
           flush=True)
     classes = {point.run_id: "dq_lightning.modules.student.DQStudentModule" for point in points}
     started = time.time()
-    outcome = SupernetPoints(run, sweep, points, sweep_dir / SUPERNET_DIR, f"{name}-supernet", extra, classes,
-                             workers).run()
+    outcome = SupernetPoints(run, finetune_steps, sweep, points, sweep_dir / SUPERNET_DIR, f"{name}-supernet", extra,
+                             classes, workers).run()
     print(f"supernet points wall time: {time.time() - started:.0f} s", flush=True)
     return outcome
 
@@ -754,6 +777,9 @@ def _main(args: argparse.Namespace) -> int:
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise UserError(f"--data-dir {args.data_dir} (make: DATA_DIR): no such directory")
         bootstrap = Bootstrap(check_resamples(args.bootstrap, "--bootstrap"), args.bootstrap_seed)
+        if args.finetune_steps < 0 or (args.finetune_steps and not args.from_supernet):
+            raise UserError(f"--finetune-steps {args.finetune_steps}: give a positive number of steps, with "
+                            "--from-supernet (make: FINETUNE=)")
         if args.robustness is not None:
             check_rate(args.robustness, "--robustness", "ROBUSTNESS")
         test_set = _test_set(args.test_file, task)
@@ -779,7 +805,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.from_supernet:
             outcome, classes = None, {}
             if not args.report_only:
-                outcome = _extract_supernet(Path(args.from_supernet), sweep, sweep_dir, name, extra, workers)
+                outcome = _extract_supernet(Path(args.from_supernet), args.finetune_steps, sweep, sweep_dir, name,
+                                            extra, workers)
         else:
             outcome, classes = (None, {}) if args.report_only else \
                 _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode)
