@@ -198,3 +198,71 @@ def test_killed_supernet_fit_resumes_exactly(tmp_path, shared_data, cache_dir, t
                       for run in ("whole", "killed"))
     assert resumed["subnet_passes"] == whole["subnet_passes"] == 14 * 3
     assert torch.equal(whole["width_scores"]["hidden"], resumed["width_scores"]["hidden"])
+
+
+def test_a_student_starts_from_an_extracted_point_and_refuses_another_point(trained, tmp_path):
+    """--model.init_from: the short fine-tune of an extracted student starts from exactly its weights."""
+    from dq_lightning.modules.student import DQStudentModule
+    from dq_lightning.supernet.extract import save_student_checkpoint
+
+    module, data, _ = trained
+    subnet = SubNet.parse("2-2-8 4-4 heads=1,ffn=32", (4, 4))
+    path = save_student_checkpoint(module, subnet, tmp_path / "point.ckpt", dict(data.hparams))
+    extracted, _ = load_student(path)
+    student = DQStudentModule(teacher=module.hparams.teacher, bits="2-2-8", depth="4-4", width="heads=1,ffn=32",
+                              init_from=str(path))
+    assert student.factory.kept.equals(extracted.factory.kept)  # the thinner student's units, not scored again
+    latent = {key: value for key, value in extracted.model.state_dict().items()}
+    for key, value in student.model.state_dict().items():
+        assert torch.equal(value, latent[key]), key
+    assert student.run_summary()["source"] == "supernet+finetune"
+    with pytest.raises(UserError, match="--model.init_from .*: it holds a student of bits 2-2-8, this one is of bits 8-8-8"):
+        DQStudentModule(teacher=module.hparams.teacher, bits="8-8-8", depth="4-4", width="heads=1,ffn=32",
+                        init_from=str(path))
+
+
+@pytest.mark.slow  # a supernet fit, two trained points and four tests through the CLI: `make test-slow`
+@pytest.mark.timeout(1800)
+def test_make_supernet_flow_extracts_tests_and_reports_every_point_beside_the_trained_ones(
+        tmp_path, teacher_dir, shared_data, cache_dir):
+    """What `make supernet` runs: a supernet fit, then `sweep --from-supernet`, whose report sets every point
+    beside the same point trained on its own, paired over the test examples, with both fits' costs."""
+    import csv
+    import sys
+
+    import yaml
+
+    runs = tmp_path / "runs"
+    data = [f"--data.data_dir={shared_data / 'xsum'}", f"--data.cache_dir={cache_dir}", "--data.max_train_samples=16",
+            "--data.max_eval_samples=4", "--data.max_source_length=48",
+            "--data.max_target_length=12", "--data.batch_size=4", "--trainer.enable_progress_bar=false"]
+    supernet_run = runs / "xsum" / "supernet-tiny"
+    fit = run_cli("fit", "--config", "experiments/xsum/supernet-tiny.yaml", f"--model.teacher={teacher_dir}",
+                  "--model.grid=[8-8-8 4-2, 2-2-8 4-2]", "--model.generation={num_beams: 1, max_length: 6}",
+                  "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", *data,
+                  f"--trainer.default_root_dir={supernet_run}", env={"WANDB_MODE": "offline"})
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert sorted(p.name for p in (supernet_run / "subnets").glob("*.ckpt")) == ["2-2-8_4-2.ckpt", "8-8-8_4-2.ckpt"]
+
+    command = ["${env}", "python", "-m", "dq_lightning", "fit", "--config", "experiments/xsum/dq-tiny.yaml",
+               f"--model.teacher={teacher_dir}", *data[1:], "--trainer.max_epochs=2",
+               "--model.generation={num_beams: 1, max_length: 6}", "${args}"]
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(yaml.safe_dump({"method": "grid", "metric": {"name": "val/rougeL", "goal": "maximize"},
+                                          "parameters": {"model.bits": {"values": ["8-8-8", "2-2-8"]},
+                                                         "model.depth": {"value": "4-2"}},
+                                          "command": command}, sort_keys=False))
+    sweep = [sys.executable, "-m", "dq_lightning", "sweep", "--task", "xsum", "--sweep-file", str(sweep_file),
+             "--runs", str(runs), "--data-dir", str(shared_data / "xsum")]
+    for extra in ([], ["--from-supernet", str(supernet_run)]):
+        result = run_cli(*sweep[3:], *extra, env={"WANDB_MODE": "offline"}, timeout=1500)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = runs / "xsum" / "sweep"
+    for point in ("8-8-8_4-2", "2-2-8_4-2"):
+        assert (sweep_dir / "supernet" / point / "test_metrics.json").is_file()
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    sources = sorted((row["source"], row["bits"]) for row in rows if row["run_id"] != "teacher")
+    assert sources == [("supernet", "2-2-8"), ("supernet", "8-8-8"), ("trained", "2-2-8"), ("trained", "8-8-8")]
+    report = (sweep_dir / "report.md").read_text()
+    assert "Supernet vs separately trained" in report and "| 2-2-8 4-2 |" in report
+    assert "What the supernet cost" in report and "| supernet / separate |" in report
