@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dq_lightning.errors import UserError
+from dq_lightning.errors import UserError, first_line
 
 # Checkpoints written before the module class was recorded: told apart by a hyper-parameter only one class has.
 _CLASS_BY_HPARAM = {"teacher": "dq_lightning.modules.student.DQStudentModule",
@@ -107,3 +108,33 @@ def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains") -> None:
     if saved and saved != _MOVED.get(model_class, model_class):
         raise UserError(f"{flag} is a {saved.rpartition('.')[2]} checkpoint; "
                         f"this run {verb} a {model_class.rpartition('.')[2]}")
+
+
+STUDENT_KEYS = ("teacher", "mode")
+
+
+def read_student_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict[str, Any]:
+    """A Lightning checkpoint of a `DQStudentModule`, read with `torch.load(weights_only=True)`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a bad file raises many types (pickle, zip, EOF, weights_only)
+        raise UserError(f"{flag} {path}: cannot read it as a checkpoint with torch.load(weights_only=True) "
+                        f"({first_line(error)})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UserError(f"{flag} {path}: not a Lightning checkpoint (no state_dict)")
+    hparams = checkpoint.get("hyper_parameters")
+    class_path = hparams.get("_class_path", "") if isinstance(hparams, dict) else ""
+    if (not isinstance(hparams, dict) or not all(key in hparams for key in STUDENT_KEYS)
+            or (class_path and not class_path.endswith("DQStudentModule"))):
+        if isinstance(hparams, dict) and class_path:
+            what = f"it holds a {class_path.rpartition('.')[2]}"
+        elif isinstance(hparams, dict) and "model" in hparams and "teacher" not in hparams:
+            what = f"it looks like a TeacherModule checkpoint (model={hparams['model']})"
+        else:
+            what = "its hyper-parameters name no teacher, mode and bits"
+        raise UserError(f"{flag} {path}: not a DQ student checkpoint ({what}); export packs the checkpoint of a "
+                        "DQStudentModule run (python -m dq_lightning fit --config experiments/<task>/dq-*.yaml)")
+    return checkpoint

@@ -107,7 +107,7 @@ def test_nested_quantizers_are_the_ordinary_quantizers_of_each_width(trained):
 def test_extracted_students_compute_what_the_supernet_computed(trained, tmp_path):
     """Bit for bit: each grid point's logits in the supernet equal its extracted student's, loaded the way
     export loads any student checkpoint."""
-    from dq_lightning.supernet.extract import save_student_checkpoint
+    from dq_lightning.supernet.checkpoint import save_student_checkpoint
 
     module, data, _ = trained
     batch = batch_of(data)
@@ -203,7 +203,7 @@ def test_killed_supernet_fit_resumes_exactly(tmp_path, shared_data, cache_dir, t
 def test_a_student_starts_from_an_extracted_point_and_refuses_another_point(trained, tmp_path):
     """--model.init_from: the short fine-tune of an extracted student starts from exactly its weights."""
     from dq_lightning.modules.student import DQStudentModule
-    from dq_lightning.supernet.extract import save_student_checkpoint
+    from dq_lightning.supernet.checkpoint import save_student_checkpoint
 
     module, data, _ = trained
     subnet = SubNet.parse("2-2-8 4-4 heads=1,ffn=32", (4, 4))

@@ -167,7 +167,7 @@ def task_of(model, directory: Path, override: str | None, flag: str):
     """The TaskSpec the model records (a packed export's manifest, a Hugging Face directory's
     `dq_lightning.json`), or `--task`'s."""
     from dq_lightning.data.tasks import TASKS
-    from dq_lightning.export.checkpoint import hf_directory_task
+    from dq_lightning.models.directory import hf_directory_task
 
     if override is not None:
         if override not in TASKS:
@@ -208,7 +208,7 @@ def model_identity(directory: Path, int8: bool) -> dict:
 
 def teacher_directory(args: argparse.Namespace, subject: Subject) -> Path | None:
     """`--teacher`, else the teacher the student's export records when that directory is there."""
-    from dq_lightning.export.checkpoint import hf_directory_info
+    from dq_lightning.models.directory import hf_directory_info
 
     if args.teacher is not None:
         return Path(args.teacher).expanduser()

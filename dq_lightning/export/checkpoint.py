@@ -6,42 +6,10 @@ Checkpoints are read with `torch.load(weights_only=True)`: nothing in them is ex
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dq_lightning.errors import UserError, first_line
-
-STUDENT_KEYS = ("teacher", "mode")
-
-
-def read_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict[str, Any]:
-    """A Lightning checkpoint of a `DQStudentModule`, read with `torch.load(weights_only=True)`."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a bad file raises many types (pickle, zip, EOF, weights_only)
-        raise UserError(f"{flag} {path}: cannot read it as a checkpoint with torch.load(weights_only=True) "
-                        f"({first_line(error)})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise UserError(f"{flag} {path}: not a Lightning checkpoint (no state_dict)")
-    hparams = checkpoint.get("hyper_parameters")
-    class_path = hparams.get("_class_path", "") if isinstance(hparams, dict) else ""
-    if (not isinstance(hparams, dict) or not all(key in hparams for key in STUDENT_KEYS)
-            or (class_path and not class_path.endswith("DQStudentModule"))):
-        if isinstance(hparams, dict) and class_path:
-            what = f"it holds a {class_path.rpartition('.')[2]}"
-        elif isinstance(hparams, dict) and "model" in hparams and "teacher" not in hparams:
-            what = f"it looks like a TeacherModule checkpoint (model={hparams['model']})"
-        else:
-            what = "its hyper-parameters name no teacher, mode and bits"
-        raise UserError(f"{flag} {path}: not a DQ student checkpoint ({what}); export packs the checkpoint of a "
-                        "DQStudentModule run (python -m dq_lightning fit --config experiments/<task>/dq-*.yaml)")
-    return checkpoint
+from dq_lightning.errors import UserError
 
 
 class NotQuantized(UserError):
@@ -52,11 +20,12 @@ def load_student(checkpoint_path: str | Path, teacher: str | None = None, quanti
     """The `DQStudentModule` of a checkpoint, rebuilt from its hyper-parameters and teacher directory, its
     student prepared for quantization (and converted, if the checkpoint holds converted codes) and loaded,
     in eval mode. Returns (module, checkpoint). `quantized=False` also takes a full-precision student."""
+    from dq_lightning.checkpoints import read_student_checkpoint
     from dq_lightning.compat import upgrade_student_hparams
     from dq_lightning.modules.student import DQStudentModule
     from dq_lightning.quant import in_form_of
 
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = read_student_checkpoint(checkpoint_path)
     hparams = upgrade_student_hparams(checkpoint["hyper_parameters"])
     accepted = inspect.signature(DQStudentModule.__init__).parameters
     settings = {key: value for key, value in hparams.items() if key in accepted and key != "self"}
@@ -101,24 +70,10 @@ def resolve_task(checkpoint: dict[str, Any], teacher: str, task: str | None):
     for name, datamodule in DATAMODULES.items():
         if datamodule.__name__ == class_name:
             return get_task(name)
+    from dq_lightning.models.directory import hf_directory_task
+
     name = hf_directory_task(Path(teacher).expanduser())
     return get_task(name) if name else None
-
-
-def hf_directory_info(directory: Path) -> dict[str, Any]:
-    """What a Hugging Face directory written by this project records about its training
-    (`dq_lightning.json`: task, source length, ...); {} for any other directory."""
-    try:
-        info = json.loads((directory / "dq_lightning.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def hf_directory_task(directory: Path):
-    """The task a Hugging Face directory written by this project records (`dq_lightning.json`), or None; as
-    written, so a value that names no task is the caller's to refuse."""
-    return hf_directory_info(directory).get("task") or None
 
 
 def trained_source_length(checkpoint: dict[str, Any]) -> int | None:

@@ -176,7 +176,7 @@ def _task_of_hf_directory(path: Path) -> dict:
     `dq_lightning.json`), which decide how sources are laid out, and the source length it was trained with;
     {} when it says none."""
     from dq_lightning.data.tasks import TASKS
-    from dq_lightning.export.checkpoint import hf_directory_info
+    from dq_lightning.models.directory import hf_directory_info
 
     info = hf_directory_info(path)
     name, trained_length = info.get("task"), info.get("max_source_length")

@@ -141,11 +141,11 @@ class DQStudentModule(Seq2SeqModule):
     def _start_from(self, path: str) -> None:
         """The student built from the kept units (a thinner one) and weights of checkpoint `path` (`init_from`),
         which must hold a student of this point."""
-        from dq_lightning.export.checkpoint import read_checkpoint
+        from dq_lightning.checkpoints import read_student_checkpoint
 
         from dq_lightning.compat import upgrade_student_hparams
 
-        checkpoint = read_checkpoint(path, flag="--model.init_from")
+        checkpoint = read_student_checkpoint(path, flag="--model.init_from")
         saved = upgrade_student_hparams(checkpoint["hyper_parameters"])
         depth = (len(self.encoder_map), len(self.decoder_map))
         theirs = {"bits": saved.get("bits"), "width": saved.get("width"),
@@ -201,7 +201,7 @@ class DQStudentModule(Seq2SeqModule):
     def standalone_context(self):
         """The teacher directory's tokenizer (a student reads the teacher's) and the task it records."""
         from dq_lightning.data.tasks import get_task
-        from dq_lightning.export.checkpoint import hf_directory_task
+        from dq_lightning.models.directory import hf_directory_task
         from dq_lightning.models.tokenizer import load_tokenizer
 
         teacher = Path(self.hparams.teacher).expanduser()

@@ -35,7 +35,7 @@ from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.modules.seq2seq import Seq2SeqModule
 from dq_lightning.modules.student import grouped_settings
 from dq_lightning.quant import use_deployed_head
-from dq_lightning.supernet.extract import SUBNETS_DIR
+from dq_lightning.supernet.checkpoint import SUBNETS_DIR, save_student_checkpoint
 from dq_lightning.supernet.grid import SubNet, by_size, parse_grid
 from dq_lightning.supernet.sampling import Sampler, SamplingSettings
 from dq_lightning.supernet.subnetwork import SubNetwork
@@ -274,8 +274,6 @@ class DQSupernetModule(Seq2SeqModule):
                                      "metrics": {f"val/{name}": value for name, value in scores[subnet].items()}}
         if not improved or not self.trainer.is_global_zero:
             return
-        from dq_lightning.supernet.extract import save_student_checkpoint
-
         directory = Path(self.trainer.default_root_dir) / SUBNETS_DIR
         for subnet in improved:
             save_student_checkpoint(self, subnet, directory / f"{subnet.key}.ckpt")
