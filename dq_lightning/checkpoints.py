@@ -13,15 +13,12 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from dq_lightning.compat import moved_class
 from dq_lightning.errors import UserError, first_line
 
 # Checkpoints written before the module class was recorded: told apart by a hyper-parameter only one class has.
 _CLASS_BY_HPARAM = {"teacher": "dq_lightning.modules.student.DQStudentModule",
                     "model": "dq_lightning.modules.teacher.TeacherModule"}
-# Where the LightningModules lived before they moved to dq_lightning.modules; checkpoints record the old path.
-_MOVED = {"dq_lightning.distill.module.DQStudentModule": "dq_lightning.modules.student.DQStudentModule",
-          "dq_lightning.teacher.TeacherModule": "dq_lightning.modules.teacher.TeacherModule",
-          "dq_lightning.seq2seq.Seq2SeqModule": "dq_lightning.modules.seq2seq.Seq2SeqModule"}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,7 +71,7 @@ def module_class(checkpoint: dict[str, Any]) -> str | None:
     # Recorded by Seq2SeqModule.on_save_checkpoint; LightningCLI puts `_class_path` into the hyper-parameters.
     found = checkpoint.get("module_class") or hparams.get("_class_path")
     if found:
-        return _MOVED.get(found, found)
+        return moved_class(found)
     return next((path for key, path in _CLASS_BY_HPARAM.items() if key in hparams), None)
 
 
@@ -105,7 +102,7 @@ def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains") -> None:
         raise UserError(f"{flag}: not a Lightning checkpoint (no state_dict)")
     saved = module_class(checkpoint)
     # Exactly the class: LightningCLI would replace the configured class by the checkpoint's (_parse_ckpt_path).
-    if saved and saved != _MOVED.get(model_class, model_class):
+    if saved and saved != moved_class(model_class):
         raise UserError(f"{flag} is a {saved.rpartition('.')[2]} checkpoint; "
                         f"this run {verb} a {model_class.rpartition('.')[2]}")
 

@@ -1,5 +1,10 @@
-"""What keeps checkpoints written by earlier versions loading: their DQ student settings, as the student takes
-them today.
+"""What keeps checkpoints and configs written by earlier versions loading: the import paths of moved classes, and
+their DQ student settings as the student takes them today.
+
+Moved modules. Checkpoints and run folders' config.yaml name their classes by import path
+(`class_path: dq_lightning.teacher.TeacherModule`), so an old path must still import. `MOVED_MODULES` maps each
+old module to its home today; `install_aliases` (called when the package is imported) makes Python import the
+new module under the old name, lazily, so no old path costs an import until something asks for it.
 
 Until the settings were grouped (`dq_lightning.distill.recipe`), `DQStudentModule` took one flat list of 45
 arguments, saved as such in every checkpoint's hyper-parameters (`w_bits`, `student_decoder_layers`,
@@ -10,10 +15,47 @@ calls it first, so an old checkpoint is never rebuilt with a setting silently dr
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
 from dq_lightning.errors import UserError
+
+MOVED_MODULES = {
+    "dq_lightning.seq2seq": "dq_lightning.modules.seq2seq",
+    "dq_lightning.teacher": "dq_lightning.modules.teacher",
+    "dq_lightning.distill.module": "dq_lightning.modules.student",
+    "dq_lightning.data.pretrain": "dq_lightning.pretrain.datamodule",
+}
+
+
+def moved_class(path: str) -> str:
+    """A class path as it is today (`dq_lightning.teacher.TeacherModule` -> `dq_lightning.modules.teacher.
+    TeacherModule`); a path that never moved comes back as it is."""
+    module, _, name = path.rpartition(".")
+    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else path
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports a moved module's old name as its new module (the same module object)."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in MOVED_MODULES else None
+
+    def create_module(self, spec):
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module):
+        pass  # the new module is already executed
+
+
+def install_aliases() -> None:
+    if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+        sys.meta_path.append(_MovedModuleFinder())
+
 
 # Flat setting of the old signature -> (group, field) today.
 _GROUPED = {

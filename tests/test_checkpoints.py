@@ -74,7 +74,7 @@ def test_checkpoints_and_configs_from_before_the_modules_moved_still_resolve():
     assert module_class({"module_class": "dq_lightning.distill.module.DQStudentModule"}) == STUDENT
     assert module_class({"hyper_parameters": {"_class_path": "dq_lightning.teacher.TeacherModule"}}) == TEACHER
     for old, new in [("dq_lightning.distill.module", STUDENT), ("dq_lightning.teacher", TEACHER),
-                     ("dq_lightning.pretrain.datamodule", "dq_lightning.data.pretrain.DenoisingDataModule")]:
+                     ("dq_lightning.data.pretrain", "dq_lightning.pretrain.datamodule.DenoisingDataModule")]:
         module, _, name = new.rpartition(".")
         assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(module), name)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dq_lightning.errors import UserError
-from dq_lightning.data.pretrain import DenoisingDataModule
+from dq_lightning.pretrain.datamodule import DenoisingDataModule
 from dq_lightning.modules.teacher import TeacherModule
 
 

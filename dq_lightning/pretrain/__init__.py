@@ -1,0 +1,1 @@
+"""Pre-training of a from-scratch teacher: BART/PEGASUS noising (`noising`) and its DataModule (`datamodule`)."""
