@@ -20,6 +20,7 @@ TOOLS = {
     "sweep": ("dq_lightning.sweep.runner", "run a task's grid of DQ students and report the trade-off curve"),
     "export": ("dq_lightning.export.export", "write a DQ student checkpoint as a packed low-bit directory"),
     "search-map": ("dq_lightning.search.cli", "genetic search of the teacher layers a shallow DQ student copies"),
+    "report": ("dq_lightning.sweep.compare", "several sweeps' trade-off fronts on one chart (e.g. two recipes)"),
     "robustness": ("dq_lightning.evaluation.robustness", "score and stability on perturbed inputs, beside the teacher"),
 }
 PREDICT_TOOL = "dq_lightning.export.predict"
