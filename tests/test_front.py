@@ -22,7 +22,7 @@ from dq_lightning.files import write_json_atomic
 from dq_lightning.sweep.front import (BEATEN, FRONT, FRONT_RULE, REFERENCE, WITHIN, PlotPoint, pareto_front,
                                       plot_points, series_fronts, status_of)
 from dq_lightning.sweep.plot import tradeoff_figure
-from dq_lightning.sweep.wandb_chart import COLUMNS, FIELDS, PRESET_NAME, SPEC_PATH, spec_placeholders, spec_text
+from dq_lightning.sweep.wandb_chart import COLUMNS, FIELDS, PRESET_NAME, spec_placeholders, spec_text
 from tests.conftest import PROJECT_ROOT
 
 # The demo sweep of the issue (dq, test ROUGE-L with about ±1.7 bootstrap intervals): the old front fell from
@@ -274,6 +274,33 @@ def test_offline_summary_run_without_an_entity_falls_back_to_the_builtin_scatter
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert chart_config(run_dir, "tradeoff")["panel_config"]["panelDefId"] == "wandb/scatter/v0"
     assert "set WANDB_ENTITY" in capsys.readouterr().err
+
+
+def test_online_summary_creates_the_chart_preset_in_the_runs_entity(monkeypatch, capsys):
+    import inspect
+
+    import wandb
+
+    from dq_lightning.sweep.wandb_chart import tradeoff_chart
+
+    accepts = inspect.signature(wandb.Api.create_custom_chart)
+    calls = []
+
+    class Api:  # the installed wandb's signature, no server: the second creation finds the preset there
+        def create_custom_chart(self, **arguments):
+            accepts.bind(self, **arguments)
+            calls.append(arguments)
+            if len(calls) > 1:
+                raise wandb.Error("a chart named dq-lightning-tradeoff-v1 already exists")
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    points = plot_points([demo_row(*line) for line in DEMO], "rougeL")
+    for _ in range(2):
+        chart = tradeoff_chart(points, "rougeL", "test rougeL", "t", "dq-team", online=True)
+        assert chart.spec.spec_name == f"dq-team/{PRESET_NAME}" and chart.spec.fields == FIELDS
+    assert calls[0]["entity"] == "dq-team" and calls[0]["name"] == PRESET_NAME
+    assert json.loads(calls[0]["spec"]) == json.loads(spec_text()) and calls[0]["spec_type"] == "vega2"
+    assert capsys.readouterr().err == ""  # an existing preset is no warning
 
 
 # -- several sweeps on one chart -------------------------------------------------------------------------------
