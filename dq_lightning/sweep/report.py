@@ -1,4 +1,5 @@
-"""Sweep results: `results.csv`, the compression vs quality trade-off plot, a markdown table, a W&B summary.
+"""Sweep results: `results.csv`, a markdown table, a W&B summary run (the trade-off plot: `plot.py`, its fronts:
+`front.py`, its W&B chart: `wandb_chart.py`).
 
 Everything is rebuilt from the run directories (`<sweep_dir>/<run_id>/{status,fit_metrics,test_metrics}.json`),
 so `make report` after a partial or resumed sweep shows exactly what has finished.
