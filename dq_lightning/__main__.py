@@ -21,6 +21,7 @@ TOOLS = {
     "export": ("dq_lightning.export.export", "write a DQ student checkpoint as a packed low-bit directory"),
     "search-map": ("dq_lightning.search.cli", "genetic search of the teacher layers a shallow DQ student copies"),
     "extract": ("dq_lightning.supernet.extract", "one point of a supernet as an ordinary DQ student checkpoint"),
+    "report": ("dq_lightning.sweep.compare", "several sweeps' trade-off fronts on one chart (e.g. two recipes)"),
     "robustness": ("dq_lightning.evaluation.robustness", "score and stability on perturbed inputs, beside the teacher"),
 }
 PREDICT_TOOL = "dq_lightning.export.predict"

@@ -14,7 +14,8 @@ from dq_lightning.evaluation.bootstrap import check_resamples, interval, paired_
 from dq_lightning.evaluation.per_example import (FILE_NAME, corpus_bleu, corpus_score, read_predictions, score_rows,
                                                  write_predictions)
 from dq_lightning.files import write_json_atomic
-from dq_lightning.sweep.report import PlotPoint, beyond_doubt_front, label_of, plot_points, plot_tradeoff
+from dq_lightning.sweep.front import label_of, plot_points
+from dq_lightning.sweep.plot import plot_tradeoff
 from dq_lightning.sweep.runner import report
 from dq_lightning.sweep.spec import expand_grid, load_sweep
 
@@ -116,18 +117,6 @@ def test_seed_lists_must_be_integers(tmp_path, seeds, shown):
                                 "parameters": {"model.mode": {"values": ["dq"]}, "seed_everything": {"values": seeds}}}))
     with pytest.raises(UserError, match=rf"sweep.yaml: parameter 'seed_everything': seeds must be integers, got {shown}"):
         load_sweep(path)
-
-
-def test_front_keeps_points_that_no_other_beats_beyond_their_bars():
-    def point(x, y, half):
-        return PlotPoint(x, y, y - half, y + half, {})
-
-    clear_winner, close_loser, clear_loser, further = point(4, 20, 0.5), point(2, 19.8, 0.5), point(2, 15, 0.5), \
-        point(8, 10, 0.5)
-    front = beyond_doubt_front([clear_winner, close_loser, clear_loser, further])
-    assert front == [close_loser, clear_winner, further]  # the close loser's bar overlaps the winner's
-    no_bars = beyond_doubt_front([point(4, 20, 0), point(2, 19.8, 0), point(8, 10, 0)])
-    assert [p.y for p in no_bars] == [20, 10]  # without bars: the plain Pareto front
 
 
 # -- the sweep report, on run directories written by hand --------------------------------------------------

@@ -42,6 +42,8 @@ def point_key(row: dict[str, Any]) -> str:
     params = {k: v for k, v in (row.get("params") or {}).items() if k not in ("model.mode", SEED_PARAMETER)}
     if not params:
         params = {"bits": row.get("bits"), "depth": f"{row.get('encoder_layers')}-{row.get('decoder_layers')}"}
+        if row.get("width") not in (None, "", "full"):  # a thinner student is another point at the same depth
+            params["width"] = row["width"]
     key = " ".join(f"{k.removeprefix('model.')}={v}" for k, v in params.items())
     return key if row.get("source", "trained") == "trained" else f"{key} source={row['source']}"
 

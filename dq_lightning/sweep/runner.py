@@ -40,8 +40,10 @@ from dq_lightning.evaluation.bootstrap import check_resamples
 from dq_lightning.evaluation.perturb import check_rate
 from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillation_markdown, distillation_table,
                                             seed_summary, supernet_markdown, supernet_table)
-from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
-                                       seed_markdown, teacher_row, write_csv_atomic)
+from dq_lightning.sweep.front import front_markdown, plot_points
+from dq_lightning.sweep.plot import plot_tradeoff
+from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, read_json, run_row, seed_markdown,
+                                       teacher_row, write_csv_atomic)
 from dq_lightning.sweep import claims, robustness
 from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
 from dq_lightning.sweep.spec import (SEED_PARAMETER, SweepPoint, command_for, expand_grid, format_flags, load_sweep,
@@ -635,7 +637,7 @@ def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: 
         read_rows, all_rows, predictions = rows_with_intervals()
     which = (f"test set: {test_set.path} (files in <run>/tests/{test_set.label}/)" if test_set
              else "test set: each run's own test split")
-    sections = [which, markdown_table(all_rows, metric)]
+    sections = [which, markdown_table(all_rows, metric), front_markdown(plot_points(all_rows, metric), metric)]
     seeds = [line for line in seed_summary(all_rows, metric) if line["n"] > 1]
     if seeds:
         sections.append("Seeds: the grid points run with several seeds\n\n" + seed_markdown(seeds, metric))
@@ -653,7 +655,7 @@ def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: 
         for run in sorted(runs):
             sections.append(f"What the supernet cost ({run}) against the fits it replaces\n\n"
                             + supernet_cost(Path(run), all_rows, sweep_dir))
-    text = "\n\n".join(sections)
+    text = "\n\n".join(section for section in sections if section)
     write_text_atomic(md_path, text + "\n")
     print(text)
     print(f"\nresults: {csv_path}\nplot:    {png_path}\nreport:  {md_path}")
