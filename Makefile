@@ -35,6 +35,7 @@ TORCHRUN := $(VENV)/bin/torchrun --nnodes=$(NODES) --nproc-per-node=$(GPUS) $(if
 help: ## List the targets
 	@echo "usage: make <target> [TASK=$(TASK)] [SCALE=$(SCALE)] [DATA_DIR=dir] [GPUS=n] [WORKERS=auto|n]"
 	@echo "       make fit CONFIG=experiments/<task>/<stage>.yaml [GPUS=n] [NODES=n MASTER_ADDR=host] [ARGS='--flag=value']"
+	@echo "       make sweep [ROBUSTNESS=rate] [TEST_FILE=path]; make supernet [FINETUNE=steps]; make search-map [DEPTH=6-3] [BITS=2-2-8]"
 	@echo "tasks: $(TASKS); scales: tiny (CPU), paper (bart-base / mbart-large-cc25 on GPUs)"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -87,7 +88,7 @@ EXTRA_TEXT := $(if $(DATA_DIR),$(foreach c,$(SIBLING_TEXT),$(if $(filter-out $(T
 	$(foreach c,$(OWN_TEXT_$(TASK)),$(DATA_DIR)/$(subst $(TASK)/,,$(c))))
 EXTRA_TEXT_ARG := $(if $(strip $(EXTRA_TEXT)),--data.extra_text=[$(subst $(space),$(comma),$(strip $(EXTRA_TEXT)))])
 FROM_PRETRAIN := $(if $(HAS_PRETRAIN),--model.model=$(PRETRAIN_HF) --data.tokenizer=$(PRETRAIN_HF))
-# A fit refuses a run folder holding an earlier run unless it continues it (README, "When things go wrong"):
+# A fit refuses a run folder holding an earlier run unless it continues it (docs/reliability.md):
 # a stage killed half-way continues from its last.ckpt when `make` is run again. Expanded when the recipe runs.
 RESUME = $(if $(wildcard $(1)/checkpoints/last.ckpt),--ckpt_path=last)
 
@@ -127,7 +128,7 @@ sweep: check-task $(STAMP) ## Teacher if missing, then the grid of DQ students; 
 FINETUNE ?=
 SUPERNET_RUN := $(RUNS)/supernet-$(SCALE)
 .PHONY: supernet
-supernet: check-task $(STAMP) ## Teacher if missing, one supernet fit, then every point extracted and tested; runs/TASK/sweep/
+supernet: check-task $(STAMP) ## Teacher if missing, one supernet fit (runs/TASK/supernet-SCALE), then its points extracted [FINETUNE=n: fine-tuned] and tested in runs/TASK/sweep/supernet/
 	@$(PY) -m dq_lightning sweep $(SWEEP_ARGS) --preflight
 	@$(MAKE) --no-print-directory $(RUNS)/teacher-$(SCALE)/hf/config.json
 	@$(MAKE) --no-print-directory $(SUPERNET_RUN)/fit_metrics.json

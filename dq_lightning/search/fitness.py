@@ -5,8 +5,8 @@ student's top token is the teacher's, under teacher forcing); ties go to the low
 Why that one:
 
 - it is how the project measures a student's faithfulness to its teacher, and at CPU scale the measure that
-  separates runs (README, "Recipes": ROUGE-L differences there are noise; loyalty differences mostly are
-  not). Of the two loyalties it is the one closest to what generation does, the greedy next-token choice;
+  separates runs (docs/results.md, "Recipes": ROUGE-L differences there are noise; loyalty differences mostly
+  are not). Of the two loyalties it is the one closest to what generation does, the greedy next-token choice;
 - it compares maps fairly: the distillation terms of the loss (hidden states, attention maps) measure the
   student against the teacher layers *its own map* picked, so a map of easy-to-match layers would score a
   low loss for nothing; loyalty compares final outputs only;
@@ -15,8 +15,8 @@ Why that one:
   few dozen steps it says less about the student than its distance to the teacher does; it breaks ties.
 
 It is a proxy of one short fit from one seed: the five-seed spread of a full 2-2-8 6-3 fit's label loyalty
-is 0.013 (README), so a best map that beats the best hand-made one by less than that is worth confirming
-with full fits over seeds before it replaces it.
+is 0.013 (docs/results.md, "Recipe ablation"), so a best map that beats the best hand-made one by less than
+that is worth confirming with full fits over seeds before it replaces it.
 
 Every candidate is fitted from the same seed, so its fitness does not depend on when it is evaluated.
 """
