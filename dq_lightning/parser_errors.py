@@ -105,8 +105,9 @@ def _typed_prefix(chain: list[str], argv: Sequence[str]) -> tuple[str | None, st
 
 
 def _rejected_option(key: str, name: str, classes: list[str], argv: Sequence[str]) -> str:
-    """An option the innermost class does not have: the nearest it has, or the outer class's own setting of
-    that name (`quant_settings={w_bits: 4}` -> `--model.w_bits`), or all it has when they are few."""
+    """An option the innermost class does not have: a moved student setting's new flag (`--model.w_bits` ->
+    `--model.bits`), the outer class's own setting of that name (`quant_settings={bits: 2-2-8}` ->
+    `--model.bits`), the nearest it has, or all it has when they are few."""
     chain = key.split(".")
     typed, inside = _typed_prefix([*chain, name], argv)
     where = typed or f"{key}.{name} (in a --config file)"
