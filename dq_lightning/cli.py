@@ -21,6 +21,7 @@ from typing import Optional
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import set_parsing_settings
+from jsonargparse._actions import _ActionPrintConfig  # jsonargparse prints --print_config inside parse_args
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -199,10 +200,13 @@ class DQLightningCLI(LightningCLI):
         argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
         self._typed_argv = [str(token) for token in argv]
         self._argv = expand_bases(self._typed_argv)  # each --config preceded by its bases
+        # `--print_config` is printed below, once the config is complete; jsonargparse would print it mid-parse.
+        print_flags = [token.partition("=")[2] for token in self._argv if token.partition("=")[0] == PRINT_CONFIG]
         try:
             # Not LightningCLI's parse_arguments: given the expanded list while sys.argv holds the typed one,
             # it warns that both were given.
-            self.config = parser.parse_args(self._argv)
+            self.config = parser.parse_args([token for token in self._argv
+                                             if token.partition("=")[0] != PRINT_CONFIG])
         except argparse.ArgumentError as error:  # raised, not printed, when main() sets exit_on_error=False
             subparsers = getattr(self, "_subcommand_parsers", {})
             subparser = subparsers.get(self._argv[0]) if self._argv else None
@@ -211,8 +215,13 @@ class DQLightningCLI(LightningCLI):
         self._model_flags = model_settings_given(argv)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand, self.config)
-        config[BASE_KEY] = None  # a saved config is complete; its bases' relative paths would not hold there
+        # A saved or printed config is complete: its bases are merged in, and their paths (relative to the
+        # file that named them) would not hold where it is read again.
+        config[BASE_KEY] = None
         resolve_task_monitors(config)
+        if print_flags:
+            print_config(self._subcommand_parsers[subcommand] if subcommand else parser, parser, self.config,
+                         print_flags[-1])
         # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
         # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
         ckpt_path, model_class = config.get("ckpt_path"), (config.get("model") or {}).get("class_path")
@@ -280,6 +289,19 @@ class DQLightningCLI(LightningCLI):
             if old == Path(self.trainer.default_root_dir):
                 os.makedirs(old, exist_ok=True)  # the loggers built above write here
         super()._run_subcommand(subcommand)
+
+
+PRINT_CONFIG = "--print_config"
+
+
+def print_config(subparser, parser, config, flags: str) -> None:
+    """Print `config` as jsonargparse's `--print_config[=flags]` does (its own action and dump), and exit."""
+    action = next(action for action in subparser._actions if isinstance(action, _ActionPrintConfig))
+    try:
+        action(subparser, None, [flags], PRINT_CONFIG)
+    except argparse.ArgumentError as error:
+        raise UserError(f"{PRINT_CONFIG}={flags}: {error}") from None
+    _ActionPrintConfig.print_config_if_requested(parser, config)
 
 
 def model_settings_given(argv: list[str]) -> list[str]:
