@@ -81,16 +81,17 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains") -> None:
+def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains", given: str | None = None) -> None:
     """Refuse, as a `UserError`, a `--ckpt_path` that is missing, unreadable or saved by a module class other
-    than `model_class` (a class path).
+    than `model_class` (a class path). `given`: what the user typed, when `ckpt_path` is the file it stood for
+    (`last`).
 
     Lightning's keywords (last, best, hpc, registry) and remote URLs are left to Lightning.
     """
     path = str(ckpt_path)
     if path in ("last", "best", "hpc") or path.lower().partition(":")[0] == "registry" or "://" in path:
         return
-    flag = f"--ckpt_path={path}"
+    flag = f"--ckpt_path={given} ({path})" if given and given != path else f"--ckpt_path={path}"
     if not os.path.isfile(path):
         raise UserError(f"{flag}: {'not a file' if os.path.exists(path) else 'no such file'}")
     try:

@@ -178,11 +178,6 @@ class DQLightningCLI(LightningCLI):
         config.trainer.accumulate_grad_batches = record["accumulate_grad_batches"]
         self.trainer.callbacks.append(callback)
 
-    def before_fit(self) -> None:
-        # `--ckpt_path last` after a SLURM requeue: the checkpoint Lightning saved on the warning signal, when newer.
-        config = self.config_init[self.subcommand]
-        config.ckpt_path = resume_path(self.trainer, config.get("ckpt_path"))
-
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best_checkpoint(self.trainer))
@@ -224,9 +219,13 @@ class DQLightningCLI(LightningCLI):
                          print_flags[-1])
         # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
         # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
-        ckpt_path, model_class = config.get("ckpt_path"), (config.get("model") or {}).get("class_path")
+        # `last` is resolved to its file here, so that it is checked as one given by path (a damaged last.ckpt is
+        # one error line, not a traceback) and LightningCLI reads the same file's hyper-parameters.
+        given = config.get("ckpt_path")
+        ckpt_path = config["ckpt_path"] = resume_path(config.get("trainer") or {}, given)
+        model_class = (config.get("model") or {}).get("class_path")
         if ckpt_path and model_class:
-            check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates")
+            check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates", given)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the whole model config by the checkpoint's hyper-parameters, command-line flags

@@ -1,11 +1,12 @@
 """What a run on a cluster needs beyond Lightning's own SLURM and torchrun support.
 
-- `resume_path`: `--ckpt_path last` also considers the checkpoint Lightning writes when SLURM warns of the
-  end of a job (`#SBATCH --signal=SIGUSR1@90`: `hpc_ckpt_<n>.ckpt` in the run directory, then
-  `scontrol requeue`). Lightning's `last` only looks at the `last*.ckpt` of the checkpoint callbacks, so a
-  requeued job would go back to the last periodic save (up to 500 steps at paper scale) and never read the
-  checkpoint written for it; here the newest of both is resumed, and with neither, the newest checkpoint of
-  the run's folders (Lightning would start from scratch beside them).
+- `resume_path`: the file `--ckpt_path last` stands for, found from the config before anything is built, so that
+  it is checked like a checkpoint given by path (a damaged one is one error line). It also considers the
+  checkpoint Lightning writes when SLURM warns of the end of a job (`#SBATCH --signal=SIGUSR1@90`:
+  `hpc_ckpt_<n>.ckpt` in the run directory, then `scontrol requeue`). Lightning's `last` only looks at the
+  `last*.ckpt` of the checkpoint callbacks, so a requeued job would go back to the last periodic save (up to
+  500 steps at paper scale) and never read the checkpoint written for it; here the newest of both is resumed,
+  and with neither, the newest checkpoint of the run's folders (Lightning would start from scratch beside them).
 - `with_agent_args`: the runs a W&B agent starts take their command from the sweep stored on the W&B server,
   the same for every agent. `DQ_SWEEP_ARGS` (shell words, e.g. `--trainer.devices=4 --data.data_dir=...`) set
   in an agent's environment is appended to each of its runs' command lines: GPUs and data are the machine's,
@@ -49,17 +50,11 @@ def with_agent_args(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
-def _checkpoints_of_callbacks(trainer, last_only: bool) -> list[Path]:
-    """The `*.ckpt` files of each ModelCheckpoint's folder; with `last_only`, the ones Lightning's
-    `ckpt_path="last"` chooses from (`*last*.ckpt`)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    found = []
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
-            found += [path for path in Path(callback.dirpath).iterdir() if path.is_file()
-                      and (callback.CHECKPOINT_NAME_LAST in path.name or not last_only)
-                      and path.name.endswith(callback.FILE_EXTENSION)]
+def _checkpoints_in(directories: list[Path], last_only: bool) -> list[Path]:
+    """The `*.ckpt` files of `directories`; with `last_only`, the ones Lightning's `ckpt_path="last"` chooses
+    from (`*last*.ckpt`)."""
+    found = [path for directory in directories if directory.is_dir() for path in directory.iterdir()
+             if path.is_file() and path.suffix == ".ckpt" and ("last" in path.name or not last_only)]
     return sorted(set(found))
 
 
@@ -69,29 +64,30 @@ def hpc_checkpoints(root) -> list[Path]:
     return sorted(directory.glob("hpc_ckpt_*.ckpt")) if directory.is_dir() else []
 
 
-def resume_path(trainer, ckpt_path):
-    """`ckpt_path` for `trainer.fit`: for "last", the newest of every `last*.ckpt` and the requeue checkpoints;
-    when there are neither (a run killed before its first periodic save, or saving only its best epochs), the
-    newest other checkpoint of its folders, said on stderr: Lightning would start again from scratch beside
-    them. Any other value unchanged."""
+def resume_path(trainer_config, ckpt_path):
+    """`ckpt_path` with "last" replaced by the file it stands for in the run of `trainer_config` (the parsed
+    trainer settings: its folder and checkpoint callbacks): the newest of every `last*.ckpt` and the requeue
+    checkpoints; when there are neither (a run killed before its first periodic save, or saving only its best
+    epochs), the newest other checkpoint of its folders, said on stderr: Lightning would start again from
+    scratch beside them. "last" when the run has no checkpoint yet (Lightning then starts from scratch); any
+    other value unchanged."""
+    from dq_lightning.run_folder import checkpoint_dirs, is_other_rank
+
     if ckpt_path != "last":
         return ckpt_path
-    last = _checkpoints_of_callbacks(trainer, last_only=True)
-    hpc = hpc_checkpoints(trainer.default_root_dir)
-    if not last and not hpc:
-        others = _checkpoints_of_callbacks(trainer, last_only=False)
+    directories = checkpoint_dirs(trainer_config)
+    candidates = _checkpoints_in(directories, last_only=True) + hpc_checkpoints(
+        trainer_config.get("default_root_dir") or ".")
+    if not candidates:
+        others = _checkpoints_in(directories, last_only=False)
         if not others:
             return ckpt_path
         newest = max(others, key=lambda path: path.stat().st_mtime)
-        print(f"--ckpt_path=last: no last checkpoint in {newest.parent}; resuming from {newest.name}, the newest "
-              "checkpoint there", file=sys.stderr)
+        if not is_other_rank():
+            print(f"--ckpt_path=last: no last checkpoint in {newest.parent}; resuming from {newest.name}, the "
+                  "newest checkpoint there", file=sys.stderr)
         return str(newest)
-    if not hpc:
-        return ckpt_path
-    newest_hpc = max(hpc, key=lambda path: path.stat().st_mtime)
-    if last and max(path.stat().st_mtime for path in last) >= newest_hpc.stat().st_mtime:
-        return ckpt_path
-    return str(newest_hpc)
+    return str(max(candidates, key=lambda path: path.stat().st_mtime))
 
 
 def create_sweep(task: str, scale: str, runs: str = "runs", sweep_path: str | None = None) -> str:

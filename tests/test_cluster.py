@@ -187,18 +187,22 @@ def _touch(path: Path, age_s: float) -> Path:
     return path
 
 
-def test_ckpt_path_last_takes_the_requeue_checkpoint_when_it_is_newer(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def _trainer_config(root: Path, **checkpoint) -> dict:
+    """Trainer settings as the CLI has parsed them: the run folder and one ModelCheckpoint."""
+    return {"default_root_dir": str(root), "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "saved"), **checkpoint}}]}
 
-    trainer = pl.Trainer(accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
-                         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), save_last=True)])
+
+def test_ckpt_path_last_takes_the_requeue_checkpoint_when_it_is_newer(tmp_path):
+    trainer = _trainer_config(tmp_path, save_last=True)
     assert cluster.resume_path(trainer, "last") == "last"  # nothing saved yet: Lightning starts from scratch
-    _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=600)
-    assert cluster.resume_path(trainer, "last") == "last"  # Lightning resolves it to last.ckpt
+    last = _touch(tmp_path / "saved" / "last.ckpt", age_s=600)
+    assert cluster.resume_path(trainer, "last") == str(last)
     hpc = _touch(tmp_path / "hpc_ckpt_1.ckpt", age_s=60)  # written on SIGUSR1, after the last periodic save
     assert cluster.resume_path(trainer, "last") == str(hpc)
-    _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=0)  # the resumed run saved again since
-    assert cluster.resume_path(trainer, "last") == "last"
+    _touch(tmp_path / "saved" / "last.ckpt", age_s=0)  # the resumed run saved again since
+    assert cluster.resume_path(trainer, "last") == str(last)
     assert cluster.resume_path(trainer, None) is None
     assert cluster.resume_path(trainer, "some/file.ckpt") == "some/file.ckpt"
 
@@ -321,14 +325,11 @@ def test_sweep_id_is_created_once_and_needs_a_login(tmp_path, monkeypatch, capsy
 def test_ckpt_path_last_without_a_last_checkpoint_resumes_the_newest_epoch_checkpoint(tmp_path, capsys):
     """A run that saved only its best epochs (or died before its first periodic save) is resumed, not started
     again beside its own checkpoints."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    trainer = pl.Trainer(accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
-                         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="val/loss")])
-    _touch(tmp_path / "checkpoints" / "epoch=0-step=10.ckpt", age_s=600)
-    newest = _touch(tmp_path / "checkpoints" / "epoch=1-step=20.ckpt", age_s=60)
-    _touch(tmp_path / "checkpoints" / "notes.txt", age_s=0)
+    trainer = _trainer_config(tmp_path, monitor="val/loss")
+    _touch(tmp_path / "saved" / "epoch=0-step=10.ckpt", age_s=600)
+    newest = _touch(tmp_path / "saved" / "epoch=1-step=20.ckpt", age_s=60)
+    _touch(tmp_path / "saved" / "notes.txt", age_s=0)
     assert cluster.resume_path(trainer, "last") == str(newest)
     assert "resuming from epoch=1-step=20.ckpt" in capsys.readouterr().err
-    last = _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=300)  # a last checkpoint wins even if older
-    assert cluster.resume_path(trainer, "last") == "last" and last.exists()
+    last = _touch(tmp_path / "saved" / "last.ckpt", age_s=300)  # a last checkpoint wins even if older
+    assert cluster.resume_path(trainer, "last") == str(last)
