@@ -171,8 +171,11 @@ class DQLightningCLI(LightningCLI):
             return
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         global_batch = config.get("global_batch_size") if config is not None else None
-        if not global_batch:
+        if global_batch is None:
             return
+        if isinstance(global_batch, bool) or global_batch < 1:  # 0 is no unset: config.yaml would record it
+            raise UserError(f"--global_batch_size={global_batch} must be a positive number of sequences per "
+                            "optimizer step; leave it unset (null) to use trainer.accumulate_grad_batches as given")
         callback = GlobalBatchSize(global_batch)
         record = callback.apply(self.trainer, self.datamodule, given=config.trainer.accumulate_grad_batches)
         config.trainer.accumulate_grad_batches = record["accumulate_grad_batches"]

@@ -127,9 +127,14 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.task: TaskSpec = get_task(self.task_name)
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
                             ("max_val_samples", max_val_samples), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size), ("vocab_size", vocab_size),
                             ("max_source_length", max_source_length), ("max_target_length", max_target_length)):
+            # 0 is not "unset" (null is): the saved config would record a 0 that meant something else.
             if value is not None and value < 1:
-                raise UserError(f"data.{name}={value} must be a positive integer")
+                raise UserError(f"data.{name}={value} must be a positive integer" +
+                                ("" if name in ("batch_size", "vocab_size") else "; leave it unset (null) for none"))
+        if num_workers < 0:
+            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more")
         self.data_dir = data_dir
         self.max_source_length = max_source_length or self.task.max_source_length
         self.max_target_length = max_target_length or self.task.max_target_length

@@ -660,6 +660,10 @@ def _main(args: argparse.Namespace) -> int:
         name = f"{args.task}-{args.scale}"
         teacher_dir = Path(args.runs) / args.task / f"teacher-{args.scale}"
         workers = resolve_workers(args.workers, len(points), args.gpus)
+        if args.report_only and not sweep_dir.is_dir():
+            # A report of nothing but pending runs, written under a typo'd path, would look like a fresh sweep.
+            raise UserError(f"--report-only: no sweep at {sweep_dir} (--runs {args.runs}, --task {args.task}, "
+                            f"--scale {args.scale}); nothing has run there to report on")
         if not args.report_only:
             preflight_data(task, sweep, args.data_dir)
             preflight_gpus(sweep, args.gpus)

@@ -1,0 +1,64 @@
+"""Nothing silent (issue 40): an input the command would ignore, a failure it would find only after the fit,
+two writers in one run folder. Each is one `error:` line naming the culprit before anything is written, or
+means what the saved config says."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_bad_input_data import ENV, QUICK, digest, one_error
+
+TEACHER_TINY = "experiments/xsum/teacher-tiny.yaml"
+
+
+def teacher_fit(root, cache_dir, data_dir, *extra):
+    return ["fit", "--config", TEACHER_TINY, f"--data.data_dir={data_dir}", f"--data.cache_dir={cache_dir}",
+            f"--trainer.default_root_dir={root}", "--model.model=micro", "--data.vocab_size=300", *QUICK, *extra]
+
+
+# -- inputs that would be ignored ------------------------------------------------------------------------------
+@pytest.fixture
+def teacher_run(tmp_path):
+    """A teacher run folder as a fit and a test leave it (the metrics files `baseline --run` reads)."""
+    run = tmp_path / "teacher-tiny"
+    run.mkdir()
+    (run / "fit_metrics.json").write_text(json.dumps({"metrics": {"val/rougeL": 12.5, "val/rouge1": 20.0}}))
+    return run
+
+
+@pytest.mark.parametrize("case", ["missing run folder", "run without test metrics", "zero samples"])
+def test_baseline_refuses_what_it_would_ignore(case, teacher_run, shared_data, tmp_path):
+    args = ["baseline", "--task", "xsum", "--data-dir", str(shared_data / "xsum"), "--max-samples", "5"]
+    if case == "missing run folder":
+        result = run_cli(*args, "--run", str(tmp_path / "teacher-tinny"))
+        one_error(result, f"--run {tmp_path / 'teacher-tinny'}", "no such directory")
+    elif case == "run without test metrics":
+        result = run_cli(*args, "--run", str(teacher_run), "--split", "test")
+        one_error(result, f"--run {teacher_run}", "no test_metrics.json")
+    else:
+        result = run_cli(*args[:-2], "--max-samples", "0", "--run", str(teacher_run))
+        one_error(result, "--max-samples 0", "positive")
+
+
+def test_baseline_shows_the_teacher_it_was_given(teacher_run, shared_data):
+    result = run_cli("baseline", "--task", "xsum", "--data-dir", str(shared_data / "xsum"), "--max-samples", "5",
+                     "--run", str(teacher_run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "teacher rougeL 12.50" in result.stdout and "(5 rows)" in result.stdout
+
+
+def test_report_only_on_a_runs_folder_that_does_not_exist_writes_nothing(tmp_path, shared_data):
+    runs = tmp_path / "runz"
+    result = run_cli("sweep", "--task", "xsum", "--runs", str(runs), "--report-only", env={"WANDB_MODE": "disabled"})
+    one_error(result, "--report-only", str(runs / "xsum" / "sweep"), "nothing has run there")
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("flag", ["--global_batch_size=0", "--data.eval_batch_size=0", "--data.num_workers=-1"])
+def test_a_zero_that_would_mean_unset_is_refused(flag, tmp_path, shared_data, cache_dir):
+    """0 is not null: the run's config.yaml would record a 0 that had meant "unset"."""
+    root = tmp_path / "run"
+    result = run_cli(*teacher_fit(root, cache_dir, shared_data / "xsum", flag), env=ENV)
+    one_error(result, flag.split("=")[0].removeprefix("--").removeprefix("data."))
+    assert not (root / "checkpoints").exists() and not (root / "config.yaml").exists()
