@@ -32,8 +32,8 @@ from dq_lightning.cluster import resume_path, with_agent_args
 from dq_lightning.errors import UserError, command_line, first_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
-from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
-                                     is_other_rank, move_aside, replace_own_files)
+from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, is_other_rank, move_aside,
+                                     output_dirs, replace_own_files)
 from dq_lightning.config_files import BASE_KEY, data_class, data_task, expand_bases, resolve_task_monitors, setting_origin
 from dq_lightning.devices import check_gpu_request
 
@@ -264,14 +264,13 @@ class DQLightningCLI(LightningCLI):
         argv = getattr(self, "_argv", [])
         config = self.config.get(self.subcommand, self.config)
         check_gpus(trainer_config, getattr(self, "_typed_argv", argv))  # names the config the user typed
-        check_data_config(config.get("data"))
+        check_data_config(config.get("data"), splits_read(self.subcommand, bool(config.get("test_after_fit"))))
         root = trainer_config.get("default_root_dir")
         self._move_aside = []
         replace_own_files(trainer_config)  # on every rank: their checkpoint callbacks must agree on names
         if not is_other_rank():
-            for path in dict.fromkeys([str(root or "."), *map(str, checkpoint_dirs(trainer_config))]):
-                check_writable(path, "--trainer.default_root_dir" if path == str(root or ".") else
-                               f"--trainer.default_root_dir={root} (a ModelCheckpoint's dirpath)")
+            for path, setting in output_dirs(trainer_config).items():  # every folder the run will write
+                check_writable(path, setting)
             if self.subcommand == "fit":
                 self._move_aside = check_run_folder(trainer_config, config.get("ckpt_path"),
                                                     bool(config.get("replace_run")))
@@ -318,8 +317,19 @@ def model_settings_given(argv: list[str]) -> list[str]:
     return names
 
 
-def check_data_config(data: dict | None) -> None:
-    """`check_data_source` for the configured DataModule, when it is one of ours."""
+def splits_read(subcommand: str | None, test_after_fit: bool = False) -> dict[str, str]:
+    """The data splits a command reads, each with what reads it (for the error line when one is missing)."""
+    from dq_lightning.data.datamodule import STAGE_SPLITS
+
+    command = subcommand or "fit"
+    splits = {split: f"`{command}`" for split in STAGE_SPLITS.get(command, ())}
+    if command == "fit" and test_after_fit:
+        splits["test"] = "the test after the fit (test_after_fit: true)"
+    return splits
+
+
+def check_data_config(data: dict | None, splits: dict[str, str] | None = None) -> None:
+    """`check_data_source` for the configured DataModule, when it is one of ours: the splits it will read."""
     task = data_task(data)
     if not task:
         return
@@ -327,7 +337,8 @@ def check_data_config(data: dict | None) -> None:
 
     if issubclass(data_class(data), Seq2SeqDataModule):
         init_args = data.get("init_args") or {}
-        check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR)
+        check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR,
+                          splits, init_args.get("test_file"))
 
 
 def check_gpus(trainer_config: dict, argv: list[str]) -> None:

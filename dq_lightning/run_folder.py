@@ -43,6 +43,25 @@ def checkpoint_dirs(trainer_config: dict) -> list[Path]:
     return unique
 
 
+def output_dirs(trainer_config: dict) -> dict[str, str]:
+    """Every folder the run writes into, from the resolved trainer config, each with the setting that names
+    it: the run folder, every callback's `dirpath` (checkpoints, the exported best model, metrics files) and
+    every logger's `save_dir`."""
+    root = str(trainer_config.get("default_root_dir") or ".")
+    found = {root: "--trainer.default_root_dir"}
+    loggers = trainer_config.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    for section, entries, key in (("callbacks", trainer_config.get("callbacks") or [], "dirpath"),
+                                  ("logger", loggers, "save_dir")):
+        for entry in entries:
+            init_args = entry.get("init_args") if hasattr(entry, "get") else None
+            value = init_args.get(key) if hasattr(init_args, "get") else None
+            if value:
+                name = str(entry.get("class_path", "")).rpartition(".")[2] or section
+                found.setdefault(str(value), f"trainer.{section} {name}.{key}")
+    return found
+
+
 def replace_own_files(trainer_config) -> None:
     """Make the ModelCheckpoint callbacks replace a file of the same name instead of writing `last-v1.ckpt`
     beside it. A folder holds one run, so a name already taken is this run's own earlier file: a run resumed

@@ -62,3 +62,38 @@ def test_a_zero_that_would_mean_unset_is_refused(flag, tmp_path, shared_data, ca
     result = run_cli(*teacher_fit(root, cache_dir, shared_data / "xsum", flag), env=ENV)
     one_error(result, flag.split("=")[0].removeprefix("--").removeprefix("data."))
     assert not (root / "checkpoints").exists() and not (root / "config.yaml").exists()
+
+
+# -- what a command needs, checked before it trains --------------------------------------------------------------
+@pytest.fixture
+def data_without_test(tmp_path, shared_data):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_bytes((shared_data / "xsum" / f"{split}.jsonl").read_bytes())
+    return data
+
+
+def test_a_split_the_command_reads_is_checked_before_it_trains(data_without_test, tmp_path, cache_dir):
+    """The test after the fit reads test.jsonl: missing, it is found now, not after the whole fit."""
+    root = tmp_path / "run"
+    result = run_cli(*teacher_fit(root, cache_dir, data_without_test, "--test_after_fit=true"), env=ENV)
+    one_error(result, f"--data.data_dir={data_without_test}", "missing test.jsonl", "test_after_fit")
+    assert not (root / "checkpoints").exists() and not (root / "config.yaml").exists()
+    test = run_cli("test", *teacher_fit(root, cache_dir, data_without_test)[1:], env=ENV)
+    one_error(test, "missing test.jsonl", "`test`")
+    missing_file = run_cli(*teacher_fit(root, cache_dir, data_without_test, "--test_after_fit=true",
+                                        f"--data.test_file={tmp_path / 'other.jsonl'}"), env=ENV)
+    one_error(missing_file, f"--data.test_file={tmp_path / 'other.jsonl'}", "no such file", "test_after_fit")
+    fit_only = run_cli(*teacher_fit(root, cache_dir, data_without_test), env=ENV)  # reads no test split
+    assert fit_only.returncode == 0, fit_only.stderr[-2000:]
+
+
+def test_a_folder_a_callback_writes_is_checked_before_it_trains(tmp_path, shared_data, cache_dir):
+    """MetricsFile writes fit_metrics.json when the fit ends: a folder for it below a file is found now."""
+    (tmp_path / "afile").write_text("mine\n")
+    root = tmp_path / "run"
+    result = run_cli(*teacher_fit(root, cache_dir, shared_data / "xsum",
+                                  f"--trainer.callbacks.dirpath={tmp_path / 'afile' / 'hf'}"), env=ENV)
+    one_error(result, "MetricsFile.dirpath", str(tmp_path / "afile"), "is a file")
+    assert not (root / "checkpoints").exists()

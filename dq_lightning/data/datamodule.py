@@ -52,17 +52,29 @@ def _data_dir_hint() -> str:
     return " (make: DATA_DIR=DIR)" if os.environ.get("MAKELEVEL") else ""
 
 
-def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR) -> None:
+def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR, splits: dict[str, str] | None = None,
+                      test_file=None) -> None:
     """Refuse, before anything is built or written, a data source that cannot work: a `data_dir` that is not a
-    directory, or none while the task's Hub dataset can neither be downloaded (offline) nor read from the cache.
+    directory or lacks a split the command will read (`splits`: split -> why it is read), a `test_file` that
+    is not a file, or no `data_dir` while the task's Hub dataset can neither be downloaded (offline) nor read
+    from the cache.
 
-    Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`.
+    Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`, or a
+    missing test.jsonl found by the test after a whole fit.
     """
+    splits = splits or {}
+    if test_file is not None and "test" in splits:
+        if not Path(str(test_file)).expanduser().is_file():
+            raise UserError(f"--data.test_file={test_file}: no such file (read by {splits['test']})")
+        splits = {split: why for split, why in splits.items() if split != "test"}
     if data_dir is not None:
         path = Path(str(data_dir)).expanduser()
         if not path.is_dir():
             what = "not a directory" if path.exists() else "no such directory"
             raise UserError(f"--data.data_dir={data_dir}: {what}")
+        for split, why in splits.items():
+            if not (path / f"{split}.jsonl").is_file():
+                raise UserError(f"--data.data_dir={data_dir}: missing {split}.jsonl, which {why} reads")
         return
     task = get_task(task_name)
     if task.hub_path is None or hub_cached(task.hub_path, cache_dir):
