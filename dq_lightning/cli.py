@@ -32,8 +32,8 @@ from dq_lightning.cluster import resume_path, with_agent_args
 from dq_lightning.errors import UserError, command_line, first_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
-from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, is_other_rank, move_aside,
-                                     output_dirs, replace_own_files)
+from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, claim_run_folder,
+                                     is_other_rank, move_aside, output_dirs, replace_own_files)
 from dq_lightning.config_files import BASE_KEY, data_class, data_task, expand_bases, resolve_task_monitors, setting_origin
 from dq_lightning.devices import check_gpu_request
 
@@ -272,6 +272,9 @@ class DQLightningCLI(LightningCLI):
             for path, setting in output_dirs(trainer_config).items():  # every folder the run will write
                 check_writable(path, setting)
             if self.subcommand == "fit":
+                # Claimed before the folder is judged: of two fits started together, the second is refused here
+                # instead of both finding it empty and training into it.
+                self._claim = claim_run_folder(root)
                 self._move_aside = check_run_folder(trainer_config, config.get("ckpt_path"),
                                                     bool(config.get("replace_run")))
         # A run directory may not exist yet for the logger and the saved config.
@@ -289,7 +292,11 @@ class DQLightningCLI(LightningCLI):
             print(f"{REPLACE_FLAG}: moved the earlier run {old} to {new}", file=sys.stderr, flush=True)
             if old == Path(self.trainer.default_root_dir):
                 os.makedirs(old, exist_ok=True)  # the loggers built above write here
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if getattr(self, "_claim", None) is not None:
+                self._claim.release()
 
 
 PRINT_CONFIG = "--print_config"

@@ -97,3 +97,55 @@ def test_a_folder_a_callback_writes_is_checked_before_it_trains(tmp_path, shared
                                   f"--trainer.callbacks.dirpath={tmp_path / 'afile' / 'hf'}"), env=ENV)
     one_error(result, "MetricsFile.dirpath", str(tmp_path / "afile"), "is a file")
     assert not (root / "checkpoints").exists()
+
+
+# -- two writers, one run folder -------------------------------------------------------------------------------
+def test_a_fit_claims_its_run_folder_and_a_second_one_is_refused_while_it_runs(tmp_path, shared_data, cache_dir):
+    """Two fits started together into a fresh folder both found it empty and trained into it. A fit claims the
+    folder atomically first; here this test process holds the claim, as a running fit would."""
+    from dq_lightning.run_folder import claim_run_folder
+
+    root = tmp_path / "teacher-tiny"
+    held = claim_run_folder(root)
+    try:
+        result = run_cli(*teacher_fit(root, cache_dir, shared_data / "xsum"), env=ENV)
+        one_error(result, f"--trainer.default_root_dir={root}", "another fit is training into it", "nothing was written")
+        assert not root.exists() or not any(root.rglob("*"))
+    finally:
+        held.release()
+    done = run_cli(*teacher_fit(root, cache_dir, shared_data / "xsum"), env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.glob(".*claim*")), "the fit left its claim behind"
+
+
+def test_the_claim_of_a_killed_fit_does_not_block_the_next(tmp_path, shared_data, cache_dir):
+    from dq_lightning.claims import claim_beside
+
+    root = tmp_path / "teacher-tiny"
+    dead = json.dumps({"host": __import__("socket").gethostname(), "pid": 2 ** 22 + 12345, "token": "x"})
+    claim_beside(root).write_text(dead)
+    result = run_cli(*teacher_fit(root, cache_dir, shared_data / "xsum"), env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not claim_beside(root).exists()
+
+
+@pytest.mark.slow  # two fresh interpreters started together: `make test-slow`
+@pytest.mark.timeout(600)
+def test_two_fits_started_together_into_one_fresh_folder_train_once(tmp_path, shared_data, cache_dir):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    root = tmp_path / "teacher-tiny"
+    command = [sys.executable, "-m", "dq_lightning", *teacher_fit(root, cache_dir, shared_data / "xsum")]
+    processes = [subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(process.wait(), *process.communicate()) for process in processes]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [stderr[-2000:] for _, _, stderr in results]
+    refused = next(stderr for code, _, stderr in results if code == 2)
+    assert ("another fit is training into it" in refused or "holds an earlier run" in refused), refused[-2000:]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]

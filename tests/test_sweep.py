@@ -243,7 +243,7 @@ def test_runner_tests_unless_the_fit_process_already_did(tmp_path):
 CLAIMER = """
 import json, os, sys, time
 from pathlib import Path
-from dq_lightning.sweep.claims import Claim, acquire
+from dq_lightning.claims import Claim, acquire
 go, done, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.01)
@@ -294,8 +294,8 @@ def test_stale_claims_are_taken_over_only_when_their_process_is_known_dead(tmp_p
     import json
     import socket
 
-    from dq_lightning.sweep import claims
-    from dq_lightning.sweep.claims import Claim, _process_start, acquire
+    from dq_lightning import claims
+    from dq_lightning.claims import Claim, _process_start, acquire
 
     host = socket.gethostname()
     dead = tmp_path / "dead"
@@ -326,7 +326,7 @@ def test_stale_claims_are_taken_over_only_when_their_process_is_known_dead(tmp_p
 
 
 def test_a_held_claim_is_touched_until_it_is_released(tmp_path, monkeypatch):
-    from dq_lightning.sweep import claims
+    from dq_lightning import claims
 
     monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
     claim = claims.acquire(tmp_path)

@@ -11,7 +11,7 @@ Offline runs are resumable: each run directory keeps a `status.json`; a finished
 interrupted one continues from its `checkpoints/last.ckpt` (an empty or unreadable one is moved aside, and the
 run continues from the newest readable checkpoint or from scratch), and a failed one is recorded with its
 error (and retried on the next start) while the sweep carries on; a sweep with failed runs exits 1 naming
-them. Several workers may run one sweep at once: each point is claimed atomically (`dq_lightning.sweep.claims`),
+them. Several workers may run one sweep at once: each point is claimed atomically (`dq_lightning.claims`),
 so no point is trained twice; `--workers N` runs N of them in this one process (on a CPU machine each run then
 gets its share of the cores: small models train faster as several one-thread processes than as one that
 spreads every operation over all cores).
@@ -42,7 +42,8 @@ from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillati
                                             seed_summary)
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_tradeoff, read_json, run_row,
                                        seed_markdown, teacher_row, write_csv_atomic)
-from dq_lightning.sweep import claims, robustness
+from dq_lightning import claims
+from dq_lightning.sweep import robustness
 from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
 from dq_lightning.sweep.spec import SEED_PARAMETER, SweepPoint, command_for, expand_grid, load_sweep, run_id_of
 
