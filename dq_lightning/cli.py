@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
-from dq_lightning.cluster import resume_path, with_agent_args
+from dq_lightning.cluster import rendezvous_error, resume_path, with_agent_args
 from dq_lightning.errors import UserError, command_line, first_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
@@ -400,5 +400,12 @@ def main(argv: list[str]) -> int:
     # error into one line. Only here: the sweep's point check reads the printed text of CLI_OPTIONS' parser.
     options = {**CLI_OPTIONS, "parser_kwargs": {**CLI_OPTIONS["parser_kwargs"], "exit_on_error": False}}
     # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
-    DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options, args=None if argv == sys.argv[1:] else argv)
+    try:
+        DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options,
+                       args=None if argv == sys.argv[1:] else argv)
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is a DDP rendezvous that timed out
+        waited = rendezvous_error(error)
+        if waited is None:
+            raise
+        raise UserError(waited) from None
     return 0
