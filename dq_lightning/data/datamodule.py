@@ -288,7 +288,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         common = dict(batch_size=batch_size, collate_fn=self.collator(), num_workers=self.hparams.num_workers,
                       persistent_workers=self.hparams.num_workers > 0)
         if not shuffle:
-            return DataLoader(self.datasets[split], shuffle=False, **common)
+            # A generator of its own: a DataLoader draws each pass's base seed from it, else from the global RNG,
+            # and an evaluation (one a stop triggers, one Lightning skips on resume) would shift what training
+            # draws next (dropout), so a resumed fit would not continue as an uninterrupted one.
+            return DataLoader(self.datasets[split], shuffle=False, generator=torch.Generator(), **common)
         # The shuffling generator is seeded from the run's seed (seed_everything), not the global RNG, so the
         # order of batches is reproducible and can be restored mid-epoch.
         generator = torch.Generator().manual_seed(torch.initial_seed())
