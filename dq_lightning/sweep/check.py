@@ -16,7 +16,7 @@ import re
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import yaml
@@ -134,6 +134,44 @@ def preflight_gpus(sweep: dict, gpus: int | None) -> None:
         check_gpus(accelerator, devices, f"{config_file} (trainer.accelerator: {accelerator})")
 
 
+# -- the teacher, before it is trained ----------------------------------------------------------------
+def teacher_stand_in(task: str, scale: str, teacher_dir) -> dict:
+    """{<teacher_dir>/hf: the transformers config of the teacher `make teacher` trains there}, while that
+    directory does not exist yet: the model `experiments/<task>/teacher-<scale>.yaml` names, or the pre-training
+    stage's when the task has one (the teacher starts from it). Students are checked against its shape (depth,
+    heads, widths) before it is trained. {} when it exists, or when its shape cannot be told offline."""
+    from pathlib import Path
+
+    hf = Path(teacher_dir) / "hf"
+    if hf.exists():
+        return {}
+    stages = [Path("experiments") / task / f"{stage}-{scale}.yaml" for stage in ("pretrain", "teacher")]
+    stage = next((path for path in stages if path.is_file()), None)
+    try:
+        model = _config_setting(read_composed(stage), "model", "model") if stage else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, UserError):
+        model = None
+    config = _model_config(str(model)) if model else None
+    return {hf: config} if config is not None else {}
+
+
+def _model_config(name: str):
+    """The transformers config of a preset, of a Hub id that is one's shape (facebook/bart-base), or of a local
+    model directory; None otherwise."""
+    from pathlib import Path
+
+    from dq_lightning.models.presets import PRESETS, build_config
+
+    preset = name if name in PRESETS else name.rpartition("/")[2]
+    if preset in PRESETS:
+        return build_config(preset)
+    if (Path(name).expanduser() / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()), local_files_only=True)
+    return None
+
+
 # -- every grid point ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet() -> Iterator[io.StringIO]:
@@ -211,19 +249,23 @@ def _params_text(point: SweepPoint) -> str:
     return ", ".join(f"{name}={value}" for name, value in point.params.items())
 
 
-def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[str] = (),
-                 instantiate: bool = True) -> dict[str, str]:
-    """Check every point of the grid as its run would meet it; return each run id's module class path.
+def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[str] = (), instantiate: bool = True,
+                 run_commands: Callable[[SweepPoint], dict] | None = None, splits: dict[str, str] | None = None
+                 ) -> dict[str, str]:
+    """Check every point of the grid as its runs will meet it; return each run id's module class path.
 
-    Each point is parsed with the sweep command's flags, the point's and `extra` (--data-dir, --gpus), and with
-    `instantiate` its model, data and trainer are built: a typo'd value, an unknown flag, a value of the wrong
-    type, a teacher that cannot be read or GPUs this machine lacks stop the sweep here, naming the point and
-    the parameter. The teacher is read once for all points. Without `instantiate` (no teacher yet), points
-    are only parsed.
+    `run_commands(point)` gives each command the sweep runs for the point ({stage: its arguments after
+    `python -m dq_lightning`, from the stage on}), exactly as it will run them, with the flags the sweep adds
+    itself (run folder, W&B names) and `extra` (--data-dir, --gpus); by default the fit of the sweep command
+    with `extra`. Each is parsed, the data splits it reads (`splits`: split -> what reads it) are checked,
+    and with `instantiate` the fit's model, data and trainer are built: a typo'd
+    value, an unknown flag or parameter, a value of the wrong type, a flag that makes every run fail, a
+    missing split, a teacher that cannot be read or GPUs this machine lacks stop the sweep here, naming the
+    point and the parameter. The teacher is read once for all points. Without `instantiate`, points are
+    only parsed.
     """
-    from dq_lightning.errors import find_user_error
     from dq_lightning.distill.student import each_teacher_loaded_once  # one read of the teacher for every point
-    from dq_lightning.sweep.check_cli import CheckCLI  # imports Lightning, which the preflight does not need
+    from dq_lightning.sweep.check_cli import CheckCLI  # imports Lightning, which reading the sweep file does not need
 
     command = command_for(sweep, [])
     if "fit" not in command:
@@ -231,6 +273,11 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
     start = command.index("fit") + 1
     fixed = command[start:]
     config = _flag_value(fixed, "--config") or "the sweep command"
+    if config != "the sweep command" and not os.path.isfile(config):
+        raise UserError(f"{path}: the sweep command's --config {config}: no such file")
+    if run_commands is None:
+        def run_commands(point: SweepPoint) -> dict[str, list[str]]:
+            return {"fit": ["fit", *command_for(sweep, point.flags)[start:], *extra]}
     failures: dict[str, tuple[SweepPoint, UserError]] = {}  # by reason: a typo fails many points alike
     classes, rejected = {}, 0
     with tempfile.TemporaryDirectory(prefix="dq-sweep-check-") as scratch, each_teacher_loaded_once():
@@ -239,19 +286,15 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
         with _quiet():
             cli = CheckCLI.build_once(instantiate)
         for point in points:
-            argv = ["fit", *command_for(sweep, point.flags)[start:], *extra, *root]
-            with _quiet() as text:
-                try:
-                    classes[point.run_id] = cli.build(argv, *_gpu_culprits(argv, point, extra, config))
-                    continue
-                except SystemExit:
-                    failure = _parse_failure(text.getvalue(), point, fixed, config)
-                except ParseRejected as error:
-                    failure = _worded_parse_failure(str(error), point, config)
-                except Exception as error:  # noqa: BLE001 - user errors are reported, bugs re-raised
-                    failure = find_user_error(error)
-                    if failure is None:
-                        raise  # a bug, not the user's input: it keeps its traceback
+            failure = None
+            for stage, argv in run_commands(point).items():
+                bare = [stage, *command_for(sweep, point.flags)[start:], *extra]
+                failure = _check_run(cli, argv, root, bare, point, fixed, config, extra, splits,
+                                     build=instantiate and stage == "fit", classes=classes)
+                if failure is not None:
+                    break
+            if failure is None:
+                continue
             if isinstance(failure, GridWide):
                 raise UserError(f"{path}: {failure}")
             rejected += 1
@@ -265,6 +308,49 @@ def check_points(sweep: dict, path, points: list[SweepPoint], extra: Sequence[st
         count = "" if rejected == 1 else f"{rejected} of {len(points)} grid points are rejected before any run starts: "
         raise UserError(f"{path}: {count}{'; '.join(named)}{more}")
     return classes
+
+
+def _check_run(cli, argv: list[str], root: list[str], bare: list[str], point: SweepPoint, fixed: list[str],
+               config: str, extra: Sequence[str], splits: dict[str, str] | None, build: bool,
+               classes: dict[str, str]) -> UserError | None:
+    """The one-line complaint about one run of a point (None when it passes); `root` puts what the check
+    builds in a scratch folder. A run refused only for the flags the sweep adds itself (`argv` minus `bare`)
+    is refused for a flag of the sweep command that they conflict with, at every point alike."""
+    from dq_lightning.errors import find_user_error
+
+    stage = argv[0]
+    with _quiet() as text:
+        try:
+            model_class = cli.build([*argv, *root], *_gpu_culprits(argv, point, extra, config), build_classes=build,
+                                    splits=splits)
+            if stage == "fit":
+                classes[point.run_id] = model_class
+            return None
+        except SystemExit:
+            failure = _parse_failure(text.getvalue(), point, fixed, config)
+        except ParseRejected as error:
+            failure = _worded_parse_failure(str(error), point, config)
+        except Exception as error:  # noqa: BLE001 - user errors are reported, bugs re-raised
+            failure = find_user_error(error)
+            if failure is None:
+                raise  # a bug, not the user's input: it keeps its traceback
+            return failure  # parsed, then refused while built: the point's own settings
+    added = [token for token in argv[len(bare):] if not token.startswith("--trainer.default_root_dir=")]
+    if added and argv[:len(bare)] == bare and _parses(cli, [*bare, *root]):
+        return GridWide(f"every run's {stage} command gets {' '.join(added)} from the sweep (its run folder and "
+                        f"W&B names), which {config} with the sweep command's flags refuses ({failure}): a flag of "
+                        f"the sweep command conflicts with them (e.g. --trainer.logger=false: drop it; without a "
+                        f"W&B login the runs log offline)")
+    return failure
+
+
+def _parses(cli, argv: list[str]) -> bool:
+    with _quiet():
+        try:
+            cli.build(argv, "", "", build_classes=False, splits={})
+            return True
+        except (SystemExit, Exception):  # noqa: BLE001 - only whether it parses is asked
+            return False
 
 
 def _gpu_culprits(argv: list[str], point: SweepPoint, extra: Sequence[str], config: str) -> tuple[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from dq_lightning.cli import CLI_OPTIONS, DQLightningCLI
+from dq_lightning.cli import CLI_OPTIONS, DQLightningCLI, check_data_config
 from dq_lightning.errors import UserError, first_line
 from dq_lightning.sweep.check import GridWide, ParseRejected, check_gpus
 
@@ -53,17 +53,23 @@ class CheckCLI(DQLightningCLI):
         except (ValueError, TypeError, RuntimeError) as error:  # MisconfigurationException is a ValueError
             raise UserError(f"trainer: {first_line(error)}") from None
 
-    def build(self, argv: list[str], gpu_culprit: str, devices_culprit: str) -> str:
-        """Parse and build the run of `argv` (from `fit` on); return its model's class path."""
+    def build(self, argv: list[str], gpu_culprit: str, devices_culprit: str, build_classes: bool | None = None,
+              splits: dict[str, str] | None = None) -> str:
+        """Parse the run of `argv` (from its subcommand on), check the data splits it reads (`splits`: split ->
+        what reads it; None: none checked), and with `build_classes` (default: as built) build it; return its
+        model's class path."""
         try:
             self.parse_arguments(self.parser, argv)
         except UserError as error:  # a parser that words its complaints itself, rather than exiting
             raise ParseRejected(str(error)) from None
-        self.subcommand = "fit"
+        self.subcommand = subcommand = argv[0]
         self._parse_ckpt_path()
-        if not self.build_classes:  # GPUs are the machine's business, not the file's
-            return str(self.config["fit"]["model"]["class_path"])
-        trainer = self.config["fit"]["trainer"]
+        config = self.config[subcommand]
+        if splits is not None:
+            check_data_config(config.get("data"), splits)
+        if not (self.build_classes if build_classes is None else build_classes):
+            return str(config["model"]["class_path"])  # GPUs are the machine's business, not the file's
+        trainer = config["trainer"]
         try:
             check_gpus(trainer.get("accelerator"), trainer.get("devices"), gpu_culprit, devices_culprit)
         except UserError as error:
@@ -73,4 +79,4 @@ class CheckCLI(DQLightningCLI):
             self.instantiate_classes()
         finally:
             self.model = self.datamodule = self.trainer = self.config_init = None
-        return str(self.config["fit"]["model"]["class_path"])
+        return str(config["model"]["class_path"])

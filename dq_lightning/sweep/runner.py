@@ -44,7 +44,7 @@ from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, plot_t
                                        seed_markdown, teacher_row, write_csv_atomic)
 from dq_lightning import claims
 from dq_lightning.sweep import robustness
-from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
+from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus, teacher_stand_in
 from dq_lightning.sweep.spec import SEED_PARAMETER, SweepPoint, command_for, expand_grid, load_sweep, run_id_of
 
 SCALES = ("tiny", "paper")
@@ -248,6 +248,7 @@ class LocalSweep:
         self.workers, self.env = workers, thread_environment(workers)
         self.stopping = Stop() if workers > 1 else None
         self._lock = threading.Lock()  # the worker threads' shared outcome and tried points
+        self.started = time.time()  # a point that failed since then is not retried by this process
 
     def command(self, point: SweepPoint, stage: str) -> list[str]:
         command = command_for(self.sweep, point.flags)
@@ -303,6 +304,8 @@ class LocalSweep:
                 with self._lock:
                     if point.run_id in self.tried or point.run_id in outcome.finished:
                         continue
+                    if self._failed_elsewhere(point, read_json(run_dir / "status.json"), prefix):
+                        continue
                     if read_json(run_dir / "status.json").get("status") == "finished":
                         by = "by another worker" if point.run_id in outcome.elsewhere else "earlier"
                         print(f"{prefix}: finished {by}, skipped", flush=True)
@@ -324,6 +327,9 @@ class LocalSweep:
                               f"longer running", flush=True)
                     # Re-read under the claim: another worker may have finished it since the read above.
                     status = read_json(run_dir / "status.json")
+                    with self._lock:
+                        if self._failed_elsewhere(point, status, prefix):
+                            continue
                     if status.get("status") == "finished":
                         print(f"{prefix}: finished by another worker, skipped", flush=True)
                         with self._lock:
@@ -338,6 +344,18 @@ class LocalSweep:
                         outcome.failed.append((point.run_id, *error))
                     else:
                         outcome.finished.append(point.run_id)
+
+    def _failed_elsewhere(self, point: SweepPoint, status: dict, prefix: str) -> bool:
+        """Whether another worker's run of `point` failed since this process started: then it is not tried
+        again here (every worker would repeat the same failure); the sweep run again retries it. Under the
+        lock."""
+        if status.get("status") != "failed" or float(status.get("updated_at") or 0) < self.started:
+            return False
+        self.tried.add(point.run_id)
+        self.outcome.failed.append((point.run_id, status.get("stage", "?"), status.get("error", "")))
+        print(f"{prefix}: failed in another worker since this one started ({status.get('error', '')}); not "
+              f"retried here", flush=True)
+        return True
 
     def claim(self, run_dir: Path) -> claims.Claim | dict:
         try:
@@ -355,7 +373,7 @@ class LocalSweep:
 
         def record(state: str, **fields) -> None:
             write_json_atomic(run_dir / "status.json", {
-                "status": state, "params": point.params, "attempts": attempts,
+                "status": state, "params": point.params, "attempts": attempts, "updated_at": time.time(),
                 "wall_time_s": round(spent_before + time.time() - started, 1), **fields})
 
         def say(text: str) -> None:
@@ -585,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "share of words perturbed (python -m dq_lightning robustness); results.csv gains "
                              "robust<RATE>/... columns")
     parser.add_argument("--preflight", action="store_true",
-                        help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
-                             "exit; `make sweep` runs it before training the teacher")
+                        help="only run the check the sweep runs before it trains (arguments, sweep file, data, GPUs "
+                             "and every run's commands, built against a stand-in of the teacher when it is not "
+                             "trained yet), then exit; `make sweep` runs it before training the teacher")
     return parser
 
 
@@ -610,12 +629,46 @@ def _test_set(test_file: str | None, task) -> TestSet | None:
     return test_set
 
 
+# What every run reads: the fit its training and validation splits, the test (after the fit, or the sweep's own
+# test stage) the test split.
+SPLITS_READ = {"train": "every run's fit", "validation": "every run's fit", "test": "every run's test"}
+
+
+def check_sweep(args: argparse.Namespace, task, sweep: dict, path: Path, points: list[SweepPoint],
+                sweep_dir: Path, name: str, extra: list[str], teacher_dir: Path, wandb_mode: str) -> dict[str, str]:
+    """The one check before anything trains, run in full both by `--preflight` (which `make sweep` runs before
+    it trains the teacher) and by the sweep itself: data and GPUs; a run folder that can be written; and every
+    command each point will run (its fit and its test, with the flags the sweep adds), parsed, the data splits
+    they read checked, and the model, data and trainer built. Before the teacher exists, students are built
+    against a stand-in of its shape (`teacher_stand_in`). Returns the points' model classes."""
+    from dq_lightning.distill.student import teachers_stood_in
+    from dq_lightning.run_folder import check_writable
+
+    preflight_data(task, sweep, args.data_dir)
+    preflight_gpus(sweep, args.gpus)
+    check_writable(sweep_dir, "--runs (the sweep folder)")
+    local = LocalSweep(sweep, points, sweep_dir, name, extra, {})
+
+    def run_commands(point: SweepPoint) -> dict[str, list[str]]:
+        if wandb_mode == "online":  # a W&B agent runs the sweep's command with the machine's flags, no more
+            return {"fit": command_for(sweep, point.flags)[command_for(sweep, []).index("fit"):] + extra}
+        return {stage: command[command.index(stage):] for stage in ("fit", "test")
+                for command in [local.command(point, stage)]}
+
+    stand_in = teacher_stand_in(args.task, args.scale, teacher_dir)
+    # A teacher that is not there yet and whose shape is unknown: the points are parsed, not built.
+    instantiate = bool(stand_in) or (teacher_dir / "hf").exists()
+    print(f"sweep {path}: checking {len(points)} grid points"
+          + (" against a stand-in of the teacher to be trained" if stand_in else "") + " ...", flush=True)
+    with teachers_stood_in(stand_in):
+        return check_points(sweep, path, points, extra, instantiate=instantiate, run_commands=run_commands,
+                            splits=SPLITS_READ)
+
+
 def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[str], workers: int,
-           wandb_mode: str):
-    """Check every grid point, then train the grid (here, or through a W&B sweep when online); returns the
-    local sweep's outcome (None online) and the points' model classes."""
-    print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
-    classes = check_points(sweep, path, points, extra)
+           wandb_mode: str, classes: dict[str, str]):
+    """Train the grid (here, or through a W&B sweep when online); returns the local sweep's outcome (None
+    online)."""
     at_once = f", {workers} at once" if workers > 1 else ""
     print(f"sweep {path}: {len(points)} runs{at_once}, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
     started = time.time()
@@ -625,7 +678,7 @@ def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[st
     else:
         outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes, workers).run()
     print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
-    return outcome, classes
+    return outcome
 
 
 def _measure_robustness(args: argparse.Namespace, points: list[SweepPoint], sweep_dir: Path, teacher_dir: Path,
@@ -665,20 +718,20 @@ def _main(args: argparse.Namespace) -> int:
             # A report of nothing but pending runs, written under a typo'd path, would look like a fresh sweep.
             raise UserError(f"--report-only: no sweep at {sweep_dir} (--runs {args.runs}, --task {args.task}, "
                             f"--scale {args.scale}); nothing has run there to report on")
-        if not args.report_only:
-            preflight_data(task, sweep, args.data_dir)
-            preflight_gpus(sweep, args.gpus)
-        if args.preflight:
-            print(f"sweep {path}: {len(points)} runs; arguments, sweep file, data and GPUs checked", flush=True)
-            return 0
-        from dq_lightning.loggers import resolve_wandb_mode  # imports Lightning: not needed by --preflight
+        from dq_lightning.loggers import resolve_wandb_mode
 
         wandb_mode = resolve_wandb_mode("auto")
         extra = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
         if args.gpus:
             extra += ["--trainer.accelerator=gpu", f"--trainer.devices={args.gpus}", "--trainer.strategy=ddp"]
-        outcome, classes = (None, {}) if args.report_only else \
-            _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode)
+        classes = {} if args.report_only else \
+            check_sweep(args, task, sweep, path, points, sweep_dir, name, extra, teacher_dir, wandb_mode)
+        if args.preflight:
+            print(f"sweep {path}: {len(points)} runs; arguments, sweep file, data, GPUs and every run's commands "
+                  "checked", flush=True)
+            return 0
+        outcome = None if args.report_only else \
+            _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode, classes)
         if test_set is not None:
             failures = retest(LocalSweep(sweep, points, sweep_dir, name, extra, classes), points, teacher_dir,
                               Path("experiments") / args.task / f"teacher-{args.scale}.yaml", test_set, extra)
