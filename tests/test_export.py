@@ -374,3 +374,77 @@ def test_cli_export_then_predict_from_stdin(checkpoints, shared_data, tmp_path):
     assert "status 141" in piped.stderr, piped.stderr[-2000:]
     bad = run_cli("predict", "--model", str(tmp_path), "--input", "-")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --model") and "neither a packed export" in bad.stderr
+
+
+# -- the manifest's own settings ------------------------------------------------------------------------------
+def _edits(value, path=()):
+    """(path, edited copy of `value`) for every field of a JSON value: each leaf changed, each key removed,
+    a key added to each mapping and an item to each list."""
+    if isinstance(value, dict):
+        yield path + ("<added key>",), {**value, "added_by_test": 1}
+        for key, item in value.items():
+            yield path + (key, "<removed>"), {k: v for k, v in value.items() if k != key}
+            for where, edited in _edits(item, path + (key,)):
+                yield where, {**value, key: edited}
+    elif isinstance(value, list):
+        yield path + ("<added item>",), [*value, value[-1] if value else 0]
+        for index, item in enumerate(value):
+            for where, edited in _edits(item, path + (index,)):
+                yield where, [*value[:index], edited, *value[index + 1:]]
+    elif isinstance(value, bool):
+        yield path, not value
+    elif isinstance(value, (int, float)):
+        yield path, value + 1 if value == value else 0.0
+    elif isinstance(value, str):
+        yield path, value + "x"
+    else:  # None
+        yield path, 0
+
+
+@pytest.mark.parametrize("name", ["2-2-8 fitted", "4-4-8 lsq attention"])
+def test_every_edited_field_of_the_manifest_is_refused(name, exported, tmp_path):
+    """Not only the tensors and files: a manifest setting that changes the computation (an activation
+    quantizer's clip, bits or method, the QuantConfig, the attention choice, the source length predict reads)
+    loads as a different model unless the manifest's own content is checked. Every field is edited, one at a
+    time, and each edit is refused; a field that changes nothing is refused alike (one rule, no list of
+    fields to keep up to date)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(exported[name], copy)
+    original = json.loads((copy / MANIFEST).read_text())
+    edits = list(_edits(original))
+    assert len(edits) > 200 and any("activation_quantizers" in where for where, _ in edits)
+    for where, edited in edits:
+        (copy / MANIFEST).write_text(json.dumps(edited, indent=1))
+        with pytest.raises(UserError) as refused:
+            load_packed(copy)
+        assert MANIFEST in str(refused.value) or "format version" in str(refused.value) \
+            or "model class" in str(refused.value), where
+    (copy / MANIFEST).write_text(json.dumps(original, sort_keys=True))  # another layout, the same content
+    load_packed(copy)
+
+
+def test_the_manifest_digest_is_what_stands_between_an_edited_setting_and_a_different_model(exported, tmp_path,
+                                                                                          shared_data, teacher_dir):
+    """The guard is needed: the same edit with the digest recomputed loads, and computes something else."""
+    from dq_lightning.export.manifest import with_digest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["2-2-8 fitted"], copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    for entry in manifest["activation_quantizers"].values():
+        entry["clip"] = 0.05  # every quantized Linear's input clipped hard
+    (copy / MANIFEST).write_text(json.dumps(with_digest(manifest), indent=1))
+    batch = _inputs(shared_data, teacher_dir, count=2)
+    with torch.no_grad():
+        edited = load_packed(copy)(**batch, decoder_input_ids=batch["input_ids"][:, :4]).logits
+        kept = load_packed(exported["2-2-8 fitted"])(**batch, decoder_input_ids=batch["input_ids"][:, :4]).logits
+    assert not torch.allclose(edited, kept)
+
+
+def test_an_export_of_format_version_1_is_refused_with_what_to_do(export_copy):
+    manifest = json.loads((export_copy / MANIFEST).read_text())
+    manifest["version"] = 1
+    manifest.pop("manifest_sha256")
+    (export_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="version 1.*export the checkpoint again"):
+        load_packed(export_copy)

@@ -23,7 +23,7 @@ from torch import Tensor
 from dq_lightning.errors import UserError, command_line
 from dq_lightning.export.checkpoint import load_student, resolve_task, trained_source_length
 from dq_lightning.export.manifest import (FORMAT, MANIFEST, MODEL_CLASSES, VERSION, WEIGHTS, dtype_name,
-                                          sha256_file, sha256_tensor)
+                                          sha256_file, sha256_tensor, with_digest)
 from dq_lightning.export.tensors import check_structure, collect_tensors
 from dq_lightning.files import replace_directory, staging_directory
 
@@ -67,8 +67,8 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
                   metadata={"format": f"{FORMAT} {VERSION}"})  # one key: safetensors writes several in random order
         files = {path.relative_to(staging).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
                  for path in sorted(staging.rglob("*")) if path.is_file()}
-        manifest = _manifest(module, checkpoint, checkpoint_path, task_spec, attn_implementation, stored, structure,
-                             files)
+        manifest = with_digest(_manifest(module, checkpoint, checkpoint_path, task_spec, attn_implementation, stored,
+                                         structure, files))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
