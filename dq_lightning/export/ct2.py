@@ -157,19 +157,30 @@ def ct2_options(generation, tokenizer) -> dict[str, Any]:
     return options
 
 
+def generation_with(config, settings: dict):
+    """A copy of a GenerationConfig with `settings` changed."""
+    return config.__class__.from_dict({**config.to_dict(), **settings})
+
+
 class Ct2Seq2Seq:
     """A CTranslate2 `Translator` with the tokenizer's ids in and out."""
 
     def __init__(self, directory: Path, tokenizer, threads: int | None = None, compute_type: str = "int8"):
         import ctranslate2
+        from transformers import AutoConfig, GenerationConfig
 
+        self.config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        self.generation_config = GenerationConfig.from_pretrained(str(directory))
         self.tokenizer = tokenizer
         self.compute_type = compute_type
         self.translator = ctranslate2.Translator(str(directory / CT2_DIR), device="cpu", compute_type=compute_type,
                                                  intra_threads=threads or 0, inter_threads=1)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation) -> list[list[int]]:
-        """Generated token ids (no start token) of each row of a padded batch."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config=None,
+                 **settings) -> list[list[int]]:
+        """Generated token ids (no start token) of each row of a padded batch; `settings` override single
+        decoding settings, as in transformers' `generate`."""
+        generation = generation_with(generation_config or self.generation_config, settings)
         sources = [self.tokenizer.convert_ids_to_tokens(row[mask.bool()].tolist())
                    for row, mask in zip(input_ids, attention_mask)]
         options = ct2_options(generation, self.tokenizer)

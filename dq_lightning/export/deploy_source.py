@@ -61,12 +61,17 @@ def read_source(model_dir: str | None = None, checkpoint: str | None = None, tea
     from dq_lightning.export.manifest import MANIFEST
 
     if checkpoint is not None:
-        from dq_lightning.export.export import export_student
+        from dq_lightning.export.checkpoint import NotQuantized
+        from dq_lightning.export.export import export_full_precision_student, export_student
 
         with tempfile.TemporaryDirectory(prefix="dq_deploy_") as work:
             packed = Path(work) / "packed"
-            export_student(checkpoint, packed, teacher=teacher, task=task)
-            source = _read_packed(packed, "--ckpt")
+            try:
+                export_student(checkpoint, packed, teacher=teacher, task=task)
+                source = _read_packed(packed, "--ckpt")
+            except NotQuantized:  # a full-precision (32-32-32) student: exported as a Hugging Face directory
+                export_full_precision_student(checkpoint, packed, teacher=teacher)
+                source = _read_hf(packed, task)
         source.origin = str(Path(checkpoint).expanduser().resolve())
         return source
     path = Path(model_dir).expanduser()

@@ -177,10 +177,14 @@ def _generation_config(module, task, tokenizer):
 
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse, before the (slow) student is rebuilt, an `--out` that cannot become an export directory."""
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
-        raise UserError(f"--out {out_dir}: exists and is not a packed export; choose a new directory")
+def _check_out_dir(out_dir: Path, manifest: str = MANIFEST, what: str = "a packed export",
+                   same_format=lambda path: True) -> None:
+    """Refuse, before the (slow) student is rebuilt, an `--out` that cannot become an export directory: one
+    holding other files than an earlier export of the same kind (`manifest`, for which `same_format` holds)."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (
+            (out_dir / manifest).exists() and same_format(out_dir / manifest)))):
+        raise UserError(f"--out {out_dir}: exists and is not {what} (it holds other files, which would be "
+                        "mixed with the export or lost); choose a new or empty directory")
     existing = next(path for path in (out_dir, *out_dir.parents) if path.exists() or path == path.parent)
     if not existing.is_dir():
         raise UserError(f"--out {out_dir}: {existing} is a file, so no directory can be made below it")
@@ -189,7 +193,7 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _export_files(out_dir: Path) -> Iterator[Path]:
+def _export_files(out_dir: Path, manifest: str = MANIFEST) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds, its files become the export in `out_dir`.
 
     A new `out_dir` is the staging directory renamed (`replace_directory`). An existing one (empty, or an
@@ -206,20 +210,20 @@ def _export_files(out_dir: Path) -> Iterator[Path]:
                 yield staging
             return
         previous = []
-        if (out_dir / MANIFEST).is_file():
+        if (out_dir / manifest).is_file():
             try:
-                previous = list(json.loads((out_dir / MANIFEST).read_text()).get("files", {}))
+                previous = list(json.loads((out_dir / manifest).read_text()).get("files", {}))
             except (ValueError, AttributeError):
                 previous = []  # an unreadable manifest: replace what this export writes, remove nothing else
         staging = staging_directory(out_dir, ".dq_export.staging.")
         try:
             yield staging
             written = sorted((path.relative_to(staging) for path in staging.rglob("*") if path.is_file()),
-                             key=lambda rel: rel.as_posix() == MANIFEST)
+                             key=lambda rel: rel.as_posix() == manifest)
             for rel in written:
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / rel, out_dir / rel)
-            stale = set(previous) - {rel.as_posix() for rel in written} - {MANIFEST}
+            stale = set(previous) - {rel.as_posix() for rel in written} - {manifest}
             for name in stale:
                 target = out_dir / name
                 if target.is_file() and target.resolve().is_relative_to(out_dir.resolve()):
@@ -234,22 +238,38 @@ def _export_files(out_dir: Path) -> Iterator[Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dq_lightning export",
-        description="Write a DQ student checkpoint as a packed low-bit directory: integer codes at their width "
-                    "plus FP32 scales in safetensors, with config, tokenizer and a checksummed manifest. Load it "
-                    "with dq_lightning.export.load_packed or `python -m dq_lightning predict --model DIR`.")
-    parser.add_argument("--ckpt", required=True, metavar="FILE", help="a DQStudentModule checkpoint (.ckpt)")
+        description="Write a DQ student as a packed low-bit directory (--format packed: integer codes at their "
+                    "width plus FP32 scales in safetensors, with config, tokenizer and a checksummed manifest; load "
+                    "it with dq_lightning.export.load_packed or `python -m dq_lightning predict --model DIR`), or "
+                    "as an ONNX Runtime or CTranslate2 model (--format onnx|ctranslate2, from a checkpoint, a "
+                    "packed export or a full-precision Hugging Face directory such as the teacher; run it with "
+                    "`predict --model DIR`).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", metavar="FILE", help="a DQStudentModule checkpoint (.ckpt)")
+    source.add_argument("--model", metavar="DIR", help="--format onnx|ctranslate2 only: a packed export or a "
+                        "Hugging Face model directory (e.g. the FP32 teacher)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
+    parser.add_argument("--format", default="packed", choices=("packed", "onnx", "ctranslate2"),
+                        help="packed (default): this project's low-bit format; onnx: ONNX Runtime graphs with int8 "
+                        "codes and the trained activation quantizers; ctranslate2: a CTranslate2 model with int8 "
+                        "codes")
     parser.add_argument("--teacher", metavar="DIR", help="the teacher directory, if it moved since training "
                         "(default: the checkpoint's model.teacher)")
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer to ship (default: the teacher's)")
-    parser.add_argument("--task", metavar="NAME", help="task whose decoding settings to ship (default: from the "
-                        "checkpoint or the teacher directory)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer to ship (default: the teacher's; "
+                        "--format packed only)")
+    parser.add_argument("--task", metavar="NAME", help="task whose decoding settings (and, for mBART, language "
+                        "codes) to ship (default: from the checkpoint, the export or the teacher directory)")
     return parser
 
 
 @command_line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.format != "packed":
+        return _runtime_export(args)
+    if args.model is not None:
+        raise UserError(f"--model {args.model}: --format packed exports a student checkpoint (--ckpt FILE); "
+                        "--model is for --format onnx or ctranslate2")
     manifest = export_student(args.ckpt, args.out, teacher=args.teacher, tokenizer=args.tokenizer, task=args.task)
     size = manifest["size"]
     total = sum(entry["bytes"] for entry in manifest["files"].values())
@@ -265,4 +285,18 @@ def main(argv: list[str]) -> int:
         lines.append(f"  file ratio vs the teacher's model.safetensors: "
                      f"{size['teacher_file_bytes'] / size['weights_bytes']:.2f}x")
     print("\n".join(lines))
+    return 0
+
+
+def _runtime_export(args: argparse.Namespace) -> int:
+    from dq_lightning.export.deploy import export_runtime
+
+    if args.tokenizer is not None:
+        raise UserError(f"--tokenizer {args.tokenizer}: --format {args.format} ships the tokenizer of its source "
+                        "(export a packed directory with --tokenizer first)")
+    manifest = export_runtime(args.format, args.out, model_dir=args.model, checkpoint=args.ckpt,
+                              teacher=args.teacher, task=args.task)
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    print(f"wrote {args.out}: {args.format} {manifest['model_class']} W-E-A {manifest['notation']}, "
+          f"{total / 2**20:.3f} MiB\n  {manifest['quantizers']}")
     return 0

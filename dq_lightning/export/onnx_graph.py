@@ -67,7 +67,7 @@ class Builder:
         from onnx import numpy_helper
 
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            self.initializers[name] = numpy_helper.from_array(np.array(array, order="C", copy=True), name)  # ascontiguousarray makes 0-d arrays 1-d
         return name
 
     def const(self, value, dtype=np.float32) -> str:
