@@ -108,19 +108,40 @@ def _read_packed(path: Path, flag: str) -> DeploySource:
 
 
 def _read_hf(path: Path, task: str | None) -> DeploySource:
+    from transformers import AutoConfig
+
     from dq_lightning.data.tasks import get_task
     from dq_lightning.export.predict import _task_of_hf_directory
     from dq_lightning.models.loading import load_pretrained
     from dq_lightning.models.tokenizer import load_tokenizer
 
-    model = load_pretrained(str(path), flag="--model", attn_implementation="eager").eval().requires_grad_(False)
     info = _task_of_hf_directory(path)
     if task is not None:
         spec = get_task(task)
         info = {**info, "source_lang": spec.source_lang, "target_lang": spec.target_lang}
-    source = DeploySource(model, load_tokenizer(str(path), flag="--model"), info)
+    tokenizer = load_tokenizer(str(path), flag="--model")
+    try:
+        model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model {path}: cannot read config.json ({error})") from None
+    if model_type == "mbart":  # refused before the weights are read
+        _language_codes(tokenizer, info, f"--model {path}")
+    model = load_pretrained(str(path), flag="--model", attn_implementation="eager").eval().requires_grad_(False)
+    source = DeploySource(model, tokenizer, info)
     check_languages(source, f"--model {path}", set_start=True)
     return source
+
+
+def _language_codes(tokenizer, task: dict[str, Any], where: str) -> tuple[str, str]:
+    source_lang, target_lang = task.get("source_lang"), task.get("target_lang")
+    vocab = tokenizer.get_vocab()
+    missing = [code for code in (source_lang, target_lang) if not code or code not in vocab]
+    if missing:
+        reason = "none is recorded" if not (source_lang and target_lang) else f"{missing[0]} is not in the tokenizer"
+        raise UserError(f"{where}: an mBART model needs its source and target language codes (the task's "
+                        f"source_lang/target_lang, as tokens of its tokenizer); {reason}; pass --task (e.g. "
+                        "--task wmt16_en_ro)")
+    return source_lang, target_lang
 
 
 def check_languages(source: DeploySource, where: str, set_start: bool = False) -> None:
@@ -129,14 +150,8 @@ def check_languages(source: DeploySource, where: str, set_start: bool = False) -
     model never learned."""
     if not source.is_mbart:
         return
-    source_lang, target_lang = source.task.get("source_lang"), source.task.get("target_lang")
+    source_lang, target_lang = _language_codes(source.tokenizer, source.task, where)
     vocab = source.tokenizer.get_vocab()
-    missing = [code for code in (source_lang, target_lang) if not code or code not in vocab]
-    if missing:
-        raise UserError(f"{where}: an mBART model needs its source and target language codes (the task's "
-                        f"source_lang/target_lang, as tokens of its tokenizer); "
-                        f"{'none is recorded' if not (source_lang and target_lang) else f'{missing[0]} is not in the tokenizer'}"
-                        "; pass --task (e.g. --task wmt16_en_ro)")
     if set_start:  # a Hugging Face directory: the settings a student's export records (`mbart_generation_settings`)
         from dq_lightning.modules.seq2seq import mbart_generation_settings
 
