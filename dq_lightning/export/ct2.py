@@ -43,7 +43,9 @@ def _ct2_scale(scale: torch.Tensor, rows: int) -> np.ndarray:
     per_row = scale.detach().double().reshape(-1)
     if per_row.numel() == 1:
         per_row = per_row.expand(rows)
-    return (1.0 / per_row).float().numpy().copy()
+    # A zero scale is an all-zero row (the padding row of a ternary embedding): any factor keeps it zero, and 1
+    # is what CTranslate2's own quantizer uses there (an infinite one would not survive its arithmetic).
+    return torch.where(per_row > 0, 1.0 / per_row, torch.ones_like(per_row)).float().numpy().copy()
 
 
 def _loader_class(source: DeploySource):

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dq_lightning.errors import UserError
 from dq_lightning.export.deploy_source import DeploySource
 
 OPSET = 17
@@ -158,6 +159,10 @@ class BartGraphs:
             codes = g.op("Clip", g.op("Round", g.op("Div", x, scale)), g.const(-float(qmax)), g.const(float(qmax)))
             return Quantized(g.op("Cast", codes, to=3), scale, "row" if row else "tensor")  # to=3: int8
         if method == "lsq":
+            if not bool(quantizer.initialized):
+                # PyTorch would set the step from the first tensor it quantizes; a fixed graph cannot.
+                raise UserError("an LSQ activation quantizer of this student never quantized a tensor (its step "
+                                "was never set, the student is untrained); export a trained checkpoint")
             step = quantizer.step.detach().clamp(min=MIN_RANGE)
             scale = g.const(_numpy(step))
             codes = g.op("Clip", g.op("Round", g.op("Div", x, scale)), g.const(float(quantizer.qmin)),
