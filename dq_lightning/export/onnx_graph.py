@@ -16,11 +16,14 @@ Quantized parts:
 
 - a quantized weight is an int8 initializer holding the exported codes (transposed to [in, out]) with its
   FP32 scale per output column: the codes are never rounded again;
-- a Linear whose input the student quantizes runs as an integer MatMul (`MatMulIntegerToFloat`, int8 x int8
-  with int32 accumulation, exact on AVX2) on the codes of the input, computed as the student computes them:
+- a Linear whose input the student quantizes runs as an integer MatMul (`MatMulIntegerToFloat`, int32
+  accumulation) on the codes of the input, computed as the student computes them:
   symmetric min-max `scale = max(min(max|x|, clip), 1e-8) / qmax`, `codes = clip(round(x / scale), -qmax,
   qmax)` (Div, Round and Clip, the same float operations as PyTorch, round half to even in both), per tensor
-  or per row; an LSQ quantizer with its learned step; an asymmetric quantizer is computed in float
+  or per row; an LSQ quantizer with its learned step. Activation codes travel as uint8 `code + 128` with zero
+  point 128 and wide weight codes likewise, the operand types ONNX Runtime's AVX2 kernels run fast and exactly
+  (its int8 x int8 kernel is several times slower there, and uint8 x int8 sums pairs into int16, which only
+  narrow weight codes such as ternary ones cannot overflow); an asymmetric quantizer is computed in float
   (fake-quantized) before a float MatMul, since its zero point has no int8 x int8 form;
 - attention operands (recipe dq-bart: query after scaling, key, value, probabilities) the same way, with
   integer MatMuls for the two attention products;
@@ -44,6 +47,8 @@ from dq_lightning.errors import UserError
 from dq_lightning.export.deploy_source import DeploySource
 
 OPSET = 17
+FLOAT, UINT8, INT8, INT16, INT64 = 1, 2, 3, 5, 7  # onnx.TensorProto element types
+OFFSET = 128  # activation codes travel as uint8 code + 128 (zero point 128)
 MS_DOMAIN = "com.microsoft"
 MIN_RANGE = 1e-8  # dq_lightning.quant.quantizers._MIN_RANGE
 
@@ -113,7 +118,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class Quantized:
-    """A quantized operand: int8 `codes` (a value name) and its `scale`, whose `layout` is "tensor" (a scalar),
+    """A quantized operand: integer `codes` (a value name, uint8 holding code + 128) and its `scale`, whose `layout` is "tensor" (a scalar),
     "row" (one per row: shape [..., rows, 1]) or "column" ([..., 1, columns], a transposed row layout); or, for a
     quantizer with no int8 x int8 form, `value`, the fake-quantized float tensor."""
 
@@ -157,7 +162,7 @@ class BartGraphs:
                 high = g.op("Min", high, g.const(quantizer.clip))
             scale = g.op("Div", g.op("Max", high, g.const(MIN_RANGE)), g.const(float(qmax)))
             codes = g.op("Clip", g.op("Round", g.op("Div", x, scale)), g.const(-float(qmax)), g.const(float(qmax)))
-            return Quantized(g.op("Cast", codes, to=3), scale, "row" if row else "tensor")  # to=3: int8
+            return Quantized(self._offset(codes), scale, "row" if row else "tensor")
         if method == "lsq":
             if not bool(quantizer.initialized):
                 # PyTorch would set the step from the first tensor it quantizes; a fixed graph cannot.
@@ -167,10 +172,16 @@ class BartGraphs:
             scale = g.const(_numpy(step))
             codes = g.op("Clip", g.op("Round", g.op("Div", x, scale)), g.const(float(quantizer.qmin)),
                          g.const(float(quantizer.qmax)))
-            return Quantized(g.op("Cast", codes, to=3), scale)
+            return Quantized(self._offset(codes), scale)
         if method == "asym_minmax":
             return Quantized(value=self._asymmetric(x, quantizer, row))
         raise ValueError(f"no ONNX form for the {method} activation quantizer")
+
+    def _offset(self, codes: str) -> str:
+        """Signed integer codes (held in a float tensor, in [-128, 127]) as uint8 `code + 128`: exact, and the
+        form ONNX Runtime's fast int8 kernels take on AVX2 (uint8 activations with a zero point; its int8 x int8
+        kernel is several times slower there)."""
+        return self.g.op("Cast", self.g.op("Add", codes, self.g.const(float(OFFSET))), to=UINT8)
 
     def _asymmetric(self, x: str, quantizer, row: bool) -> str:
         """`AsymMinMaxQuantizer.inference` in float: the grid spans [min(x, 0), max(x, 0)] with a zero point."""
@@ -191,7 +202,8 @@ class BartGraphs:
     def dequantized(self, q: Quantized) -> str:
         if not q.integer:
             return q.value
-        return self.g.op("Mul", self.g.op("Cast", q.codes, to=1), q.scale)
+        g = self.g
+        return g.op("Mul", g.op("Sub", g.op("Cast", q.codes, to=FLOAT), g.const(float(OFFSET))), q.scale)
 
     def matmul(self, a: Quantized | str, b: Quantized | str) -> str:
         """a @ b (numpy matmul semantics) of two activations: an integer MatMul when both are int8 codes whose
@@ -200,7 +212,8 @@ class BartGraphs:
         g = self.g
         if isinstance(a, Quantized) and isinstance(b, Quantized) and a.integer and b.integer \
                 and a.layout in ("tensor", "row") and b.layout in ("tensor", "column"):
-            product = g.op("Cast", g.op("MatMulInteger", a.codes, b.codes), to=1)
+            zero = g.const(OFFSET, np.uint8)
+            product = g.op("Cast", g.op("MatMulInteger", a.codes, b.codes, zero, zero), to=FLOAT)
             if a.layout == b.layout == "tensor":
                 return g.op("Mul", product, g.op("Mul", a.scale, b.scale))
             return g.op("Mul", g.op("Mul", product, a.scale), b.scale)
@@ -240,12 +253,21 @@ class BartGraphs:
     def _integer_linear(self, q: Quantized, codes, prefix: str, bias: str | None) -> str:
         g = self.g
         stored, scale = self.codes(prefix, codes)
-        weight = g.op("Transpose", stored, perm=[1, 0])  # folded into an int8 initializer at session creation
+        # Folded into a constant when the session is created. uint8 x int8 products are summed in pairs into
+        # int16 on AVX2 (saturating): exact while 2 * 255 * max|code| fits, as for ternary and low-bit codes;
+        # wider codes go in as uint8 + 128 (uint8 x uint8 is summed in int32).
+        weight = g.op("Transpose", stored, perm=[1, 0])
+        weight_zero = ""
+        if 2 * 255 * int(codes[0].abs().max()) > 32767:
+            weight = g.op("Cast", g.op("Add", g.op("Cast", weight, to=INT16), g.const(OFFSET, np.int16)), to=UINT8)
+            weight_zero = g.const(OFFSET, np.uint8)
         column_scale = g.op("Reshape", scale, g.const([-1], np.int64))
+        activation_zero = g.const(OFFSET, np.uint8)
         if q.layout == "tensor":
-            inputs = [q.codes, weight, q.scale, column_scale, "", ""] + ([bias] if bias else [])
+            inputs = [q.codes, weight, q.scale, column_scale, activation_zero, weight_zero] + ([bias] if bias else [])
             return g.op("MatMulIntegerToFloat", *inputs, domain=MS_DOMAIN)
-        product = g.op("Cast", g.op("MatMulInteger", q.codes, weight), to=1)
+        product = g.op("Cast", g.op("MatMulInteger", q.codes, weight, activation_zero, *([weight_zero] if weight_zero
+                                                                                            else [])), to=FLOAT)
         y = g.op("Mul", g.op("Mul", product, q.scale), column_scale)
         return g.op("Add", y, bias) if bias is not None else y
 
@@ -380,7 +402,6 @@ def _codes_owner(source: DeploySource, module_name: str) -> str:
 
 
 # -- the three graphs --------------------------------------------------------------------------------------------
-INT64, FLOAT, INT8 = 7, 1, 3  # onnx.TensorProto element types
 
 
 def cross_mode(source: DeploySource) -> str:
@@ -434,7 +455,7 @@ class _Graphs(BartGraphs):
                     continue
                 q = self.quantize(tensor, quantizer)
                 if mode == "codes":
-                    g.output(q.codes, f"cross_{name}_{index}", INT8, shape)
+                    g.output(q.codes, f"cross_{name}_{index}", UINT8, shape)
                     g.output(q.scale, f"cross_{name}_scale_{index}", FLOAT, cross_scale_shape(quantizer))
                 else:
                     g.output(self.dequantized(q), f"cross_{name}_{index}", FLOAT, shape)
@@ -458,7 +479,7 @@ class _Graphs(BartGraphs):
                 shape = ["batch", heads, "source", head_dim]
                 if mode == "codes":
                     quantizer = getattr(quant, name)
-                    codes = g.input(f"cross_{name}_{index}", INT8, shape)
+                    codes = g.input(f"cross_{name}_{index}", UINT8, shape)
                     scale = g.input(f"cross_{name}_scale_{index}", FLOAT, cross_scale_shape(quantizer))
                     cross.append(Quantized(codes, scale, "row" if quantizer.granularity == "row" else "tensor"))
                 elif mode == "fake":
