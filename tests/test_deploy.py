@@ -205,13 +205,19 @@ def test_ctranslate2_float32_computes_with_the_exported_weights(name, students, 
     runtime = Ct2Seq2Seq(tmp_path / "ct2", load_tokenizer(str(tmp_path / "ct2")), threads=1, compute_type="float32")
     batch = _inputs(shared_data, teacher_dir, count=8)
     special = set(runtime.tokenizer.all_special_ids)
-    for beams in (1, 2):
+    # transformers' lengths count the decoder start and end on a forced </s>; CTranslate2 counts generated
+    # tokens and allows none as the first; unset lengths are transformers' defaults (ct2_options).
+    for settings in ({"num_beams": 1, "max_length": 12, "min_length": 2},
+                     {"num_beams": 2, "max_length": 12, "min_length": 5, "no_repeat_ngram_size": 2},
+                     {"num_beams": 1}):
+        generation = reference.generation_config.__class__.from_dict(
+            {**reference.generation_config.to_dict(), "max_length": None, "min_length": None, **settings})
+        reference.generation_config = generation  # transformers fills unset settings from the model's own
         with torch.no_grad():
-            expected = reference.generate(**batch, num_beams=beams, max_length=12, min_length=2)
-        actual = runtime.generate(batch["input_ids"], batch["attention_mask"], reference.generation_config,
-                                  num_beams=beams, max_length=12, min_length=2)
+            expected = reference.generate(**batch)
+        actual = runtime.generate(batch["input_ids"], batch["attention_mask"], generation)
         expected = [[t for t in row.tolist() if t not in special] for row in expected]
-        assert [[t for t in row if t not in special] for row in actual] == expected, beams
+        assert [[t for t in row if t not in special] for row in actual] == expected, settings
 
 
 # -- mBART -------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dq_lightning.errors import UserError
 from dq_lightning.export.deploy_source import DeploySource
 
 CT2_DIR = "ctranslate2"
+DEFAULT_NEW_TOKENS = 20
 
 
 def require_ctranslate2(flag: str) -> None:
@@ -141,10 +142,12 @@ def ct2_options(generation, tokenizer) -> dict[str, Any]:
         options["max_decoding_length"] = generation.max_new_tokens
     elif generation.max_length:
         options["max_decoding_length"] = max(generation.max_length - 1, 1)
+    else:  # transformers 5's model-agnostic default: 20 tokens after the decoder's start
+        options["max_decoding_length"] = DEFAULT_NEW_TOKENS
     if generation.min_new_tokens:
         options["min_decoding_length"] = generation.min_new_tokens
-    elif generation.min_length:
-        options["min_decoding_length"] = max(generation.min_length - 1, 0)
+    else:  # CTranslate2's default, 1, would forbid the end token as the first one, which transformers allows
+        options["min_decoding_length"] = max((generation.min_length or 0) - 1, 0)
     if generation.forced_eos_token_id is not None and "max_decoding_length" in options:
         # transformers spends the last step on the forced </s>; CTranslate2 stops at its length without one.
         options["max_decoding_length"] = max(options["max_decoding_length"] - 1, 1)
