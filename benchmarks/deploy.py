@@ -19,7 +19,9 @@ that loads the model and runs one batch-8 beam search (VmHWM, and above that pro
 and the size on disk of the runtime's weight files. Runtimes: `torch` (FP32; a student's dequantized codes with
 its activation quantizers), `int8` (this project's int8 path, students only), `onnx` (ONNX Runtime; the trained
 quantizers reproduced), `ctranslate2` (int8 compute for students, float32 for the teacher, whose int8 run,
-CTranslate2's own weight rounding, is `ctranslate2-int8`). `--threads` (default 2) for every runtime.
+CTranslate2's own weight rounding, is `ctranslate2-int8`; a student's `ctranslate2-float32` runs its int8 codes
+dequantized with no activation rounding, which separates CTranslate2's weights from its activation handling).
+`--threads` (default 2) for every runtime.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import latency  # noqa: E402 - the teacher, untrained students, inputs and memory probes of benchmarks/latency.py
 
-RUNTIMES = ("torch", "int8", "onnx", "ctranslate2", "ctranslate2-int8")
+RUNTIMES = ("torch", "int8", "onnx", "ctranslate2", "ctranslate2-int8", "ctranslate2-float32")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,8 +101,8 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str
                 if not (out / "dq_deploy.json").exists():
                     export_runtime(fmt, out, model_dir=str(places["torch"]))
                 places[fmt] = out
-        if name == "teacher" and "ctranslate2" in places:
-            places["ctranslate2-int8"] = places["ctranslate2"]
+        if "ctranslate2" in places:  # the teacher's own int8 rounding; a student's codes without activation rounding
+            places["ctranslate2-int8" if name == "teacher" else "ctranslate2-float32"] = places["ctranslate2"]
     for places in models.values():
         for runtime in [r for r in places if r not in args.runtimes]:
             del places[runtime]
@@ -111,8 +113,8 @@ def load(runtime: str, directory: Path, threads: int):
     """A model with `generate(**batch, **settings)` for `runtime`."""
     from dq_lightning.export.predict import load_model
 
-    kind = {"ctranslate2-int8": "ctranslate2"}.get(runtime, runtime)
-    compute = {"ctranslate2-int8": "int8"}.get(runtime)
+    kind = runtime.split("-")[0]
+    compute = runtime.split("-")[1] if "-" in runtime else None
     model, _, _ = load_model(str(directory), False, "sdpa", runtime=kind, threads=threads, compute_type=compute)
     return model
 
@@ -121,7 +123,7 @@ def size_on_disk(runtime: str, directory: Path) -> int:
     """Bytes of the runtime's weight and graph files (no tokenizer or configs)."""
     names = {"torch": ["model.safetensors", "packed.safetensors"], "int8": ["packed.safetensors"],
              "onnx": ["weights.bin", "encoder.onnx", "cross.onnx", "decoder.onnx"],
-             "ctranslate2": ["ctranslate2/model.bin"], "ctranslate2-int8": ["ctranslate2/model.bin"]}[runtime]
+             "ctranslate2": ["ctranslate2/model.bin"]}[runtime.split("-")[0]]
     return sum((directory / name).stat().st_size for name in names if (directory / name).is_file())
 
 
