@@ -238,6 +238,7 @@ def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
     runtime's (for a student, the fake-quantized student's)."""
     import torch
 
+    from dq_lightning.export.checkpoint import hf_directory_info, hf_directory_task_info
     from dq_lightning.metrics import GenerationMetrics
     from dq_lightning.models.tokenizer import load_tokenizer
 
@@ -245,7 +246,7 @@ def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
     for name, places in models.items():
         manifest_path = places["torch"] / "dq_export.json"
         task = json.loads(manifest_path.read_text()).get("task") or {} if manifest_path.exists() else \
-            __import__("dq_lightning.export.predict", fromlist=["x"])._task_of_hf_directory(places["torch"])
+            {**hf_directory_task_info(places["torch"]), "name": hf_directory_info(places["torch"]).get("task")}
         tokenizer = load_tokenizer(str(places["torch"]))
         texts, references, translation = test_rows(args.data, task.get("name"), args.quality_examples)
         reference_ids = None
@@ -311,7 +312,7 @@ def report(results: dict) -> str:
              f"{', '.join(f'{x:.1f}' for x in results['loadavg'])}), {results['versions']}; {s['examples']} inputs "
              f"<= {s['source_length']} tokens, {s['new_tokens']} new tokens each, median of {s['repeats']} "
              "interleaved rounds; speed-up = FP32 PyTorch teacher / model (wall)", "",
-             "  model                  runtime            b1 greedy ms  speed-up   b8x{0} ms  speed-up  ex/s (b8)  "
+             "  model                  runtime              b1 greedy ms  speed-up   b8x{0} ms  speed-up  ex/s (b8)  "
              "peak MiB  size MiB".format(s["beams"])]
     latency_rows = {(r["model"], r["runtime"], r["batch"]): r for r in results["latency"]}
     memory_rows = results.get("memory", {})
@@ -321,7 +322,7 @@ def report(results: dict) -> str:
         beam = latency_rows[name, runtime, 8]
         peak = memory_rows.get(f"{name} / {runtime}", {}).get("peak_mib", float("nan"))
         size = results["size_bytes"][f"{name} / {runtime}"] / 2**20
-        lines.append(f"  {name:<22} {runtime:<17} {row['ms_per_example']:>12.1f} {row['speedup_vs_teacher']:>8.2f}x "
+        lines.append(f"  {name:<22} {runtime:<19} {row['ms_per_example']:>12.1f} {row['speedup_vs_teacher']:>8.2f}x "
                      f"{beam['ms_per_example']:>10.1f} {beam['speedup_vs_teacher']:>8.2f}x "
                      f"{beam['examples_per_s']:>9.2f} {peak:>9.0f} {size:>9.2f}")
     if "quality" in results:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -21,7 +23,7 @@ from dq_lightning.export.onnx_runtime import load_onnx_model, ort_session
 from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.quant import prepare
 from dq_lightning.quant.quantizers import AsymMinMaxQuantizer, LSQQuantizer, MinMaxQuantizer
-from tests.conftest import run_cli, write_jsonl
+from tests.conftest import PROJECT_ROOT, run_cli
 from tests.test_export import GENERATION, _inputs, _save_untrained
 
 
@@ -361,3 +363,34 @@ def test_runtime_and_directory_must_agree_and_files_are_verified(students, tmp_p
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="file weights.bin is altered"):
         load_model(str(tmp_path / "onnx"), False, None)
+
+
+@pytest.mark.slow  # every runtime loaded, timed and probed for memory in fresh processes: about 2 minutes
+@pytest.mark.timeout(900)
+def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_dir, shared_data, tmp_path):
+    """benchmarks/deploy.py end to end on micro models, as with trained ones (--teacher/--ckpt): timings,
+    sizes, memory and quality rows for every model and runtime."""
+    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", depth="4-2", generation=GENERATION)
+    checkpoint = _save_untrained(module, tmp_path / "student.ckpt")
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "deploy.py"), "--teacher",
+                           str(teacher_dir), "--ckpt", str(checkpoint), "--data",
+                           str(shared_data / "xsum" / "test.jsonl"), "--examples", "2", "--repeats", "1",
+                           "--source-length", "48", "--new-tokens", "4", "--quality-examples", "8", "--work",
+                           str(tmp_path / "work"), "--out", str(tmp_path / "results.json")],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    runtimes = {"teacher": {"torch", "onnx", "ctranslate2", "ctranslate2-int8"},
+                "student 2-2-8 #0": {"torch", "int8", "onnx", "ctranslate2", "ctranslate2-float32"}}
+    for batch in (1, 8):
+        timed = {(row["model"], row["runtime"]) for row in results["latency"] if row["batch"] == batch}
+        assert timed == {(model, runtime) for model, names in runtimes.items() for runtime in names}
+    assert set(results["memory"]) == {f"{m} / {r}" for m, names in runtimes.items() for r in names}
+    assert all(row["peak_mib"] > row["baseline_mib"] for row in results["memory"].values())
+    sizes = results["size_bytes"]
+    assert sizes["student 2-2-8 #0 / int8"] < sizes["student 2-2-8 #0 / onnx"] < sizes["teacher / onnx"]
+    quality = {(row["model"], row["runtime"]): row for row in results["quality"]}
+    assert quality["student 2-2-8 #0", "torch"]["identical_to_torch"] == 1.0
+    assert quality["student 2-2-8 #0", "onnx"]["identical_to_torch"] == 1.0  # every quantizer expressed
+    assert quality["teacher", "ctranslate2"]["identical_to_torch"] == 1.0  # float32, the same decoding
+    assert "Test quality" in done.stdout

@@ -125,6 +125,22 @@ def hf_directory_task(directory: Path):
     return hf_directory_info(directory).get("task") or None
 
 
+def hf_directory_task_info(path: Path) -> dict:
+    """The source and target language codes of the task a teacher directory was trained on (its
+    `dq_lightning.json`), which decide how sources are laid out, and the source length it was trained with;
+    {} when it says none."""
+    from dq_lightning.data.tasks import TASKS
+
+    info = hf_directory_info(path)
+    name, trained_length = info.get("task"), info.get("max_source_length")
+    spec = TASKS.get(name) if isinstance(name, str) else None
+    task = {"source_lang": spec.source_lang, "target_lang": spec.target_lang} \
+        if spec is not None and spec.source_lang else {}
+    if isinstance(trained_length, int) and trained_length > 0:
+        task["max_source_length"] = trained_length
+    return task
+
+
 def trained_source_length(checkpoint: dict[str, Any]) -> int | None:
     """The source length (tokens) the checkpoint's DataModule truncated to, when LightningCLI recorded it."""
     data = checkpoint.get("datamodule_hyper_parameters")

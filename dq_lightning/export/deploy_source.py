@@ -111,11 +111,11 @@ def _read_hf(path: Path, task: str | None) -> DeploySource:
     from transformers import AutoConfig
 
     from dq_lightning.data.tasks import get_task
-    from dq_lightning.export.predict import _task_of_hf_directory
+    from dq_lightning.export.checkpoint import hf_directory_task_info
     from dq_lightning.models.loading import load_pretrained
     from dq_lightning.models.tokenizer import load_tokenizer
 
-    info = _task_of_hf_directory(path)
+    info = hf_directory_task_info(path)
     if task is not None:
         spec = get_task(task)
         info = {**info, "source_lang": spec.source_lang, "target_lang": spec.target_lang}

@@ -156,6 +156,7 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
     """(model, tokenizer, task info) of a packed export, a Hugging Face directory or a runtime export
     (`--format onnx|ctranslate2`); errors name `flag`. The model has `config`, `generation_config` and
     `generate(input_ids=, attention_mask=, generation_config=)`."""
+    from dq_lightning.export.checkpoint import hf_directory_task_info
     from dq_lightning.export.deploy import load_runtime_model, read_deploy_manifest, runtime_of
     from dq_lightning.export.loading import load_packed
     from dq_lightning.export.manifest import MANIFEST
@@ -188,28 +189,11 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
             raise UserError(f"{flag} {directory}: --int8 needs a packed export (this directory has no "
                             f"{MANIFEST}; make one with python -m dq_lightning export)")
         model = load_pretrained(str(path), flag=flag, attn_implementation=attn or "eager").eval()
-        task = _task_of_hf_directory(path)
+        task = hf_directory_task_info(path)
     tokenizer = load_tokenizer(str(path), flag=flag)
     if task.get("source_lang") and hasattr(tokenizer, "src_lang"):
         tokenizer.src_lang = task["source_lang"]
     return model, tokenizer, task
-
-
-def _task_of_hf_directory(path: Path) -> dict:
-    """The source and target language codes of the task a teacher directory was trained on (its
-    `dq_lightning.json`), which decide how sources are laid out, and the source length it was trained with;
-    {} when it says none."""
-    from dq_lightning.data.tasks import TASKS
-    from dq_lightning.export.checkpoint import hf_directory_info
-
-    info = hf_directory_info(path)
-    name, trained_length = info.get("task"), info.get("max_source_length")
-    spec = TASKS.get(name) if isinstance(name, str) else None
-    task = {"source_lang": spec.source_lang, "target_lang": spec.target_lang} \
-        if spec is not None and spec.source_lang else {}
-    if isinstance(trained_length, int) and trained_length > 0:
-        task["max_source_length"] = trained_length
-    return task
 
 
 def encode_sources(tokenizer, texts: list[str], max_source_length: int, task: dict):
