@@ -281,7 +281,8 @@ def test_an_mbart_model_without_its_language_codes_is_refused(mbart, tmp_path):
 
 # -- command line and bad input --------------------------------------------------------------------------------
 def test_cli_export_and_predict_in_every_runtime(students, shared_data, tmp_path):
-    texts = [" ".join(json.loads(line)["document"].split()) for line in (shared_data / "xsum" / "test.jsonl").open()][:3]
+    rows = (shared_data / "xsum" / "test.jsonl").open()
+    texts = [" ".join(json.loads(line)["document"].split()) for line in rows][:3]
     (tmp_path / "in.txt").write_text(texts[0] + "\n\n" + texts[1] + "\n" + texts[2] + "\n")
     for fmt in ("onnx", "ctranslate2"):
         done = run_cli("export", "--format", fmt, "--model", str(students["8-8-8"]), "--out", str(tmp_path / fmt))
@@ -345,6 +346,7 @@ def test_a_runtime_that_is_not_installed_is_one_error_line(package, students, tm
     done = run_cli("predict", "--model", str(students["2-2-8"]), "--runtime", fmt, "--input", "-", env=env)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: --runtime {fmt}: ")
+    assert "is not installed" in done.stderr.strip().splitlines()[-1]
 
 
 def test_runtime_and_directory_must_agree_and_files_are_verified(students, tmp_path):

@@ -67,7 +67,8 @@ def _loader_class(source: DeploySource):
             config = model.config
             spec = transformer_spec.TransformerSpec.from_config(
                 (config.encoder_layers, config.decoder_layers), config.encoder_attention_heads,
-                pre_norm=source.is_mbart, activation=ct2_transformers._SUPPORTED_ACTIVATIONS[config.activation_function],
+                pre_norm=source.is_mbart,
+                activation=ct2_transformers._SUPPORTED_ACTIVATIONS[config.activation_function],
                 layernorm_embedding=True)
             self.set_encoder(spec.encoder, model.model.encoder)
             self.set_decoder(spec.decoder, model.model.decoder)

@@ -73,7 +73,8 @@ class Builder:
         from onnx import numpy_helper
 
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.array(array, order="C", copy=True), name)  # ascontiguousarray makes 0-d arrays 1-d
+            # Not np.ascontiguousarray: it makes a 0-d array (a scalar scale) 1-d.
+            self.initializers[name] = numpy_helper.from_array(np.array(array, order="C", copy=True), name)
         return name
 
     def const(self, value, dtype=np.float32) -> str:
@@ -118,9 +119,10 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class Quantized:
-    """A quantized operand: integer `codes` (a value name, uint8 holding code + 128) and its `scale`, whose `layout` is "tensor" (a scalar),
-    "row" (one per row: shape [..., rows, 1]) or "column" ([..., 1, columns], a transposed row layout); or, for a
-    quantizer with no int8 x int8 form, `value`, the fake-quantized float tensor."""
+    """A quantized operand: integer `codes` (a value name; uint8 holding code + 128) and its `scale`, whose
+    `layout` is "tensor" (a scalar), "row" (one per row: shape [..., rows, 1]) or "column" ([..., 1, columns], a
+    transposed row layout); or, for a quantizer with no integer-MatMul form, `value`, the fake-quantized float
+    tensor."""
 
     def __init__(self, codes: str | None = None, scale: str | None = None, layout: str = "tensor",
                  value: str | None = None):

@@ -157,7 +157,7 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
     (`--format onnx|ctranslate2`); errors name `flag`. The model has `config`, `generation_config` and
     `generate(input_ids=, attention_mask=, generation_config=)`."""
     from dq_lightning.export.checkpoint import hf_directory_task_info
-    from dq_lightning.export.deploy import load_runtime_model, read_deploy_manifest, runtime_of
+    from dq_lightning.export.deploy import load_runtime_model, read_deploy_manifest, require_runtime, runtime_of
     from dq_lightning.export.loading import load_packed
     from dq_lightning.export.manifest import MANIFEST
     from dq_lightning.models.loading import load_pretrained
@@ -169,6 +169,8 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
     if int8 and runtime not in (None, "int8"):
         raise UserError(f"--int8 and --runtime {runtime} contradict each other; give one")
     runtime = "int8" if int8 else runtime
+    if runtime in ("onnx", "ctranslate2"):
+        require_runtime(runtime, f"--runtime {runtime}")
     deployed = read_deploy_manifest(path, flag)
     if compute_type is not None and (runtime or (deployed and runtime_of(deployed))) != "ctranslate2":
         raise UserError(f"--compute-type {compute_type}: only --runtime ctranslate2 takes a compute type")
