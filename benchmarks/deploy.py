@@ -97,7 +97,7 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str
     for name, places in models.items():
         for fmt in ("onnx", "ctranslate2"):
             if fmt in args.runtimes or (fmt == "ctranslate2" and "ctranslate2-int8" in args.runtimes):
-                out = places["torch"].parent / f"{places['torch'].name}-{fmt}"
+                out = work / f"{name.replace(' ', '_').replace('#', '')}-{fmt}"  # never beside a given model
                 if not (out / "dq_deploy.json").exists():
                     export_runtime(fmt, out, model_dir=str(places["torch"]))
                 places[fmt] = out
@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher, models = prepare_models(args, work)
     print(f"exported into {work}", file=sys.stderr)
     tokenizer = load_tokenizer(str(teacher))
+    positions = json.loads((teacher / "config.json").read_text()).get("max_position_embeddings")
+    args.source_length = min(args.source_length, positions or args.source_length)  # a tiny model reads fewer
     texts = latency.read_documents(args.data, args.examples)
     batches = {size: latency.make_batches(tokenizer, texts, size, args.source_length) for size in (1, 8)}
     loaded = {(name, runtime): load(runtime, directory, args.threads)
