@@ -277,6 +277,9 @@ def _check_recipe(name: str, flag: str) -> None:
         raise UserError(f"{flag}={name!r} is not a recipe; choose from {', '.join(RECIPES)}")
 
 
+_BIT_FIELDS = ("w_bits=", "e_bits=", "a_bits=")
+
+
 @dataclass(frozen=True)
 class ResolvedRecipe:
     """A recipe with every setting decided: the groups with no field left unset that the recipe sets."""
@@ -292,20 +295,31 @@ class ResolvedRecipe:
         settings = {name: value for name, value in asdict(self.objective).items() if name != "attention_maps"}
         return ObjectiveConfig(distill=mode != "quant_only", **settings)
 
-    def quant_config(self, bits: str | tuple[int, int, int], mode: str = "dq") -> QuantConfig | None:
+    def quant_config(self, bits: str | tuple[int, int, int], mode: str = "dq",
+                     flag: str = "model.bits") -> QuantConfig | None:
         """The student's `QuantConfig` at W-E-A `bits`, or None for a full-precision student (distill_only, or
-        32-32-32)."""
-        widths = parse_wea(bits) if isinstance(bits, str) else tuple(bits)
-        if mode == "distill_only" or widths == (FULL_PRECISION,) * 3:
-            return None
-        return self.quantizers(widths)
+        32-32-32). A width no quantizer of the recipe takes names `flag` (and the setting it conflicts with)."""
+        notation = bits if isinstance(bits, str) else "-".join(map(str, bits))
+        try:
+            widths = parse_wea(bits) if isinstance(bits, str) else tuple(bits)
+            if mode == "distill_only" or widths == (FULL_PRECISION,) * 3:
+                return None
+            return self._quant_config(widths)
+        except UserError as error:
+            message = str(error)
+            if message.startswith(_BIT_FIELDS) or message.startswith("bits "):
+                raise UserError(f"{flag}={notation}: {message} (recipe {self.name})") from None
+            raise UserError(f"model.quant_settings.{message} (recipe {self.name}, {flag}={notation})") from None
 
     def quantizers(self, widths: tuple[int, int, int]) -> QuantConfig:
         """The `QuantConfig` at these W-E-A widths, full precision included."""
         try:
-            return QuantConfig(*widths, **self.quant_settings.quant_fields())
+            return self._quant_config(widths)
         except UserError as error:
             raise UserError(f"model.{error} (recipe {self.name})") from None
+
+    def _quant_config(self, widths: tuple[int, int, int]) -> QuantConfig:
+        return QuantConfig(*widths, **self.quant_settings.quant_fields())
 
     def maps_before_dropout(self, mode: str) -> bool:
         """Whether a student of `mode` returns its attention maps before dropout: the map it is distilled on."""

@@ -172,7 +172,7 @@ class QuantConfig:
         for method_field, bits_field in (("weight_method", "w_bits"), ("embedding_method", "e_bits")):
             _check_weight_width(method_field, getattr(self, method_field), bits_field, getattr(self, bits_field))
         if self.a_bits == 1 and self.act_method != "elastic":
-            raise UserError(f"a_bits=1 needs act_method='elastic' (recipe tbt: a learned step times the sign); "
+            raise UserError(f"a_bits=1 needs act_method='elastic' (a learned step times the sign, as recipe tbt sets); "
                             f"act_method={self.act_method!r} has no 1-bit grid")
         if self.act_method in ("lsq", "elastic") and self.act_granularity != "tensor":
             raise UserError(f"act_method={self.act_method!r} learns one step per activation tensor; it needs "
