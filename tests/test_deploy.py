@@ -396,3 +396,18 @@ def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_d
     assert quality["student 2-2-8 #0", "onnx"]["identical_to_torch"] == 1.0  # every quantizer expressed
     assert quality["teacher", "ctranslate2"]["identical_to_torch"] == 1.0  # float32, the same decoding
     assert "Test quality" in done.stdout
+
+
+def test_a_tbt_student_is_refused_by_the_onnx_export_before_anything_is_written(teacher_dir, shared_data, tmp_path):
+    """The tbt recipe's elastic learned-step activations have no ONNX form: one error line naming --format, no
+    directory left behind (rather than a graph of a different model)."""
+    module = DQStudentModule(teacher=str(teacher_dir), generation=GENERATION, recipe="tbt", bits="2-2-4", depth="2-1")
+    prepare(module.model, module.quant_config)
+    with torch.no_grad():  # the learned steps are set from the first tensors quantized, as at a fit's first step
+        module.model(**_inputs(shared_data, teacher_dir, count=4), decoder_input_ids=torch.ones(4, 3).long())
+    export_student(_save_untrained(module, tmp_path / "tbt.ckpt"), tmp_path / "packed")
+    done = run_cli("export", "--format", "onnx", "--model", str(tmp_path / "packed"), "--out", str(tmp_path / "onnx"))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --format onnx:") and "elastic" in last, done.stderr
+    assert not (tmp_path / "onnx").exists()

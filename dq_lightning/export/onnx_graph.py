@@ -177,7 +177,11 @@ class BartGraphs:
             return Quantized(self._offset(codes), scale)
         if method == "asym_minmax":
             return Quantized(value=self._asymmetric(x, quantizer, row))
-        raise ValueError(f"no ONNX form for the {method} activation quantizer")
+        # The tbt recipe's elastic learned-step quantizers (and any later kind) have no graph form here yet: refused
+        # before anything is written, rather than exported as a different model.
+        raise UserError(f"--format onnx: this student's {method} activation quantizers have no ONNX form (only "
+                        f"minmax, lsq and asym_minmax have); run it with `predict --model <packed export>` (torch "
+                        f"or int8 runtime) instead")
 
     def _offset(self, codes: str) -> str:
         """Signed integer codes (held in a float tensor, in [-128, 127]) as uint8 `code + 128`: exact, and the
