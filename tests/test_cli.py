@@ -133,6 +133,7 @@ def test_student_help_lists_choices_and_the_quant_settings_field_docs():
     assert result.returncode == 0, result.stderr[-2000:]
     text = " ".join(result.stdout.split())
     assert "--model.mode {dq,quant_only,distill_only}" in text
-    assert "--model.recipe {dq-bart,dq_lightning}" in text
+    assert "--model.recipe {dq-bart,dq_lightning,tbt}" in text
+    assert "dq_lightning (this project's choices) or tbt (TBT's code)" in text
     assert "--model.quant_settings.act_clip ACT_CLIP Activations are clipped to +-act_clip" in text
     assert "--model.quant_settings.act_method" in text and "lsq (learned step size)" in text

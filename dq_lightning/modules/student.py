@@ -58,9 +58,9 @@ class DQStudentModule(Seq2SeqModule):
         teacher: the teacher's Hugging Face directory (what TeacherModule exports) or Hub id.
         mode: dq (distillation + quantization), quant_only (quantized, task loss only) or distill_only
             (full precision, distillation losses).
-        recipe: defaults of every grouped setting left unset: dq-bart (the official DQ-BART code) or
-            dq_lightning (this project's choices); see dq_lightning.distill.recipe.
-        bits: the paper's W-E-A notation: bits of the Linear weights (2 = ternary by default, 3, 4, 8, or 32),
+        recipe: defaults of every grouped setting left unset: dq-bart (the official DQ-BART code),
+            dq_lightning (this project's choices) or tbt (TBT's code); see dq_lightning.distill.recipe.
+        bits: the paper's W-E-A notation: bits of the Linear weights (1 = binary, 2 = ternary, 3, 4, 8, or 32),
             of the token embedding (the matrix tied to the LM head) and of the Linear layers' input activations
             (and of the attention operands). "32-32-32" is a full-precision student (with mode dq, the
             distill_only baseline).
