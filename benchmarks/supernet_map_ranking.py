@@ -5,7 +5,7 @@
         --map "0,1,2/0=0.334" --map "3,4,5/5=0.315"
 
 Each `--map ENCODER/DECODER=SCORE` is a map and the score a full fit of it reached (e.g. test label loyalty from
-the README's search table); the supernet scores each map with `search-map --supernet`'s fitness (the map's
+docs/results.md, "Layer-map search"); the supernet scores each map with `search-map --supernet`'s fitness (the map's
 sub-network, one validation pass, validation label loyalty) and the script prints both and Kendall's tau-b.
 """
 
