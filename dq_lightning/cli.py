@@ -229,7 +229,9 @@ class DQLightningCLI(LightningCLI):
         # `last` is resolved to its file here, so that it is checked as one given by path (a damaged last.ckpt is
         # one error line, not a traceback) and LightningCLI reads the same file's hyper-parameters.
         given = config.get("ckpt_path")
-        ckpt_path = config["ckpt_path"] = resume_path(config.get("trainer") or {}, given)
+        ckpt_path = resume_path(config.get("trainer") or {}, given)
+        if "ckpt_path" in config:  # a subcommand's; a CLI built without one (run=False) has no such option
+            config["ckpt_path"] = ckpt_path
         model_class = (config.get("model") or {}).get("class_path")
         if ckpt_path and model_class:
             check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates", given)
