@@ -17,7 +17,7 @@ Stack = Literal["encoder", "decoder"]
 # The official DQ-BART table (`distill_mappings` in run_summarization_no_trainer.py:90-96), for 6-layer teachers
 # (bart-base, and each stack of the CPU-scale teachers). It differs from max_spacing at 4 and 5 layers.
 DQ_BART_TABLE = {1: [5], 2: [0, 5], 3: [0, 2, 5], 4: [0, 2, 3, 5], 5: [0, 1, 3, 4, 5], 6: [0, 1, 2, 3, 4, 5]}
-# Its `--new_distill_map` (`distill_mappings_new`, :97, used for the decoder only, :436-437): a 1-layer decoder
+# Its `--new_distill_map` (`distill_mappings_new`, :97, used for the decoder only, :436-438): a 1-layer decoder
 # copies teacher layer 0; the script refuses other decoder depths (:292-293).
 DQ_BART_NEW_DECODER = {1: [0]}
 
