@@ -37,7 +37,8 @@ from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
 from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, claim_run_folder,
                                      is_other_rank, move_aside, output_dirs, replace_own_files)
-from dq_lightning.config_files import BASE_KEY, data_class, data_task, expand_bases, resolve_task_monitors, setting_origin
+from dq_lightning.config_files import (BASE_KEY, TASK_MONITOR_KEY, data_class, data_task, expand_bases,
+                                         resolve_task_monitors, setting_origin)
 from dq_lightning.devices import check_gpu_request
 from dq_lightning.distill.recipe import GROUPS as SETTINGS_GROUPS
 
@@ -160,6 +161,11 @@ class DQLightningCLI(LightningCLI):
                                  "trainer.accumulate_grad_batches is derived as global_batch_size / (trainer.devices "
                                  "x trainer.num_nodes x data.batch_size) and recorded in config.yaml (the paper "
                                  "configs: 16, the DQ-BART recipe)")
+        parser.add_argument(f"--{TASK_MONITOR_KEY}", type=Optional[str], default=None,
+                            help="the validation metric a callback's `monitor: task` stands for (model selection: "
+                                 "the best checkpoint, the metrics file's best); unset: the task's metric "
+                                 "(val/rougeL, val/bleu). The paper DQ configs of xsum and cnn_dailymail: "
+                                 "val/rougeLsum, the official script's choice")
         parser.add_argument(f"--{BASE_KEY}", type=Optional[list[str]], default=None,
                             help="in a config file only: the config files it builds on (paths relative to it), "
                                  "applied before it (dq_lightning.config_files)")

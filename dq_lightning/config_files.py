@@ -6,7 +6,8 @@ values win, and interpolations (`${...default_root_dir}`) are resolved after the
 nested `config:` key is not used because it does not merge a nested file's sections with the outer file's.
 
 A callback's `monitor: task` stands for the configured task's metric (`val/rougeL`, `val/bleu`: `TaskSpec`),
-so that one base config serves the summarization tasks and translation alike.
+so that one base config serves the summarization tasks and translation alike; a config's `task_monitor`
+(`val/rougeLsum` in the paper DQ configs, the official model selection) replaces the task's metric there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dq_lightning.errors import UserError
 
 BASE_KEY = "base"
 TASK_MONITOR = "task"
+TASK_MONITOR_KEY = "task_monitor"
 _CONFIG_FLAGS = ("--config", "-c")
 
 
@@ -100,7 +102,12 @@ def data_task(data: Any) -> str:
 
 
 def resolve_task_monitors(config: Any) -> None:
-    """Replace `monitor: task` in the configured callbacks by the task's metric, in place."""
+    """Replace `monitor: task` in the configured callbacks by the config's `task_monitor` or, unset, the task's
+    metric, in place."""
+    chosen = config.get(TASK_MONITOR_KEY)
+    if chosen is not None and not (isinstance(chosen, str) and chosen.startswith("val/") and len(chosen) > 4):
+        raise UserError(f"--{TASK_MONITOR_KEY}={chosen!r}: give a validation metric such as val/rougeLsum "
+                        "(or leave it unset for the task's metric)")
     callbacks = [callback for callback in (config.get("trainer") or {}).get("callbacks") or []
                  if (callback.get("init_args") or {}).get("monitor") == TASK_MONITOR]
     if not callbacks:
@@ -108,11 +115,11 @@ def resolve_task_monitors(config: Any) -> None:
     from dq_lightning.data.tasks import get_task
 
     task = data_task(config.get("data"))
-    if not task:
+    if chosen is None and not task:
         raise UserError(f"monitor: {TASK_MONITOR} (in trainer.callbacks) needs a DataModule of a known task; "
                         f"set each callback's monitor (e.g. val/loss)")
     for callback in callbacks:
-        callback["init_args"]["monitor"] = get_task(task).monitor
+        callback["init_args"]["monitor"] = chosen or get_task(task).monitor
 
 
 def _merge(into: dict, other: dict) -> dict:

@@ -47,7 +47,7 @@ def assert_trained_settings(module: DQStudentModule, teacher_layers: int) -> Non
     assert module.quant_config.weight_granularity == "row" and module.quant_config.act_clip == 2.0
     assert module.quant_config.weight_clip == 2.5  # unset in the old checkpoint: recipe dq-bart's
     assert recipe.objective.hidden_weight == 3.0 and recipe.objective.mask_padding is True
-    assert recipe.objective.final_encoder_weight == 1.0  # dq-bart's
+    assert recipe.objective.final_encoder_weight == 8.0  # dq-bart's
     assert recipe.quant_settings.warmup_steps == 5 and module.quantize.warmup_steps == 5
     assert recipe.optimizer.weight_decay == 0.02 and module.weight_decay == 0.02
     assert module.evaluation.eval_head == "deployed"

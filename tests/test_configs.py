@@ -103,3 +103,16 @@ def test_a_saved_run_config_names_no_base(tmp_path, monkeypatch):
     first, second = cli.config["fit"].as_dict(), again.config["fit"].as_dict()
     assert second.pop("config") and first.pop("config", None) is None  # only which file was read differs
     assert first == second
+
+
+def test_task_monitor_replaces_the_task_metric_and_names_itself_when_wrong():
+    from dq_lightning.sweep.check_cli import CheckCLI
+
+    config = str(PROJECT_ROOT / "experiments/xsum/dq-tiny.yaml")
+    cli = CheckCLI.build_once(instantiate=False)
+    cli.parse_arguments(cli.parser, ["fit", "--config", config, "--task_monitor=val/rougeLsum"])
+    monitors = [callback["init_args"].get("monitor") for callback in cli.config["fit"]["trainer"]["callbacks"]]
+    assert monitors == [None, "val/rougeLsum", "val/rougeLsum"]
+    with pytest.raises(UserError, match=r"--task_monitor='rougeLsum': give a validation metric"):
+        CheckCLI.build_once(instantiate=False).parse_arguments(cli.parser, ["fit", "--config", config,
+                                                                            "--task_monitor=rougeLsum"])

@@ -244,7 +244,10 @@ def test_the_tbt_recipe_table():
     objective = recipe.objective_config("dq")
     assert (objective.logits_loss, objective.temperature, objective.mask_padding) == ("kl", 1.0, False)
     assert objective.task_weight == objective.logits_weight == objective.hidden_weight == 1.0
-    assert objective.attention_weight == objective.final_encoder_weight == 1.0
+    assert objective.attention_weight == 1.0
+    assert objective.final_encoder_weight == 8.0  # TBT's per-example sum at 8 per device (its 187-190, 712-714)
+    assert (recipe.optimizer.adam_eps, recipe.optimizer.adam_eps_style) == (1e-6, "transformers")
+    assert recipe.objective.teacher_precision == "fp32"  # its teacher is never prepared (613-616)
     assert recipe.objective.attention_maps == "before_dropout"
     assert recipe.shape.layer_map == "dq-bart"
     assert (recipe.optimizer.weight_decay, recipe.optimizer.gradient_clip) == (0.0, 0.0)

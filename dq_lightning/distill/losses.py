@@ -69,17 +69,19 @@ def aligned(student: Tensor, teacher: Tensor, kept: Tensor | None, project=None)
 
 
 def per_example_states_loss(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
-    """Sum over the examples of a batch of each example's MSE between two (batch, positions, features) states.
+    """Mean over the examples of a batch of each example's MSE between two (batch, positions, features) states.
 
-    The official script's extra final-encoder-state term: it zips over the batch dimension of
-    `encoder_last_hidden_state`, so it adds up one MSE per example (about batch size x the mean MSE).
+    The official script's extra final-encoder-state term zips over the batch dimension of
+    `encoder_last_hidden_state` and adds up one MSE per example: per-device batch size x this mean. The mean
+    keeps the objective the same whatever the per-device batch and device count; its weight carries the
+    official batch (`ObjectiveConfig.final_encoder_weight`).
     """
     squared = (student.float() - teacher.float()) ** 2
     if mask is None:
-        return squared.mean(dim=(1, 2)).sum()
+        return squared.mean(dim=(1, 2)).mean()
     mask = mask.to(squared.dtype)
     per_position = squared.mean(dim=-1)
-    return ((per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    return ((per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
 def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], layer_map: Sequence[int],

@@ -10,8 +10,9 @@ Terms (each a scalar, weighted and summed into the loss):
 - `hidden`: MSE between each student hidden state (embedding output included) and the teacher state of the
   layer it was copied from, encoder and decoder, summed over layers;
 - `attention`: MSE between attention maps (encoder self, decoder self, cross), summed over layers;
-- `final_encoder`: the official script's extra term on the final encoder state, one MSE per example summed
-  over the batch (`per_example_states_loss`).
+- `final_encoder`: the official script's extra term on the final encoder state, the mean over the examples of
+  each one's MSE (`per_example_states_loss`); the official script sums them over its per-device batch, which
+  the weight's default (8, that batch) restores without tying the objective to a batch layout.
 
 A thinner student (`model.width`) is compared at the teacher units it kept (`kept`, a `width.Units`): its
 hidden states with the teacher's kept dimensions (final encoder state included), its attention maps with the
@@ -51,10 +52,10 @@ class ObjectiveConfig:
     """Weight of the hidden-state MSE (encoder and decoder, summed over layers)."""
     attention_weight: float = 1.0
     """Weight of the attention-map MSE (encoder self, decoder self, cross; summed over layers)."""
-    final_encoder_weight: float = 1.0
-    """Weight of the final-encoder-state term, one MSE per example summed over the batch (official: 1, the
-    same weight as the other hidden-state terms; recipe dq_lightning: 0, as that state is already the last
-    encoder hidden state)."""
+    final_encoder_weight: float = 8.0
+    """Weight of the final-encoder-state term, the mean over the examples of each one's MSE (official: 8, its
+    sum over a per-device batch of 8 at the other hidden-state terms' weight 1; recipe dq_lightning: 0, as that
+    state is already the last encoder hidden state)."""
     logits_loss: LogitsLoss = "mse"
     """mse (official) or kl (temperature^2 * KL(teacher || student))."""
     temperature: float = 1.0

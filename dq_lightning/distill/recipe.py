@@ -23,11 +23,15 @@ the LightningModules (the DQ student, the supernet) receive resolved settings an
 | quant_settings | `attention_quant` | dq-bart: q (after scaling), k, v, probs (after dropout) | off | tbt: as dq-bart, elastic |
 | objective | `logits_loss` | mse | mse | kl |
 | objective | `mask_padding` (distillation means) | false | true | false |
-| objective | `final_encoder_weight` | 1 | 0 | 1 |
+| objective | `final_encoder_weight` (on the mean over examples) | 8 | 0 | 8 |
 | objective | `attention_maps` distilled | before_dropout | after_dropout | before_dropout |
+| objective | `teacher_precision` | fp32 | autocast | fp32 |
 | shape | `layer_map` | dq-bart (the official table for 6-layer teachers) | max_spacing | dq-bart |
 | optimizer | `weight_decay` | 0 | 0.01 | 0 |
 | optimizer | `gradient_clip` | 0 (none) | 1.0 | 0 (none) |
+| optimizer | `adam_eps` / `adam_eps_style` | 1e-6 / transformers | 1e-8 / torch | 1e-6 / transformers |
+
+docs/official-loop.md gives the official value of each, with its file and line.
 """
 
 from __future__ import annotations
@@ -50,34 +54,57 @@ AttentionMaps = Literal["before_dropout", "after_dropout"]
 EvalHead = Literal["trained", "deployed"]
 WidthHidden = Literal["kept", "projection"]
 
+TeacherPrecision = Literal["fp32", "autocast"]
+AdamEpsStyle = Literal["transformers", "torch"]
+ObjectivePreset = Literal["weighted"]
+
+EQUAL_WEIGHTS = {"task_weight": 1.0, "logits_weight": 1.0, "hidden_weight": 1.0, "attention_weight": 1.0}
+# The official script adds one MSE per example of the final encoder state (run_summarization_no_trainer.py:691-693)
+# at its per-device batch of 8 (179-182), with the other intermediate terms' weight 1 (723-726): 8 times the
+# mean over the examples. Here the weight is on that mean, so no batch layout changes the objective.
+OFFICIAL_FINAL_ENCODER_WEIGHT = 8.0
+# transformers.AdamW (run_summarization_no_trainer.py:44, 592) at its defaults (transformers 4.17.0,
+# requirements.txt:1): betas (0.9, 0.999), eps 1e-6 added to sqrt(v) before the bias correction.
+OFFICIAL_ADAMW = {"adam_eps": 1e-6, "adam_eps_style": "transformers"}
+# The official `--weighted` (run_summarization_no_trainer.py:286, 327-335): task 1, logits 0.8 and `hid_weight` 3,
+# which multiplies every intermediate term, the final encoder's included (723-726). Factors on the recipe's weights.
+PRESETS: dict[str, dict[str, float]] = {
+    "weighted": {"task_weight": 1.0, "logits_weight": 0.8, "hidden_weight": 3.0, "attention_weight": 3.0,
+                 "final_encoder_weight": 3.0},
+}
+
 # The one table: what each recipe sets, by group and field.
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "dq-bart": {
         "quant_settings": {"weight_method": "auto", "weight_granularity": "tensor", "weight_clip": 2.5,
                            "act_method": "minmax", "unsigned_ffn_attn": False, "quantize_lm_head": False,
                            "attention_quant": "dq-bart"},
-        "objective": {"logits_loss": "mse", "mask_padding": False, "final_encoder_weight": 1.0,
-                      "attention_maps": "before_dropout"},
+        "objective": {**EQUAL_WEIGHTS, "logits_loss": "mse", "mask_padding": False,
+                      "final_encoder_weight": OFFICIAL_FINAL_ENCODER_WEIGHT, "attention_maps": "before_dropout",
+                      "teacher_precision": "fp32"},
         "shape": {"layer_map": "dq-bart"},
-        "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0},
+        "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0, **OFFICIAL_ADAMW},
     },
     "dq_lightning": {
         "quant_settings": {"weight_method": "auto", "weight_granularity": "row", "weight_clip": float("inf"),
                            "act_method": "minmax", "unsigned_ffn_attn": False, "quantize_lm_head": True,
                            "attention_quant": "off"},
-        "objective": {"logits_loss": "mse", "mask_padding": True, "final_encoder_weight": 0.0,
-                      "attention_maps": "after_dropout"},
+        "objective": {**EQUAL_WEIGHTS, "logits_loss": "mse", "mask_padding": True, "final_encoder_weight": 0.0,
+                      "attention_maps": "after_dropout", "teacher_precision": "autocast"},
         "shape": {"layer_map": "max_spacing"},
-        "optimizer": {"weight_decay": 0.01, "gradient_clip": 1.0},
+        "optimizer": {"weight_decay": 0.01, "gradient_clip": 1.0, "adam_eps": 1e-8, "adam_eps_style": "torch"},
     },
+    # TBT's script keeps the official loop: transformers.AdamW (its run_summarization_no_trainer.py:52, 610), a teacher
+    # accelerate never prepares (613-616), the per-example final-encoder sum (712-714) at 8 per device (187-190).
     "tbt": {
         "quant_settings": {"weight_method": "tbt", "embedding_method": "tbt", "weight_granularity": "row",
                            "weight_clip": float("inf"), "act_method": "elastic", "unsigned_ffn_attn": True,
                            "quantize_lm_head": False, "attention_quant": "tbt"},
-        "objective": {"logits_loss": "kl", "mask_padding": False, "final_encoder_weight": 1.0,
-                      "attention_maps": "before_dropout"},
+        "objective": {**EQUAL_WEIGHTS, "logits_loss": "kl", "mask_padding": False,
+                      "final_encoder_weight": OFFICIAL_FINAL_ENCODER_WEIGHT, "attention_maps": "before_dropout",
+                      "teacher_precision": "fp32"},
         "shape": {"layer_map": "dq-bart"},
-        "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0},
+        "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0, **OFFICIAL_ADAMW},
     },
 }
 assert set(TABLE) == set(RECIPES)
@@ -90,8 +117,9 @@ class ShapeSettings:
 
     layer_map: LayerMapStrategy | None = None
     """Which teacher layers the student copies: dq-bart (the official table for 6-layer teachers, max_spacing's
-    formula for other depths), max_spacing (first to last, evenly), uniform, first, last. Unset: the recipe's
-    (dq-bart, tbt: dq-bart; dq_lightning: max_spacing)."""
+    formula for other depths), dq-bart-new (the official --new_distill_map: the encoder as dq-bart, a 1-layer
+    decoder copies teacher layer 0 instead of the last), max_spacing (first to last, evenly), uniform, first,
+    last. Unset: the recipe's (dq-bart, tbt: dq-bart; dq_lightning: max_spacing)."""
     encoder_layer_map: list[int] | None = None
     """Explicit teacher encoder layers to copy (overrides layer_map for the encoder)."""
     decoder_layer_map: list[int] | None = None
@@ -124,17 +152,28 @@ class ShapeSettings:
 class ObjectiveSettings:
     """The DQ loss: the task cross-entropy plus the distillation terms against the frozen teacher."""
 
-    task_weight: float = 1.0
-    """Weight of the task cross-entropy."""
-    logits_weight: float = 1.0
-    """Weight of the logits distillation loss."""
-    hidden_weight: float = 1.0
-    """Weight of the hidden-state MSE (encoder + decoder, summed over layers)."""
-    attention_weight: float = 1.0
-    """Weight of the attention-map MSE (encoder self, decoder self, cross)."""
+    preset: ObjectivePreset | None = None
+    """weighted: the official --weighted (task 1, logits 0.8, and 3 on the hidden, attention and final-encoder
+    terms), as factors on the recipe's weights (dq-bart: 1, 0.8, 3, 3, 24); a weight set here as well is taken
+    as given. Unset: the recipe's weights."""
+    task_weight: float | None = None
+    """Weight of the task cross-entropy. Unset: 1 (times the preset's factor)."""
+    logits_weight: float | None = None
+    """Weight of the logits distillation loss. Unset: 1 (times the preset's factor)."""
+    hidden_weight: float | None = None
+    """Weight of the hidden-state MSE (encoder + decoder, summed over layers). Unset: 1 (times the preset's
+    factor)."""
+    attention_weight: float | None = None
+    """Weight of the attention-map MSE (encoder self, decoder self, cross). Unset: 1 (times the preset's
+    factor)."""
     final_encoder_weight: float | None = None
-    """Weight of the official extra final-encoder-state term (one MSE per example, summed over the batch).
-    Unset: the recipe's (dq-bart, tbt 1; dq_lightning 0)."""
+    """Weight of the official extra final-encoder-state term, on the mean over the examples of each one's MSE,
+    so that neither the per-device batch nor the device count changes it. Unset: the recipe's (dq-bart, tbt 8:
+    the official script sums the per-example MSEs over its per-device batch of 8; dq_lightning 0)."""
+    teacher_precision: TeacherPrecision | None = None
+    """The frozen teacher's forward: fp32 (as the official script, whose teacher accelerate never prepares,
+    even under --trainer.precision=bf16-mixed) or autocast (in the trainer's mixed precision: cheaper, with
+    distillation targets rounded to it). Unset: the recipe's (dq-bart, tbt fp32; dq_lightning autocast)."""
     logits_loss: LogitsLoss | None = None
     """mse (DQ-BART's) or kl (with temperature; TBT's, whose soft cross-entropy to the teacher differs from the
     KL by the teacher's entropy only). Unset: the recipe's (dq-bart, dq_lightning mse; tbt kl)."""
@@ -149,6 +188,12 @@ class ObjectiveSettings:
     after_dropout)."""
     label_smoothing: float = 0.0
     """Label smoothing of the task cross-entropy while training."""
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UserError(f"model.objective.preset={self.preset!r}: choose {', '.join(PRESETS)} (or leave it unset)")
+        if self.teacher_precision is not None and self.teacher_precision not in get_args(TeacherPrecision):
+            raise UserError(f"model.objective.teacher_precision={self.teacher_precision!r}: choose fp32 or autocast")
 
 
 @dataclass(frozen=True)
@@ -211,7 +256,7 @@ class QuantSettings:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW and its schedule (the peak learning rate is `--model.lr`)."""
+    """AdamW and its schedule (the peak learning rate is `--model.lr`; betas 0.9, 0.999, as the official script)."""
 
     weight_decay: float | None = None
     """AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's (dq-bart, tbt 0;
@@ -221,8 +266,19 @@ class OptimizerSettings:
     precedence. Unset: the recipe's (dq-bart, tbt 0; dq_lightning 1.0)."""
     warmup_ratio: float = 0.05
     """Share of the steps spent warming the learning rate up linearly."""
+    adam_eps: float | None = None
+    """AdamW's epsilon. Unset: the recipe's (dq-bart, tbt 1e-6, transformers.AdamW's default that the official
+    script uses; dq_lightning 1e-8, torch's)."""
+    adam_eps_style: AdamEpsStyle | None = None
+    """Where adam_eps enters: transformers (added to sqrt(v) before the bias correction, as transformers.AdamW of
+    the official script: early steps see a larger epsilon, eps / sqrt(1 - 0.999^step)) or torch (added after
+    it, torch.optim.AdamW). Unset: the recipe's (dq-bart, tbt transformers; dq_lightning torch)."""
 
     def __post_init__(self) -> None:
+        if self.adam_eps is not None and not self.adam_eps > 0:
+            raise UserError(f"model.optimizer.adam_eps={self.adam_eps!r} must be positive")
+        if self.adam_eps_style is not None and self.adam_eps_style not in get_args(AdamEpsStyle):
+            raise UserError(f"model.optimizer.adam_eps_style={self.adam_eps_style!r}: choose transformers or torch")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise UserError(f"model.optimizer.weight_decay={self.weight_decay} must not be negative")
         if self.gradient_clip is not None and not self.gradient_clip >= 0:
@@ -280,6 +336,11 @@ def _check_recipe(name: str, flag: str) -> None:
 _BIT_FIELDS = ("w_bits=", "e_bits=", "a_bits=")
 
 
+# ObjectiveSettings fields that shape what the loss is given (the maps, the teacher's forward) or its weights'
+# defaults, not the loss itself.
+_NOT_IN_LOSS = ("attention_maps", "preset", "teacher_precision")
+
+
 @dataclass(frozen=True)
 class ResolvedRecipe:
     """A recipe with every setting decided: the groups with no field left unset that the recipe sets."""
@@ -292,7 +353,7 @@ class ResolvedRecipe:
 
     def objective_config(self, mode: str) -> ObjectiveConfig:
         """The loss of `mode`: quant_only trains on the task loss alone."""
-        settings = {name: value for name, value in asdict(self.objective).items() if name != "attention_maps"}
+        settings = {name: value for name, value in asdict(self.objective).items() if name not in _NOT_IN_LOSS}
         return ObjectiveConfig(distill=mode != "quant_only", **settings)
 
     def quant_config(self, bits: str | tuple[int, int, int], mode: str = "dq",
@@ -335,7 +396,11 @@ def resolve(name: str, shape: ShapeSettings = ShapeSettings(), objective: Object
     resolved = {}
     for group, settings in groups.items():
         settings = as_group(group, settings)
-        defaults = {key: value for key, value in TABLE[name][group].items() if getattr(settings, key) is None}
+        table = TABLE[name][group]
+        if group == "objective" and settings.preset is not None:
+            factors = PRESETS[settings.preset]
+            table = {key: value * factors[key] if key in factors else value for key, value in table.items()}
+        defaults = {key: value for key, value in table.items() if getattr(settings, key) is None}
         resolved[group] = replace(settings, **defaults)
     return ResolvedRecipe(name, **resolved)
 

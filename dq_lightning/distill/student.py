@@ -112,7 +112,7 @@ class TeacherAndStudent:
                  strategy: LayerMapStrategy = "dq-bart", encoder_layer_map: Sequence[int] | None = None,
                  decoder_layer_map: Sequence[int] | None = None, maps_before_dropout: bool = False,
                  unsorted_layer_maps: bool = False, width: str | None = None, width_method: WidthMethod = "impt",
-                 width_seed: int = 0):
+                 width_seed: int = 0, teacher_fp32: bool = True):
         """
         Args:
             teacher: the teacher's Hugging Face directory or Hub id.
@@ -126,6 +126,8 @@ class TeacherAndStudent:
                 `heads=`, `ffn=`, `d_model=` settings or one ratio in (0, 1]; None: the teacher's widths.
             width_method: impt (the most important units; `score_width` first) or rand (a seeded choice).
             width_seed: the seed of the rand choice.
+            teacher_fp32: the teacher's forward runs in float32 even inside the trainer's mixed-precision
+                autocast (the official script's teacher); False: in that autocast.
         """
         self.teacher = load_teacher(teacher)
         config = self.teacher.config
@@ -136,6 +138,7 @@ class TeacherAndStudent:
         self.maps_before_dropout = maps_before_dropout
         self.width = None if width is None else WidthSpec.parse(width, config, width_method)
         self.width_seed = width_seed
+        self.teacher_fp32 = teacher_fp32
         self.width_scores: Units | None = None
         self.kept: Units | None = None
         """The teacher units a thinner student kept (indices; layers numbered as the student's), once built."""
@@ -149,7 +152,8 @@ class TeacherAndStudent:
         return cls(teacher, encoder_layers, decoder_layers, shape.layer_map, shape.encoder_layer_map,
                    shape.decoder_layer_map, maps_before_dropout=recipe.maps_before_dropout(mode),
                    unsorted_layer_maps=shape.unsorted_layer_maps, width=None if width is None else str(width),
-                   width_method=shape.width_method, width_seed=shape.width_seed)
+                   width_method=shape.width_method, width_seed=shape.width_seed,
+                   teacher_fp32=recipe.objective.teacher_precision == "fp32")
 
     @staticmethod
     def _map(stack: str, teacher_layers: int, layers: int | None, strategy: str,
@@ -158,7 +162,7 @@ class TeacherAndStudent:
         if explicit is not None:
             return layer_map(teacher_layers, layers, explicit, flag=f"model.shape.{stack}_layer_map",
                              allow_unsorted=unsorted)
-        return layer_map(teacher_layers, layers, strategy, flag=f"model.depth ({stack})")
+        return layer_map(teacher_layers, layers, strategy, flag=f"model.depth ({stack})", stack=stack)
 
     def score_width(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Score the units of the layer-copied student on a few training batches, for `width_method` impt."""
@@ -234,6 +238,10 @@ class TeacherAndStudent:
         return self.teacher
 
     def teacher_outputs(self, inputs: dict[str, torch.Tensor], device: torch.device, details: bool) -> Any:
-        """The teacher's forward on `inputs`, without gradients; `details`: with hidden states and attentions."""
-        with torch.no_grad():
-            return self.teacher_on(device)(**inputs, output_hidden_states=details, output_attentions=details)
+        """The teacher's forward on `inputs`, without gradients; `details`: with hidden states and attentions.
+        With `teacher_fp32` the trainer's autocast is off for it: its weights are float32 (never cast, it is no
+        child of the LightningModule), so its outputs are exactly its float32 outputs."""
+        teacher = self.teacher_on(device)
+        precision = torch.autocast(device.type, enabled=False) if self.teacher_fp32 else contextlib.nullcontext()
+        with torch.no_grad(), precision:
+            return teacher(**inputs, output_hidden_states=details, output_attentions=details)

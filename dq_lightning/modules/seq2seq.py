@@ -81,7 +81,8 @@ class Seq2SeqModule(pl.LightningModule):
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
                  label_smoothing: float = 0.1, generation: dict[str, Any] | None = None,
-                 generate_on_validation: bool = True, prediction_table_rows: int = 100):
+                 generate_on_validation: bool = True, prediction_table_rows: int = 100, adam_eps: float = 1e-8,
+                 adam_eps_style: str = "torch"):
         super().__init__()
         if prediction_table_rows < 0:
             raise UserError(f"model.prediction_table_rows={prediction_table_rows} must be 0 or more")
@@ -96,6 +97,7 @@ class Seq2SeqModule(pl.LightningModule):
         self.lr, self.weight_decay, self.warmup_ratio, self.label_smoothing = lr, weight_decay, warmup_ratio, \
             label_smoothing
         self.generation_overrides, self.generate_on_validation = generation, generate_on_validation
+        self.adam_eps, self.adam_eps_style = adam_eps, adam_eps_style
         self.prediction_table_rows = prediction_table_rows
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -339,7 +341,9 @@ class Seq2SeqModule(pl.LightningModule):
             (no_decay if any(marker in name for marker in NO_DECAY) else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, eps=self.adam_eps)
+        if self.adam_eps_style == "transformers":
+            add_eps_before_bias_correction(optimizer, self.adam_eps)
         total_steps = max(1, int(planned_optimizer_steps(self.trainer)))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total_steps),
                                                     total_steps)
@@ -368,6 +372,22 @@ class Seq2SeqModule(pl.LightningModule):
             if isinstance(getattr(datamodule, "max_source_length", None), int) else {}
         return save_hf_directory(self.model, self.tokenizer, out_dir,
                                  {"task": self.task.name, **length, "global_step": self.global_step, **(info or {})})
+
+
+def add_eps_before_bias_correction(optimizer: torch.optim.AdamW, eps: float) -> None:
+    """Make torch's AdamW step as transformers' AdamW (4.x; the official DQ-BART script's optimizer), which adds
+    `eps` to sqrt(v) before the bias correction: torch adds its eps to sqrt(v) / sqrt(1 - beta2^t), so an eps of
+    `eps / sqrt(1 - beta2^t)` at step t gives the same update. Set before every step from the step count in the
+    optimizer's state, so a resumed run continues the same sequence. The decoupled weight decay still comes
+    before the update (after it in transformers'), a difference of lr x weight_decay x the update, none at
+    weight decay 0 (recipe dq-bart)."""
+
+    def set_eps(opt, args, kwargs) -> None:
+        for group in opt.param_groups:
+            taken = next((opt.state[p]["step"] for p in group["params"] if "step" in opt.state.get(p, {})), 0)
+            group["eps"] = eps / math.sqrt(1.0 - group["betas"][1] ** (int(taken) + 1))
+
+    optimizer.register_step_pre_hook(set_eps)
 
 
 def planned_optimizer_steps(trainer) -> float:

@@ -76,7 +76,7 @@ class DQStudentModule(Seq2SeqModule):
         shape: which teacher layers and units the student copies (layer maps, width method).
         objective: the weights and form of the DQ loss.
         quant_settings: the quantizers beyond their bits (granularity, clips, LM head, attention, warm-up).
-        optimizer: AdamW's weight decay, gradient clipping and the warm-up of the learning rate.
+        optimizer: AdamW's weight decay and epsilon, gradient clipping and the warm-up of the learning rate.
         evaluation: the head validated and tested, the teacher's test, generation at validation, the W&B table.
     """
 
@@ -99,6 +99,7 @@ class DQStudentModule(Seq2SeqModule):
                          warmup_ratio=self.recipe.optimizer.warmup_ratio,
                          label_smoothing=self.recipe.objective.label_smoothing, generation=generation,
                          generate_on_validation=self.evaluation.generate_on_validation,
+                         adam_eps=self.recipe.optimizer.adam_eps, adam_eps_style=self.recipe.optimizer.adam_eps_style,
                          prediction_table_rows=self.evaluation.prediction_table_rows)
         self.save_hyperparameters()
         for name, group in groups.items():  # plain values: checkpoints load with weights_only

@@ -62,7 +62,7 @@ class DQSupernetModule(Seq2SeqModule):
         shape: layer maps and how widths keep units (width_method impt: one importance order for every width).
         objective: the weights and form of the DQ loss, for every sub-network.
         quant_settings: the quantizers beyond their bits, for every sub-network.
-        optimizer: AdamW's weight decay, gradient clipping and the warm-up of the learning rate.
+        optimizer: AdamW's weight decay and epsilon, gradient clipping and the warm-up of the learning rate.
         evaluation: the head validated, generation at validation.
     """
 
@@ -89,6 +89,7 @@ class DQSupernetModule(Seq2SeqModule):
                          warmup_ratio=self.recipe.optimizer.warmup_ratio,
                          label_smoothing=self.recipe.objective.label_smoothing, generation=generation,
                          generate_on_validation=self.evaluation.generate_on_validation,
+                         adam_eps=self.recipe.optimizer.adam_eps, adam_eps_style=self.recipe.optimizer.adam_eps_style,
                          prediction_table_rows=0)
         self.save_hyperparameters()
         for name, group in {**groups, "sampling": _sampling(sampling)}.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from dq_lightning.distill.layer_map import STRATEGIES, layer_map
+from dq_lightning.distill.layer_map import SAME_RULE_STRATEGIES, layer_map
 from dq_lightning.search.genome import Genome, MapSpace
 
 # Random draws tried per missing genome before a repeat is accepted (a space smaller than the population).
@@ -17,9 +17,9 @@ _DRAWS_PER_GENOME = 50
 
 
 def hand_made_seeds(space: MapSpace) -> dict[Genome, list[str]]:
-    """Each distinct hand-made genome and the strategies that give it, in `STRATEGIES` order."""
+    """Each distinct hand-made genome and the strategies that give it, in `SAME_RULE_STRATEGIES` order."""
     seeds: dict[Genome, list[str]] = {}
-    for strategy in STRATEGIES:
+    for strategy in SAME_RULE_STRATEGIES:
         genome = tuple(tuple(layer_map(teacher, student, strategy))
                        for teacher, student in zip(space.teacher_layers, space.student_layers))
         seeds.setdefault(genome, []).append(strategy)  # type: ignore[arg-type]
