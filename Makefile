@@ -21,14 +21,17 @@ CONFIG ?=
 ARGS ?=
 MASTER_ADDR ?=
 MASTER_PORT ?= 29500
+# make fit NODES=n: seconds the rendezvous waits for every node before it gives up with one error line.
+RDZV_TIMEOUT ?= 600
 TASKS := demo xsum cnn_dailymail eli5 wmt16_en_ro
 RUNS := runs/$(TASK)
 
 # Passed to `python -m dq_lightning` when set.
 DATA_ARG := $(if $(DATA_DIR),--data.data_dir=$(DATA_DIR))
 GPU_ARGS := $(if $(GPUS),--trainer.accelerator=gpu --trainer.devices=$(GPUS) --trainer.strategy=ddp)
-TORCHRUN := $(VENV)/bin/torchrun --nnodes=$(NODES) --nproc-per-node=$(GPUS) $(if $(filter 1,$(NODES)),--standalone,\
-	--rdzv-backend=c10d --rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT) --rdzv-id=dq-lightning)
+# torchrun, after NODES, GPUS, MASTER_ADDR and the GPUs themselves are checked (dq_lightning.cluster).
+TORCHRUN := $(PY) -m dq_lightning.cluster torchrun --nodes='$(NODES)' --gpus='$(GPUS)' \
+	$(if $(MASTER_ADDR),--master='$(MASTER_ADDR):$(MASTER_PORT)') --timeout='$(RDZV_TIMEOUT)' --
 
 .PHONY: help install test test-slow test-all teacher sweep sweep-id fit report check-task clean
 
@@ -159,9 +162,7 @@ sweep-id: check-task $(STAMP) ## Create the W&B sweep of TASK at SCALE once and 
 # node (Lightning reads the ranks torchrun sets). global_batch_size keeps the paper configs' 16 sequences per step.
 fit: $(STAMP) ## One fit of CONFIG=file [GPUS=n per node] [NODES=n: torchrun, run on every node] [ARGS=...]
 	@if [ -z "$(CONFIG)" ] || [ ! -f "$(CONFIG)" ]; then echo "error: CONFIG=$(CONFIG) is not a config file; e.g. CONFIG=experiments/xsum/dq-paper.yaml" >&2; exit 2; fi
-	@if [ -n "$(NODES)" ] && [ -z "$(GPUS)" ]; then echo "error: NODES=$(NODES) needs GPUS=<GPUs per node> (torchrun's --nproc-per-node)" >&2; exit 2; fi
-	@if [ -n "$(NODES)" ] && [ "$(NODES)" != 1 ] && [ -z "$(MASTER_ADDR)" ]; then echo "error: NODES=$(NODES) needs MASTER_ADDR=<host name of the first node> (run the same command on every node)" >&2; exit 2; fi
-	$(if $(NODES),$(TORCHRUN) -m,$(PY) -m) dq_lightning fit --config $(CONFIG) $(DATA_ARG) $(GPU_ARGS) \
+	$(if $(NODES),$(TORCHRUN),$(PY) -m dq_lightning) fit --config $(CONFIG) $(DATA_ARG) $(GPU_ARGS) \
 		$(if $(NODES),--trainer.num_nodes=$(NODES)) $(ARGS)
 
 report: check-task $(STAMP) ## Rebuild results.csv, tradeoff.png and report.md from finished runs [TEST_FILE=path: on that test set]

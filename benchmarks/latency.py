@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", metavar="DIR", help="where teacher, checkpoints and exports go (default: a "
                         "temporary directory)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--components", action="store_true", help="also: each model's generation time by component "
+                        "(encoder, decoder self- and cross-attention, FFN, LM head, the rest), as shares of its thread "
+                        "CPU time, and one Linear's int8 / FP32 speed-up at the encoder's and the decoder's shapes "
+                        "(shares and ratios stay valid on a busy machine)")
     parser.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -252,6 +256,60 @@ def size_row(bits: str, manifest: dict, teacher_file: int) -> dict:
             "dir_mib": sum(f["bytes"] for f in manifest["files"].values()) / 2**20}
 
 
+# -- where the time goes -----------------------------------------------------------------------------------
+def component_shares(model, batches, kwargs) -> dict:
+    """Thread CPU time of one pass over `batches`, and the share of it spent in each part of the model (forward
+    hooks; `rest` is the generate loop, embeddings and norms)."""
+    spent: dict = {}
+    starts: list = []
+    parts = {"encoder": [model.model.encoder], "lm_head": [model.lm_head]}
+    for layer in model.model.decoder.layers:
+        parts.setdefault("decoder self-attention", []).append(layer.self_attn)
+        parts.setdefault("decoder cross-attention", []).append(layer.encoder_attn)
+        parts.setdefault("decoder FFN", []).extend([layer.fc1, layer.fc2])
+    handles = []
+    for name, modules in parts.items():
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(lambda m, a: starts.append(time.thread_time())))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: spent.__setitem__(name, spent.get(name, 0.0) + time.thread_time()
+                                                             - starts.pop())))
+    start = time.thread_time()
+    run_batches(model, batches, kwargs)
+    total = time.thread_time() - start
+    for handle in handles:
+        handle.remove()
+    spent["rest"] = total - sum(spent.values())
+    return {"cpu_s": total, "shares": {name: value / total for name, value in spent.items()}}
+
+
+def linear_speedups(hidden: int, ffn: int, vocab: int, tokens: int) -> list[dict]:
+    """One Linear's FP32 / int8 (the int8 path's module, from int8 codes) CPU-time ratio at the encoder's shapes
+    (`tokens` rows) and a decoding step's (1 row)."""
+    import torch
+
+    from dq_lightning.export.runtime import int8_linear
+
+    rows = []
+    for count, inputs, outputs in [(tokens, hidden, hidden), (tokens, hidden, ffn), (tokens, ffn, hidden),
+                                   (1, hidden, hidden), (1, hidden, ffn), (1, hidden, vocab)]:
+        linear = torch.nn.Linear(inputs, outputs)
+        codes = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
+        quantized = int8_linear(codes, torch.rand(outputs, 1) * 1e-3, linear.bias)
+        x = torch.randn(1, count, inputs)
+        times = []
+        for module in (linear, quantized):
+            with torch.inference_mode():
+                module(x)
+                repeats = max(3, int(2e8 // (count * inputs * outputs)))
+                start = time.thread_time()
+                for _ in range(repeats):
+                    module(x)
+                times.append((time.thread_time() - start) / repeats)
+        rows.append({"shape": f"{count} x {inputs} -> {outputs}", "int8_speedup": times[0] / times[1]})
+    return rows
+
+
 # -- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -336,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         "int8_identical_generations": agreement("student-int8", "student-fp32", greedy),
         "output_lengths": sorted(lengths),
     }
+    if args.components:
+        greedy_batches = batches[args.batch_sizes[0]]
+        results["components"] = {kind: component_shares(models[kind], greedy_batches, generation_kwargs(args, 1))
+                                 for kind in MODELS}
+        config = models["teacher"].config
+        longest = max(batch["input_ids"].shape[1] for batch in greedy_batches)
+        results["linear_int8_speedup"] = linear_speedups(config.d_model, config.encoder_ffn_dim, config.vocab_size,
+                                                         longest)
     if not args.no_memory:
         memory = {}
         for kind, directory in directories.items():
@@ -390,6 +456,15 @@ def report(results: dict) -> str:
                          f"{row['peak_mib'] - row['baseline_mib']:>6.1f} MiB   "
                          f"resident {row['model_resident_mib']:>6.1f} "
                          f"MiB   weights {row['model_weights_mib']:>6.1f} MiB")
+    if "components" in results:
+        lines += ["", f"Where the time goes (batch {s['batch_sizes'][0]}, greedy; shares of each model's thread CPU "
+                  "time, and its CPU time relative to the teacher's)"]
+        teacher_cpu = results["components"]["teacher"]["cpu_s"]
+        for kind, row in results["components"].items():
+            shares = ", ".join(f"{name} {share:.0%}" for name, share in row["shares"].items())
+            lines.append(f"  {kind:<13} {row['cpu_s'] / teacher_cpu:>5.2f}x: {shares}")
+        lines += ["", "One Linear, int8 path / FP32 speed-up (thread CPU time):"]
+        lines += [f"  {row['shape']:<22} {row['int8_speedup']:.2f}x" for row in results["linear_int8_speedup"]]
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ TOOLS = {
     "size": ("dq_lightning.size", "model size and compression ratio for a W-E-A setting and depth"),
     "baseline": ("dq_lightning.baselines", "trivial baselines (lead-1, ...) scored like the models, next to a teacher"),
     "sweep": ("dq_lightning.sweep.runner", "run a task's grid of DQ students and report the trade-off curve"),
-    "export": ("dq_lightning.export.export", "write a DQ student checkpoint as a packed low-bit directory"),
+    "export": ("dq_lightning.export.cli", "write a DQ student as a packed low-bit directory, an ONNX Runtime or a CTranslate2 model"),
     "search-map": ("dq_lightning.search.cli", "genetic search of the teacher layers a shallow DQ student copies"),
     "extract": ("dq_lightning.supernet.extract", "one point of a supernet as an ordinary DQ student checkpoint"),
     "report": ("dq_lightning.sweep.compare", "several sweeps' trade-off fronts on one chart (e.g. two recipes)"),

@@ -73,10 +73,30 @@ def read_split(task_name: str, data_dir: Path, split: str) -> tuple[list[str], l
     return ([get_field(row, task.source_column) for row in rows], [get_field(row, task.target_column) for row in rows])
 
 
+def _metrics_file(run: Path, stage: str) -> Path:
+    return run / ("fit_metrics.json" if stage == "val" else "test_metrics.json")
+
+
+def _check_run(run: Path, stage: str) -> None:
+    """`--run` must be a run folder holding the metrics of `stage`: a typo'd path or an unfinished run would
+    print the baselines alone, as if no teacher had been asked for."""
+    if not run.is_dir():
+        raise UserError(f"--run {run}: no such directory")
+    path = _metrics_file(run, stage)
+    what = "a finished fit" if stage == "val" else "a test (python -m dq_lightning test)"
+    if not path.is_file():
+        raise UserError(f"--run {run}: no {path.name} ({what} writes it), so there are no {stage} metrics to "
+                        "compare with the baselines")
+    if not _teacher_scores(run, stage):
+        raise UserError(f"--run {run}: {path.name} holds no {stage}/ metrics")
+
+
 def _teacher_scores(run: Path, stage: str) -> dict[str, float]:
-    """The teacher run's `stage` metrics without their prefix (`val/rougeL` -> `rougeL`); {} if not written."""
-    path = run / ("fit_metrics.json" if stage == "val" else "test_metrics.json")
-    metrics = json.loads(path.read_text()).get("metrics", {}) if path.exists() else {}
+    """The teacher run's `stage` metrics without their prefix (`val/rougeL` -> `rougeL`); {} if none."""
+    try:
+        metrics = json.loads(_metrics_file(run, stage).read_text()).get("metrics", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise UserError(f"--run {run}: {_metrics_file(run, stage).name} is unreadable ({error})") from None
     return {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith(f"{stage}/")}
 
 
@@ -91,6 +111,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-samples", type=int, help="score only the first N rows (as data.max_eval_samples)")
     args = parser.parse_args(argv)
     task = get_task(args.task)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError(f"--max-samples {args.max_samples}: must be a positive number of rows; leave it out for all")
+    run = Path(args.run) if args.run is not None else None
+    stage = "val" if args.split == "validation" else "test"
+    if run is not None:
+        _check_run(run, stage)
     if args.data_dir:
         data_dir = Path(args.data_dir)
     elif args.task == "demo":
@@ -100,25 +126,22 @@ def main(argv: list[str]) -> int:
     else:
         raise UserError("--data-dir is required for this task (local {train,validation,test}.jsonl)")
     sources, references = read_split(args.task, data_dir, args.split)
-    if args.max_samples:
+    if args.max_samples is not None:
         sources, references = sources[:args.max_samples], references[:args.max_samples]
-    stage = "val" if args.split == "validation" else "test"
     metric = task.metric
     kinds = default_baselines(args.task)
     constant = constant_output(read_split(args.task, data_dir, "train")[1]) if "constant" in kinds else None
     rows = [(kind, score(args.task, baseline_outputs(args.task, sources, kind, constant), references))
             for kind in kinds]
-    if args.run:
-        teacher = _teacher_scores(Path(args.run), stage)
-        if teacher:
-            rows.insert(0, ("teacher", teacher))
+    if run is not None:
+        rows.insert(0, ("teacher", _teacher_scores(run, stage)))
     keys = ["bleu"] if task.is_translation else ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     keys += ["gen_len", "distinct"]
     print(f"{args.task} {args.split} split ({len(references)} rows)")
     print(f"{'':<10}" + "".join(f"{k:>11}" for k in keys))
     for name, scores in rows:
         print(f"{name:<10}" + "".join(f"{scores.get(k, float('nan')):>11.2f}" for k in keys))
-    if args.run and rows[0][0] == "teacher":
+    if run is not None:
         best_baseline = max(scores.get(metric, 0.0) for name, scores in rows[1:])
         teacher = rows[0][1].get(metric, 0.0)
         verdict = "beats" if teacher >= best_baseline else "does NOT beat"

@@ -1,4 +1,5 @@
-"""Lightning checkpoints: saved so that a crash never costs the previous one, and checked before a run uses one."""
+"""Lightning checkpoints: saved so that a crash never costs the previous one, recording a stop mid-epoch as one
+(`record_stop_mid_epoch`), and checked before a run uses one."""
 
 from __future__ import annotations
 
@@ -58,6 +59,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(descriptor)
 
 
+def record_stop_mid_epoch(checkpoint: dict[str, Any], trainer) -> None:
+    """Make a checkpoint saved after the batch loop stopped before the end of an epoch say where it stopped.
+
+    A fit that ends mid-epoch (`--trainer.max_steps`, `--trainer.max_time`, `trainer.should_stop`) still runs
+    Lightning's end-of-epoch bookkeeping, and a checkpoint saved then (ModelCheckpoint's `last.ckpt` when the
+    fit ends, or at the epoch's end, or after the validation a stop triggers) records the epoch as finished: a
+    resume starts the next epoch, and the rest of the stopped one is never trained. Rewritten here to the
+    progress a checkpoint saved at the end of the last trained batch has (what a periodic `last.ckpt` holds),
+    the resume continues with the next batch of the same epoch; the DataModule's saved position (`batches`)
+    already says the same. Checkpoints saved anywhere else are left alone.
+    """
+    loops = (checkpoint.get("loops") or {}).get("fit_loop")
+    if trainer is None or not loops or "epoch_progress" not in loops:
+        return
+    epochs, batches = loops["epoch_progress"], loops["epoch_loop.batch_progress"]
+    trained, per_epoch = batches["current"]["ready"], trainer.num_training_batches
+    stopped_mid_epoch = (epochs["current"]["processed"] == epochs["current"]["started"]  # the epoch was closed
+                         and not batches["is_last_batch"] and 0 < trained < per_epoch != float("inf")
+                         and batches["current"]["completed"] == batches["current"]["processed"])
+    if not stopped_mid_epoch:
+        return
+    for progress in (epochs["total"], epochs["current"]):
+        progress["processed"] = progress["completed"] = progress["started"] - 1
+    for progress in (batches["total"], batches["current"]):
+        progress["completed"] = progress["processed"] - 1
+    if trained % trainer.accumulate_grad_batches == 0:  # the last batch stepped: counted once more since
+        loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    checkpoint["epoch"] = epochs["current"]["started"] - 1
+
+
 def use_atomic_checkpoint_io(trainer) -> None:
     """Make `trainer` save through `AtomicCheckpointIO`, unless the user chose a CheckpointIO of their own."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
@@ -79,16 +110,17 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains") -> None:
+def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains", given: str | None = None) -> None:
     """Refuse, as a `UserError`, a `--ckpt_path` that is missing, unreadable or saved by a module class other
-    than `model_class` (a class path).
+    than `model_class` (a class path). `given`: what the user typed, when `ckpt_path` is the file it stood for
+    (`last`).
 
     Lightning's keywords (last, best, hpc, registry) and remote URLs are left to Lightning.
     """
     path = str(ckpt_path)
     if path in ("last", "best", "hpc") or path.lower().partition(":")[0] == "registry" or "://" in path:
         return
-    flag = f"--ckpt_path={path}"
+    flag = f"--ckpt_path={given} ({path})" if given and given != path else f"--ckpt_path={path}"
     if not os.path.isfile(path):
         raise UserError(f"{flag}: {'not a file' if os.path.exists(path) else 'no such file'}")
     try:

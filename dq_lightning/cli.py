@@ -23,19 +23,20 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import set_parsing_settings
+from jsonargparse._actions import _ActionPrintConfig  # jsonargparse prints --print_config inside parse_args
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dq_lightning.callbacks.global_batch import GlobalBatchSize
 from dq_lightning.callbacks.metrics_file import last_checkpoint
 from dq_lightning.checkpoints import check_ckpt_path, use_atomic_checkpoint_io
-from dq_lightning.cluster import resume_path, with_agent_args
+from dq_lightning.cluster import rendezvous_error, resume_path, with_agent_args
 from dq_lightning.compat import upgrade_student_hparams
 from dq_lightning.errors import UserError, command_line, first_line, make_variables
 from dq_lightning.parser_errors import config_paths, typed_flag
 from dq_lightning.parser_errors import explain as explain_parser_error
-from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, checkpoint_dirs,
-                                     is_other_rank, move_aside, replace_own_files)
+from dq_lightning.run_folder import (REPLACE_FLAG, check_run_folder, check_writable, claim_run_folder,
+                                     is_other_rank, move_aside, output_dirs, replace_own_files)
 from dq_lightning.config_files import BASE_KEY, data_class, data_task, expand_bases, resolve_task_monitors, setting_origin
 from dq_lightning.devices import check_gpu_request
 from dq_lightning.distill.recipe import GROUPS as SETTINGS_GROUPS
@@ -174,17 +175,15 @@ class DQLightningCLI(LightningCLI):
             return
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         global_batch = config.get("global_batch_size") if config is not None else None
-        if not global_batch:
+        if global_batch is None:
             return
+        if isinstance(global_batch, bool) or global_batch < 1:  # 0 is no unset: config.yaml would record it
+            raise UserError(f"--global_batch_size={global_batch} must be a positive number of sequences per "
+                            "optimizer step; leave it unset (null) to use trainer.accumulate_grad_batches as given")
         callback = GlobalBatchSize(global_batch)
         record = callback.apply(self.trainer, self.datamodule, given=config.trainer.accumulate_grad_batches)
         config.trainer.accumulate_grad_batches = record["accumulate_grad_batches"]
         self.trainer.callbacks.append(callback)
-
-    def before_fit(self) -> None:
-        # `--ckpt_path last` after a SLURM requeue: the checkpoint Lightning saved on the warning signal, when newer.
-        config = self.config_init[self.subcommand]
-        config.ckpt_path = resume_path(self.trainer, config.get("ckpt_path"))
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
@@ -203,10 +202,13 @@ class DQLightningCLI(LightningCLI):
         argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
         self._typed_argv = [str(token) for token in argv]
         self._argv = expand_bases(self._typed_argv)  # each --config preceded by its bases
+        # `--print_config` is printed below, once the config is complete; jsonargparse would print it mid-parse.
+        print_flags = [token.partition("=")[2] for token in self._argv if token.partition("=")[0] == PRINT_CONFIG]
         try:
             # Not LightningCLI's parse_arguments: given the expanded list while sys.argv holds the typed one,
             # it warns that both were given.
-            self.config = parser.parse_args(self._argv)
+            self.config = parser.parse_args([token for token in self._argv
+                                             if token.partition("=")[0] != PRINT_CONFIG])
         except argparse.ArgumentError as error:  # raised, not printed, when main() sets exit_on_error=False
             subparsers = getattr(self, "_subcommand_parsers", {})
             subparser = subparsers.get(self._argv[0]) if self._argv else None
@@ -215,13 +217,22 @@ class DQLightningCLI(LightningCLI):
         self._model_flags = model_settings_given(argv)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand, self.config)
-        config[BASE_KEY] = None  # a saved config is complete; its bases' relative paths would not hold there
+        # A saved or printed config is complete: its bases are merged in, and their paths (relative to the
+        # file that named them) would not hold where it is read again.
+        config[BASE_KEY] = None
         resolve_task_monitors(config)
+        if print_flags:
+            print_config(self._subcommand_parsers[subcommand] if subcommand else parser, parser, self.config,
+                         print_flags[-1])
         # Checked here, before LightningCLI replaces the configured model by the class and hyper-parameters saved
         # in the checkpoint (`_parse_ckpt_path`): a student fit given a teacher checkpoint would train a teacher.
-        ckpt_path, model_class = config.get("ckpt_path"), (config.get("model") or {}).get("class_path")
+        # `last` is resolved to its file here, so that it is checked as one given by path (a damaged last.ckpt is
+        # one error line, not a traceback) and LightningCLI reads the same file's hyper-parameters.
+        given = config.get("ckpt_path")
+        ckpt_path = config["ckpt_path"] = resume_path(config.get("trainer") or {}, given)
+        model_class = (config.get("model") or {}).get("class_path")
         if ckpt_path and model_class:
-            check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates")
+            check_ckpt_path(ckpt_path, model_class, "trains" if subcommand == "fit" else "evaluates", given)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's `_parse_ckpt_path` (the model config becomes the checkpoint's hyper-parameters), with
@@ -278,15 +289,17 @@ class DQLightningCLI(LightningCLI):
         argv = getattr(self, "_argv", [])
         config = self.config.get(self.subcommand, self.config)
         check_gpus(trainer_config, getattr(self, "_typed_argv", argv))  # names the config the user typed
-        check_data_config(config.get("data"))
+        check_data_config(config.get("data"), splits_read(self.subcommand, bool(config.get("test_after_fit"))))
         root = trainer_config.get("default_root_dir")
         self._move_aside = []
         replace_own_files(trainer_config)  # on every rank: their checkpoint callbacks must agree on names
         if not is_other_rank():
-            for path in dict.fromkeys([str(root or "."), *map(str, checkpoint_dirs(trainer_config))]):
-                check_writable(path, "--trainer.default_root_dir" if path == str(root or ".") else
-                               f"--trainer.default_root_dir={root} (a ModelCheckpoint's dirpath)")
+            for path, setting in output_dirs(trainer_config).items():  # every folder the run will write
+                check_writable(path, setting)
             if self.subcommand == "fit":
+                # Claimed before the folder is judged: of two fits started together, the second is refused here
+                # instead of both finding it empty and training into it.
+                self._claim = claim_run_folder(root)
                 self._move_aside = check_run_folder(trainer_config, config.get("ckpt_path"),
                                                     bool(config.get("replace_run")))
         # A run directory may not exist yet for the logger and the saved config.
@@ -304,7 +317,24 @@ class DQLightningCLI(LightningCLI):
             print(f"{REPLACE_FLAG}: moved the earlier run {old} to {new}", file=sys.stderr, flush=True)
             if old == Path(self.trainer.default_root_dir):
                 os.makedirs(old, exist_ok=True)  # the loggers built above write here
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if getattr(self, "_claim", None) is not None:
+                self._claim.release()
+
+
+PRINT_CONFIG = "--print_config"
+
+
+def print_config(subparser, parser, config, flags: str) -> None:
+    """Print `config` as jsonargparse's `--print_config[=flags]` does (its own action and dump), and exit."""
+    action = next(action for action in subparser._actions if isinstance(action, _ActionPrintConfig))
+    try:
+        action(subparser, None, [flags], PRINT_CONFIG)
+    except argparse.ArgumentError as error:
+        raise UserError(f"{PRINT_CONFIG}={flags}: {error}") from None
+    _ActionPrintConfig.print_config_if_requested(parser, config)
 
 
 def model_settings_given(argv: list[str]) -> list[str]:
@@ -321,8 +351,19 @@ def model_settings_given(argv: list[str]) -> list[str]:
     return names
 
 
-def check_data_config(data: dict | None) -> None:
-    """`check_data_source` for the configured DataModule, when it is one of ours."""
+def splits_read(subcommand: str | None, test_after_fit: bool = False) -> dict[str, str]:
+    """The data splits a command reads, each with what reads it (for the error line when one is missing)."""
+    from dq_lightning.data.datamodule import STAGE_SPLITS
+
+    command = subcommand or "fit"
+    splits = {split: f"`{command}`" for split in STAGE_SPLITS.get(command, ())}
+    if command == "fit" and test_after_fit:
+        splits["test"] = "the test after the fit (test_after_fit: true)"
+    return splits
+
+
+def check_data_config(data: dict | None, splits: dict[str, str] | None = None) -> None:
+    """`check_data_source` for the configured DataModule, when it is one of ours: the splits it will read."""
     task = data_task(data)
     if not task:
         return
@@ -330,7 +371,8 @@ def check_data_config(data: dict | None) -> None:
 
     if issubclass(data_class(data), Seq2SeqDataModule):
         init_args = data.get("init_args") or {}
-        check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR)
+        check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR,
+                          splits, init_args.get("test_file"))
 
 
 def check_gpus(trainer_config: dict, argv: list[str]) -> None:
@@ -385,5 +427,12 @@ def main(argv: list[str]) -> int:
     # error into one line. Only here: the sweep's point check reads the printed text of CLI_OPTIONS' parser.
     options = {**CLI_OPTIONS, "parser_kwargs": {**CLI_OPTIONS["parser_kwargs"], "exit_on_error": False}}
     # Passing sys.argv again would make LightningCLI warn about "args and command line arguments".
-    DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options, args=None if argv == sys.argv[1:] else argv)
+    try:
+        DQLightningCLI(pl.LightningModule, pl.LightningDataModule, **options,
+                       args=None if argv == sys.argv[1:] else argv)
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is a DDP rendezvous that timed out
+        waited = rendezvous_error(error)
+        if waited is None:
+            raise
+        raise UserError(waited) from None
     return 0

@@ -77,3 +77,11 @@ def replace_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record the tool wrote (status, metrics), or {} where there is none yet or it was cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

@@ -1,11 +1,13 @@
-"""One run per run folder, and a run folder the run can write.
+"""One run per run folder, one process training into it, and a run folder the run can write.
 
 A second `fit` into a folder that holds an earlier run's checkpoints mixes two runs: Lightning versions the
 new files beside the old ones (`last-v1.ckpt` next to the earlier `last.ckpt`, which `--ckpt_path=last` may then
 pick), and `config.yaml`, `fit_metrics.json` and `hf/` end up from whichever run wrote last. So a fit there is
 refused unless it continues that run (`--ckpt_path=last`, or a checkpoint inside the folder), or the user asks
 to start over with `--replace_run=true`, which first moves the earlier run to `<folder>.replaced-<time>`
-(renamed, never deleted).
+(renamed, never deleted). And two fits started together into a folder that holds nothing yet would both pass
+that check: so a fit first claims its folder (`claim_run_folder`, atomically, as sweep workers claim grid
+points) and holds the claim until it ends; a second one is refused while the first runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from dq_lightning import claims
 from dq_lightning.errors import UserError
 
 REPLACE_FLAG = "--replace_run=true"
@@ -41,6 +44,25 @@ def checkpoint_dirs(trainer_config: dict) -> list[Path]:
         if all(path.absolute() != other.absolute() for other in unique):
             unique.append(path)
     return unique
+
+
+def output_dirs(trainer_config: dict) -> dict[str, str]:
+    """Every folder the run writes into, from the resolved trainer config, each with the setting that names
+    it: the run folder, every callback's `dirpath` (checkpoints, the exported best model, metrics files) and
+    every logger's `save_dir`."""
+    root = str(trainer_config.get("default_root_dir") or ".")
+    found = {root: "--trainer.default_root_dir"}
+    loggers = trainer_config.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    for section, entries, key in (("callbacks", trainer_config.get("callbacks") or [], "dirpath"),
+                                  ("logger", loggers, "save_dir")):
+        for entry in entries:
+            init_args = entry.get("init_args") if hasattr(entry, "get") else None
+            value = init_args.get(key) if hasattr(init_args, "get") else None
+            if value:
+                name = str(entry.get("class_path", "")).rpartition(".")[2] or section
+                found.setdefault(str(value), f"trainer.{section} {name}.{key}")
+    return found
 
 
 def replace_own_files(trainer_config) -> None:
@@ -129,6 +151,25 @@ def check_run_folder(trainer_config: dict, ckpt_path, replace: bool) -> list[Pat
     raise UserError(f"--trainer.default_root_dir={root} holds an earlier run ({shown}){other}: continue it with "
                     f"--ckpt_path=last, or start over with {REPLACE_FLAG}, which first moves it to "
                     f"{root}.replaced-<time>; nothing was written")
+
+
+def claim_run_folder(root) -> claims.Claim:
+    """Claim the run folder `root` for this process's fit, atomically; refuse it while another live process
+    holds it (a claim left by a killed fit is taken over). The claim is released when this process exits."""
+    import atexit
+
+    folder = Path(str(root or "."))
+    try:
+        claim = claims.acquire(folder.absolute().parent, claims.claim_beside(folder))
+    except OSError as error:
+        raise UserError(f"--trainer.default_root_dir={folder}: cannot claim it for this fit "
+                        f"({error.strerror or error})") from None
+    if not isinstance(claim, claims.Claim):
+        raise UserError(f"--trainer.default_root_dir={folder}: another fit is training into it "
+                        f"({claims.describe(claim)}, since {claim.get('claimed_at', '?')}); wait for it to end or "
+                        "choose another folder; nothing was written")
+    atexit.register(claim.release)
+    return claim
 
 
 def move_aside(paths: list[Path]) -> list[tuple[Path, Path]]:

@@ -21,8 +21,8 @@ parameter at 32 bits, the tied embedding once. For bart-base (139,420,416 parame
 Counting the biases at 32 bits instead gives 16.37x and 27.62x; the positions at E bits, 19.8x; the LM head
 a second time in the teacher, 20.9x. Units cancel in the ratio.
 
-`strict` is what a packed file really holds: codes at their width (a ternary value takes 2 bits), one FP32
-scale per row (or per tensor) of every quantized matrix, LSQ activation steps, biases, LayerNorms and
+`strict` is what a packed file really holds: codes at their width (a ternary value takes 2 bits, a binary one
+1), one FP32 scale per row (or per tensor) of every quantized matrix, learned activation steps (LSQ, elastic), biases, LayerNorms and
 positions at 32 bits, and the `final_logits_bias` buffer, in both the student and the teacher.
 
 Sizes are reported in MiB (2^20 bytes).
@@ -41,7 +41,7 @@ from torch import nn
 
 from dq_lightning.errors import UserError, command_line
 from dq_lightning.quant.api import is_converted, quant_config_of, token_embedding_weight
-from dq_lightning.quant.config import FULL_PRECISION, QuantConfig, parse_wea
+from dq_lightning.quant.config import ELASTIC_MAX_BITS, FULL_PRECISION, QuantConfig, parse_wea
 from dq_lightning.quant.quantizers import FakeQuantizer
 
 CONVENTIONS = ("paper", "strict")
@@ -122,7 +122,8 @@ _LAYER = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.")
 
 def _count(model: nn.Module, encoder_layers: int, decoder_layers: int) -> tuple[dict[str, _Counts], int, int]:
     """Parameters by kind for a model keeping the first `encoder_layers`/`decoder_layers` layers; also the
-    number of kept Linear modules and attention modules (for per-module quantizer state)."""
+    number of kept Linear modules besides the LM head and of attention modules (for per-module quantizer
+    state)."""
     keep = {"encoder": encoder_layers, "decoder": decoder_layers}
 
     def kept(name: str) -> bool:
@@ -138,7 +139,7 @@ def _count(model: nn.Module, encoder_layers: int, decoder_layers: int) -> tuple[
         # A prepared model's quantizers (LSQ steps) are not weights; the strict convention counts scales.
         if not kept(name + ".") or isinstance(module, FakeQuantizer):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and module is not output:
             linears += 1
         if all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")):
             attentions += 1
@@ -201,12 +202,22 @@ def _student_groups(counts: dict[str, _Counts], quant: QuantConfig, convention: 
             granularity = quant.weight_granularity if kind == "linear weights" else quant.embedding_granularity
             scales = c.rows if granularity == "row" else c.tensors
         groups.append(TensorGroup(kind, c.params, bits, scales * SCALE_BITS))
-    if quant.a_bits < FULL_PRECISION and quant.act_method == "lsq":
-        # Only the "asym_probs" attention quantizers follow act_method; "dq-bart" ones are always min-max.
-        steps = linears + (4 * attentions if quant.quantizes_attention and quant.attention_quant == "asym_probs"
-                           else 0)
+    steps = _learned_steps(quant, linears, attentions)
+    if steps:
         groups.append(TensorGroup("activation steps", steps, SCALE_BITS))
     return tuple(groups)
+
+
+def _learned_steps(quant: QuantConfig, linears: int, attentions: int) -> int:
+    """Learned activation steps a student stores: one per quantized Linear input (the LM head's input only when
+    the head is quantized) and one per attention operand (query, key, value, probabilities) where those follow
+    the activation quantizer ("asym_probs", "tbt"; "dq-bart" ones are always min-max)."""
+    learned = quant.act_method == "lsq" or (quant.act_method == "elastic" and quant.a_bits <= ELASTIC_MAX_BITS)
+    if quant.a_bits >= FULL_PRECISION or not learned:
+        return 0
+    inputs = linears + (1 if quant.quantize_lm_head else 0)
+    operands = 4 * attentions if quant.quantizes_attention and quant.attention_quant in ("asym_probs", "tbt") else 0
+    return inputs + operands
 
 
 def _teacher_bits(counts: dict[str, _Counts], convention: str) -> tuple[int, int]:
@@ -336,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", metavar="W-E-A", help="the paper's notation, e.g. 2-2-8 (instead of the "
                         "three flags below)")
     for flag, what in (("w", "Linear weights"), ("e", "token embedding"), ("a", "activations")):
-        parser.add_argument(f"--{flag}-bits", type=int, metavar="N", help=f"bits of the {what}: 2, 3, 4, 8 or "
-                            "32 (default 32)")
+        parser.add_argument(f"--{flag}-bits", type=int, metavar="N", help=f"bits of the {what}: 1, 2, 3, 4, 8 "
+                            "or 32 (default 32)")
     parser.add_argument("--encoder-layers", type=int, metavar="N", help="student encoder layers "
                         "(default: all)")
     parser.add_argument("--decoder-layers", type=int, metavar="N", help="student decoder layers "

@@ -108,6 +108,13 @@ CASES = {
     "unsupported bits": (lambda w: student_fit(w, "--model.bits=5-2-8"), ["w_bits=5"]),
     "old flat bits flag": (lambda w: student_fit(w, "--model.w_bits=2"), ["--model.w_bits=2", "now --model.bits"]),
     "unsupported W-E-A": (lambda w: student_fit(w, "--model.bits=2-2-7"), ["a_bits=7"]),
+    "zero bits": (lambda w: student_fit(w, "--model.bits=0-2-8"), ["model.bits=0-2-8", "w_bits=0 is not supported"]),
+    "1-bit activations under a recipe without them": (
+        lambda w: student_fit(w, "--model.recipe=dq-bart", "--model.bits=2-2-1"),
+        ["model.bits=2-2-1", "a_bits=1 needs act_method='elastic'", "recipe dq-bart"]),
+    "1-bit weights with a quantizer that has no 1-bit grid": (
+        lambda w: student_fit(w, "--model.recipe=tbt", "--model.bits=1-1-8", "--model.quant_settings.weight_method=minmax"),
+        ["model.bits=1-1-8", "w_bits=1 needs weight_method binary"]),
     "unknown recipe": (lambda w: student_fit(w, "--model.recipe=dq-bert"), ["--model.recipe=dq-bert", "'dq-bart', 'dq_lightning'"]),
     "ternary at 8 bits": (lambda w: student_fit(w, "--model.bits=8-8-8", "--model.quant_settings.weight_method=ternary"),
                           ["weight_method", "ternary"]),

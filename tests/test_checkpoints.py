@@ -168,3 +168,25 @@ def test_model_flags_given_with_a_checkpoint_win_over_its_hyper_parameters(world
     assert init_args["generation"] == {"num_beams": 1, "max_length": 5}
     assert init_args["label_smoothing"] == saved["label_smoothing"] / 2
     assert init_args["lr"] == saved["lr"]  # not given: the checkpoint's
+
+
+@pytest.mark.parametrize("case", ["truncated file", "checkpoint of another module class"])
+def test_ckpt_path_last_is_checked_as_the_file_it_stands_for(case, world, tmp_path):
+    """`--ckpt_path=last` finds the run's last.ckpt; a damaged or foreign one is the same one error line as
+    the file given by path (one code path), not a traceback from deep inside Lightning."""
+    make_path, fragments = CASES[case]
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(make_path(world).read_bytes())
+    before = digest(tmp_path)
+    result = run_cli("fit", "--config", "experiments/xsum/dq-tiny.yaml", f"--data.cache_dir={world['cache']}",
+                     f"--data.data_dir={world['shared'] / 'xsum'}", f"--trainer.default_root_dir={run_dir}",
+                     f"--model.teacher={world['teacher']}", *QUICK, "--ckpt_path=last")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in [f"--ckpt_path=last ({last})", *fragments]:
+        assert fragment in errors[0], errors[0]
+    assert digest(tmp_path) == before

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
@@ -82,6 +83,23 @@ def test_override_and_print_config():
     result = run_cli("fit", "--config", XSUM_TINY, "--model.lr=3e-5", "--print_config")
     assert result.returncode == 0, result.stderr
     assert "lr: 3.0e-05" in result.stdout
+
+
+def test_a_printed_config_is_complete_and_runs_from_any_folder(tmp_path):
+    """`base:` paths are relative to the file that names them: a printed config holding them would read its
+    bases next to wherever it was saved. It is the merged result, naming none, and reads back as itself."""
+    printed = run_cli("fit", "--config", XSUM_TINY, "--model.lr=3e-5", "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["base"] is None
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "printed.yaml").write_text(printed.stdout)
+    again = run_cli("fit", "--config", "printed.yaml", "--print_config", cwd=elsewhere)
+    assert again.returncode == 0, again.stderr
+    assert yaml.safe_load(again.stdout) == yaml.safe_load(printed.stdout)
+    bad = run_cli("fit", "--config", XSUM_TINY, "--print_config=bogus")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --print_config=bogus")
 
 
 @pytest.mark.slow  # two training processes: `make test-slow`

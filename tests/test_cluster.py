@@ -187,18 +187,22 @@ def _touch(path: Path, age_s: float) -> Path:
     return path
 
 
-def test_ckpt_path_last_takes_the_requeue_checkpoint_when_it_is_newer(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def _trainer_config(root: Path, **checkpoint) -> dict:
+    """Trainer settings as the CLI has parsed them: the run folder and one ModelCheckpoint."""
+    return {"default_root_dir": str(root), "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "saved"), **checkpoint}}]}
 
-    trainer = pl.Trainer(accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
-                         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), save_last=True)])
+
+def test_ckpt_path_last_takes_the_requeue_checkpoint_when_it_is_newer(tmp_path):
+    trainer = _trainer_config(tmp_path, save_last=True)
     assert cluster.resume_path(trainer, "last") == "last"  # nothing saved yet: Lightning starts from scratch
-    _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=600)
-    assert cluster.resume_path(trainer, "last") == "last"  # Lightning resolves it to last.ckpt
+    last = _touch(tmp_path / "saved" / "last.ckpt", age_s=600)
+    assert cluster.resume_path(trainer, "last") == str(last)
     hpc = _touch(tmp_path / "hpc_ckpt_1.ckpt", age_s=60)  # written on SIGUSR1, after the last periodic save
     assert cluster.resume_path(trainer, "last") == str(hpc)
-    _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=0)  # the resumed run saved again since
-    assert cluster.resume_path(trainer, "last") == "last"
+    _touch(tmp_path / "saved" / "last.ckpt", age_s=0)  # the resumed run saved again since
+    assert cluster.resume_path(trainer, "last") == str(last)
     assert cluster.resume_path(trainer, None) is None
     assert cluster.resume_path(trainer, "some/file.ckpt") == "some/file.ckpt"
 
@@ -321,14 +325,85 @@ def test_sweep_id_is_created_once_and_needs_a_login(tmp_path, monkeypatch, capsy
 def test_ckpt_path_last_without_a_last_checkpoint_resumes_the_newest_epoch_checkpoint(tmp_path, capsys):
     """A run that saved only its best epochs (or died before its first periodic save) is resumed, not started
     again beside its own checkpoints."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    trainer = pl.Trainer(accelerator="cpu", default_root_dir=str(tmp_path), logger=False,
-                         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="val/loss")])
-    _touch(tmp_path / "checkpoints" / "epoch=0-step=10.ckpt", age_s=600)
-    newest = _touch(tmp_path / "checkpoints" / "epoch=1-step=20.ckpt", age_s=60)
-    _touch(tmp_path / "checkpoints" / "notes.txt", age_s=0)
+    trainer = _trainer_config(tmp_path, monitor="val/loss")
+    _touch(tmp_path / "saved" / "epoch=0-step=10.ckpt", age_s=600)
+    newest = _touch(tmp_path / "saved" / "epoch=1-step=20.ckpt", age_s=60)
+    _touch(tmp_path / "saved" / "notes.txt", age_s=0)
     assert cluster.resume_path(trainer, "last") == str(newest)
     assert "resuming from epoch=1-step=20.ckpt" in capsys.readouterr().err
-    last = _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=300)  # a last checkpoint wins even if older
-    assert cluster.resume_path(trainer, "last") == "last" and last.exists()
+    last = _touch(tmp_path / "saved" / "last.ckpt", age_s=300)  # a last checkpoint wins even if older
+    assert cluster.resume_path(trainer, "last") == str(last)
+
+
+# -- make fit NODES=n: refuse what cannot work; a rendezvous that waits says for what ----------------------------
+@pytest.fixture
+def make_sandbox(tmp_path):
+    """The Makefile in a scratch directory, using this interpreter and this checkout's package."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.fail("no make on this machine")
+    (tmp_path / "experiments").symlink_to(PROJECT_ROOT / "experiments")
+    shutil.copy2(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")
+    shutil.copy2(PROJECT_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "stamp").touch()  # newer than pyproject.toml: the install rule has nothing to do
+    return tmp_path
+
+
+def _make_fit(sandbox, *variables):
+    return subprocess.run(["make", "--no-print-directory", "fit", "CONFIG=experiments/xsum/dq-paper.yaml",
+                           f"PY={sys.executable}", f"STAMP={sandbox / 'stamp'}", *variables], cwd=sandbox,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+
+
+@pytest.mark.parametrize("variables, fragments", [
+    (["NODES=abc", "GPUS=1"], ["NODES=abc", "positive whole number of nodes"]),
+    (["NODES=2", "GPUS=two", "MASTER_ADDR=localhost"], ["GPUS=two", "positive whole number"]),
+    (["NODES=2"], ["NODES=2 needs GPUS="]),
+    (["NODES=2", "GPUS=1", "MASTER_ADDR=localhost", "MASTER_PORT=port"], ["MASTER_PORT=port"]),
+])
+def test_make_fit_refuses_cluster_settings_that_cannot_work(variables, fragments, make_sandbox):
+    result = _make_fit(make_sandbox, *variables)
+    assert_one_error_line(result, *fragments)
+    assert not (make_sandbox / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of GPUs on a machine without them")
+def test_make_fit_on_nodes_without_gpus_is_refused_at_once_not_left_waiting(make_sandbox):
+    """`make fit NODES=2 GPUS=1` on a CPU machine waited in torchrun's rendezvous with no output until killed."""
+    started = time.time()
+    result = _make_fit(make_sandbox, "NODES=2", "GPUS=1", "MASTER_ADDR=localhost")
+    assert_one_error_line(result, "GPUS=1 asks for a GPU", "leave GPUS and NODES unset")
+    assert time.time() - started < 120
+
+
+def test_a_rendezvous_that_times_out_names_what_it_waited_for(monkeypatch, capsys):
+    """Node 1 of 2 alone: the rendezvous gives up after --timeout seconds with one line, not a traceback."""
+    from dq_lightning import devices
+
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 1)  # GPUs are not what this test is about
+    endpoint = f"127.0.0.1:{_free_port()}"
+    started = time.time()
+    code = cluster.main(["torchrun", "--nodes=2", "--gpus=1", f"--master={endpoint}", "--timeout=3", "--",
+                         "fit", "--help"])
+    assert code == 2 and time.time() - started < 60
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: the rendezvous at " + endpoint)
+    assert "waited 3 s for NODES=2 nodes" in error and "every node" in error
+
+
+def test_a_ddp_rendezvous_that_times_out_is_one_line_naming_it(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    timed_out = dist.DistStoreError("Timed out after 1801 seconds waiting for clients. 4/8 clients joined.")
+    try:
+        raise RuntimeError("setting up the strategy failed") from timed_out
+    except RuntimeError as wrapped:
+        line = cluster.rendezvous_error(wrapped)
+    assert line.startswith("the DDP processes' rendezvous at node0:29500 gave up waiting for 8 processes")
+    assert "4/8 clients joined" in line
+    assert cluster.rendezvous_error(ValueError("something else")) is None

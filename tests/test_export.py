@@ -48,6 +48,8 @@ def test_pack_unpack_round_trip_is_exact(bits, numel):
     low, high = code_range(bits)
     generator = torch.Generator().manual_seed(bits * 1000 + numel)
     codes = torch.randint(low, high + 1, (numel,), generator=generator)
+    if bits == 1:  # one bit holds a sign: -1 or +1, no zero
+        codes = torch.where(codes >= 0, 1, -1)
     if numel >= 2:
         codes[0], codes[1] = low, high  # both ends of the range
     packed = pack(codes, bits)
@@ -73,6 +75,7 @@ def test_packing_density_and_the_codes_of_real_quantizers():
     assert pack(torch.ones(91), 3).numel() == 36  # eight per three bytes
     assert pack(torch.ones(91), 4).numel() == 46
     assert pack(torch.ones(91), 8).numel() == 91
+    assert pack(torch.ones(91), 1).numel() == 12  # binary: eight per byte
 
 
 def test_packing_refuses_what_it_cannot_represent():
@@ -103,21 +106,30 @@ def _save_untrained(module: DQStudentModule, path):
 
 @pytest.fixture(scope="module")
 def checkpoints(teacher_dir, shared_data, cache_dir, tmp_path_factory):
-    """{name: checkpoint path}: a 2-2-8 student fitted two steps with pl.Trainer, an untrained 8-8-8 one, and
-    an untrained 4-4-8 one with LSQ activations and quantized attention inputs."""
+    """{name: checkpoint path}: a 2-2-8 student fitted two steps with pl.Trainer, an untrained 8-8-8 one, an
+    untrained 4-4-8 one with LSQ activations and quantized attention inputs, a recipe tbt student with binary
+    weights and embedding and 4-bit elastic activations fitted two steps (its learned steps initialised and
+    trained), and an untrained dq-bart 1-1-8 one (binary per tensor)."""
     root = tmp_path_factory.mktemp("students")
-    module = DQStudentModule(teacher=str(teacher_dir), bits="2-2-8", depth="4-2", lr=1e-2, generation=GENERATION)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(root / "fit"), limit_val_batches=0,
-                         num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=_datamodule(shared_data, cache_dir, teacher_dir))
+    fitted = {}
+    for name, settings in (("2-2-8 fitted", dict(bits="2-2-8", depth="4-2")),
+                           ("1-1-4 tbt fitted", dict(bits="1-1-4", depth="2-1", recipe="tbt"))):
+        module = DQStudentModule(teacher=str(teacher_dir), lr=1e-2, generation=GENERATION, **settings)
+        directory = root / name.replace(" ", "_")
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(directory), limit_val_batches=0,
+                             num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=_datamodule(shared_data, cache_dir, teacher_dir))
+        fitted[name] = next(directory.rglob("*.ckpt"))
     lsq = DQStudentModule(teacher=str(teacher_dir), bits="4-4-8", depth="2-1", generation=GENERATION,
                           quant_settings={"attention_quant": "asym_probs", "act_method": "lsq"})
     return {
-        "2-2-8 fitted": next((root / "fit").rglob("*.ckpt")),
+        **fitted,
         "8-8-8": _save_untrained(DQStudentModule(teacher=str(teacher_dir), bits="8-8-8", depth="4-2",
                                                  generation=GENERATION), root / "888.ckpt"),
         "4-4-8 lsq attention": _save_untrained(lsq, root / "448.ckpt"),
+        "1-1-8 dq-bart": _save_untrained(DQStudentModule(teacher=str(teacher_dir), bits="1-1-8", depth="2-2",
+                                                         generation=GENERATION), root / "118.ckpt"),
     }
 
 
@@ -147,7 +159,8 @@ def _inputs(shared_data, teacher_dir, count=6):
     return tokenizer(texts, truncation=True, max_length=48, padding=True, return_tensors="pt")
 
 
-@pytest.mark.parametrize("name", ["2-2-8 fitted", "8-8-8", "4-4-8 lsq attention"])
+@pytest.mark.parametrize("name", ["2-2-8 fitted", "8-8-8", "4-4-8 lsq attention", "1-1-4 tbt fitted",
+                                  "1-1-8 dq-bart"])
 def test_exported_student_generates_the_fake_quantized_students_tokens(name, checkpoints, exported, shared_data,
                                                                       teacher_dir):
     student = _fake_quantized_student(checkpoints[name])
@@ -202,6 +215,43 @@ def test_export_is_packed_at_the_accounted_size(exported):
     assert eight["tensors"]["model.shared.weight.codes"]["dtype"] == "int8"
 
 
+def test_a_one_bit_export_packs_eight_codes_a_byte_and_keeps_its_learned_steps(checkpoints, exported):
+    directory = exported["1-1-4 tbt fitted"]
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert manifest["recipe"] == "tbt" and manifest["notation"] == "1-1-4"
+    fc1 = manifest["weights"]["model.encoder.layers.0.fc1.weight"]
+    assert (fc1["bits"], fc1["method"], fc1["shape"]) == (1, "binary", [64, 32])
+    assert manifest["tensors"][fc1["codes"]]["shape"] == [64 * 32 // 8]
+    shared = manifest["weights"]["model.shared.weight"]
+    assert (shared["bits"], shared["method"]) == (1, "binary")
+    size = manifest["size"]
+    header = struct.unpack("<Q", (directory / WEIGHTS).open("rb").read(8))[0]
+    assert abs(size["weights_bytes"] - 8 - header - size["strict_bytes"]) <= 0.01 * size["strict_bytes"]
+    # Every quantized input keeps the step it learned: fc2's unsigned, the others signed; attention operands too.
+    activation = manifest["activation_quantizers"]
+    assert activation["model.encoder.layers.0.fc2"]["method"] == "elastic_unsigned"
+    assert activation["model.encoder.layers.0.fc1"]["method"] == "elastic"
+    trained = torch.load(checkpoints["1-1-4 tbt fitted"], weights_only=True, map_location="cpu")["state_dict"]
+    stored = load_file(directory / WEIGHTS)
+    for name in ("model.encoder.layers.0.fc2.input_quantizer.step",
+                 "model.decoder.layers.0.encoder_attn.attention_input_quantizer.probs.step"):
+        assert torch.equal(stored[name], trained[f"model.{name}"]) and stored[name].item() != 1.0
+    model = load_packed(directory)
+    assert model.model.encoder.layers[0].fc2.input_quantizer.step.item() == trained[
+        "model.model.encoder.layers.0.fc2.input_quantizer.step"].item()
+
+
+def test_int8_path_runs_a_one_bit_student_on_its_sign_codes(exported, shared_data, teacher_dir):
+    int8 = load_packed(exported["1-1-4 tbt fitted"], int8=True)
+    fc1 = int8.model.encoder.layers[0].fc1
+    assert isinstance(fc1, DynamicInt8Linear)
+    assert set(fc1.weight().int_repr().unique().tolist()) == {-1, 1}
+    assert set(int8.model.shared.packed.codes.unique().tolist()) <= {-1, 1}
+    with torch.no_grad():
+        generated = int8.generate(**_inputs(shared_data, teacher_dir), num_beams=1, max_length=10)
+    assert generated.shape[0] == 6
+
+
 def test_a_fitted_student_loads_from_its_checkpoint_outside_a_trainer(checkpoints, teacher_dir, tmp_path):
     path = checkpoints["2-2-8 fitted"]
     with pytest.raises(UserError, match="model.teacher=.*records no task"):  # no DataModule, no task known
@@ -212,7 +262,7 @@ def test_a_fitted_student_loads_from_its_checkpoint_outside_a_trainer(checkpoint
     saved = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
     loaded = module.state_dict()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items() if name in loaded)
-    assert (module.hparams.w_bits, len(module.model.model.decoder.layers)) == (2, 2)
+    assert (module.quant_config.w_bits, len(module.model.model.decoder.layers)) == (2, 2)
 
 
 def test_export_records_the_source_length_the_student_was_trained_with(exported):
@@ -374,3 +424,77 @@ def test_cli_export_then_predict_from_stdin(checkpoints, shared_data, tmp_path):
     assert "status 141" in piped.stderr, piped.stderr[-2000:]
     bad = run_cli("predict", "--model", str(tmp_path), "--input", "-")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --model") and "neither a packed export" in bad.stderr
+
+
+# -- the manifest's own settings ------------------------------------------------------------------------------
+def _edits(value, path=()):
+    """(path, edited copy of `value`) for every field of a JSON value: each leaf changed, each key removed,
+    a key added to each mapping and an item to each list."""
+    if isinstance(value, dict):
+        yield path + ("<added key>",), {**value, "added_by_test": 1}
+        for key, item in value.items():
+            yield path + (key, "<removed>"), {k: v for k, v in value.items() if k != key}
+            for where, edited in _edits(item, path + (key,)):
+                yield where, {**value, key: edited}
+    elif isinstance(value, list):
+        yield path + ("<added item>",), [*value, value[-1] if value else 0]
+        for index, item in enumerate(value):
+            for where, edited in _edits(item, path + (index,)):
+                yield where, [*value[:index], edited, *value[index + 1:]]
+    elif isinstance(value, bool):
+        yield path, not value
+    elif isinstance(value, (int, float)):
+        yield path, value + 1 if value == value else 0.0
+    elif isinstance(value, str):
+        yield path, value + "x"
+    else:  # None
+        yield path, 0
+
+
+@pytest.mark.parametrize("name", ["2-2-8 fitted", "4-4-8 lsq attention"])
+def test_every_edited_field_of_the_manifest_is_refused(name, exported, tmp_path):
+    """Not only the tensors and files: a manifest setting that changes the computation (an activation
+    quantizer's clip, bits or method, the QuantConfig, the attention choice, the source length predict reads)
+    loads as a different model unless the manifest's own content is checked. Every field is edited, one at a
+    time, and each edit is refused; a field that changes nothing is refused alike (one rule, no list of
+    fields to keep up to date)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(exported[name], copy)
+    original = json.loads((copy / MANIFEST).read_text())
+    edits = list(_edits(original))
+    assert len(edits) > 200 and any("activation_quantizers" in where for where, _ in edits)
+    for where, edited in edits:
+        (copy / MANIFEST).write_text(json.dumps(edited, indent=1))
+        with pytest.raises(UserError) as refused:
+            load_packed(copy)
+        assert MANIFEST in str(refused.value) or "format version" in str(refused.value) \
+            or "model class" in str(refused.value), where
+    (copy / MANIFEST).write_text(json.dumps(original, sort_keys=True))  # another layout, the same content
+    load_packed(copy)
+
+
+def test_the_manifest_digest_is_what_stands_between_an_edited_setting_and_a_different_model(exported, tmp_path,
+                                                                                          shared_data, teacher_dir):
+    """The guard is needed: the same edit with the digest recomputed loads, and computes something else."""
+    from dq_lightning.export.manifest import with_digest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["2-2-8 fitted"], copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    for entry in manifest["activation_quantizers"].values():
+        entry["clip"] = 0.05  # every quantized Linear's input clipped hard
+    (copy / MANIFEST).write_text(json.dumps(with_digest(manifest), indent=1))
+    batch = _inputs(shared_data, teacher_dir, count=2)
+    with torch.no_grad():
+        edited = load_packed(copy)(**batch, decoder_input_ids=batch["input_ids"][:, :4]).logits
+        kept = load_packed(exported["2-2-8 fitted"])(**batch, decoder_input_ids=batch["input_ids"][:, :4]).logits
+    assert not torch.allclose(edited, kept)
+
+
+def test_an_export_of_format_version_1_is_refused_with_what_to_do(export_copy):
+    manifest = json.loads((export_copy / MANIFEST).read_text())
+    manifest["version"] = 1
+    manifest.pop("manifest_sha256")
+    (export_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="version 1.*export the checkpoint again"):
+        load_packed(export_copy)

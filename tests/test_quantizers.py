@@ -209,8 +209,17 @@ def test_the_project_recipe_differs_only_where_it_says():
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(w_bits=5), "w_bits=5 is not supported; choose from 2, 3, 4, 8, 32"),
-    (dict(e_bits=1), "e_bits=1"),
+    (dict(w_bits=5), "w_bits=5 is not supported; choose from 1, 2, 3, 4, 8, 32"),
+    (dict(w_bits=0), "w_bits=0 is not supported"),
+    (dict(e_bits=1, embedding_method="minmax"), "e_bits=1 needs embedding_method binary, auto or tbt"),
+    (dict(w_bits=1, weight_method="ternary"), "weight_method='ternary' needs w_bits=2"),
+    (dict(w_bits=1, weight_method="lsq"), "w_bits=1 needs weight_method binary, auto or tbt"),
+    (dict(w_bits=2, weight_method="binary"), "weight_method='binary' needs w_bits=1"),
+    (dict(w_bits=4, weight_method="tbt_ternary"), "weight_method='tbt_ternary' needs w_bits=2"),
+    (dict(a_bits=1), "a_bits=1 needs act_method='elastic'"),
+    (dict(act_method="elastic", act_granularity="row"), "act_method='elastic' learns one step per activation"),
+    (dict(act_method="lsq", unsigned_ffn_attn=True), "unsigned_ffn_attn=true needs act_method minmax"),
+    (dict(unsigned_ffn_attn="yes"), "unsigned_ffn_attn='yes' must be true or false"),
     (dict(a_bits=16), "a_bits=16"),
     (dict(w_bits=4, weight_method="ternary"), "weight_method='ternary' needs w_bits=2"),
     (dict(e_bits=8, embedding_method="ternary"), "embedding_method='ternary' needs e_bits=2"),

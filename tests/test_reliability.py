@@ -1,6 +1,7 @@
 """Crash, resume, divergence and unsafe files: what must never cost a sweep."""
 
 import csv
+import json
 import os
 import pickle
 import signal
@@ -23,7 +24,7 @@ def quick_config(tmp_path, shared_data, cache_dir, every_n_steps, **trainer):
     config["data"]["init_args"].update(data_dir=str(shared_data / "xsum"), cache_dir=str(cache_dir), vocab_size=500,
                                        max_train_samples=64, max_eval_samples=4, max_source_length=64,
                                        max_target_length=16, batch_size=4)
-    config["trainer"].update(limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False, **trainer)
+    config["trainer"].update({"limit_val_batches": 0, "log_every_n_steps": 1, "enable_progress_bar": False, **trainer})
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                    "init_args": {"save_dir": "${...default_root_dir}", "name": "csv"}}
     config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -136,3 +137,62 @@ def test_checkpoint_with_code_is_refused_not_executed(tmp_path, shared_data, cac
     assert result.returncode != 0
     assert not marker.exists(), "loading a checkpoint executed code"
     assert "weights_only" in result.stderr or "Weights only" in result.stderr
+
+
+# -- every way a fit can stop resumes exactly --------------------------------------------------------------------
+def batch_order(path) -> dict[int, list[int]]:
+    """{step: the examples of its batch}, the last record of each step (a resumed run trains some steps again)."""
+    order = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        order[record["step"]] = record["examples"]
+    return order
+
+
+STOPS = {  # name: (flags of the stopped fit, the step it stops after)
+    "SIGKILL": (["--trainer.callbacks+=tests.stops.StopAt", "--trainer.callbacks.step=12",
+                 "--trainer.callbacks.how=KILL"], 12),
+    "SIGINT": (["--trainer.callbacks+=tests.stops.StopAt", "--trainer.callbacks.step=12",
+                "--trainer.callbacks.how=INT"], 12),
+    "an exception in a callback": (["--trainer.callbacks+=tests.stops.StopAt", "--trainer.callbacks.step=12",
+                                    "--trainer.callbacks.how=raise"], 12),
+    # Before the first periodic save: last.ckpt is the one Lightning writes when the fit ends, mid-epoch.
+    "max_steps": (["--trainer.max_steps=4"], 4),
+    # Stops at the end of the first step after 2 s of training: the sleep at step 3 makes that step 3 (or 4).
+    "max_time": (["--trainer.max_time=00:00:00:02", "--trainer.callbacks+=tests.stops.StopAt",
+                  "--trainer.callbacks.step=3", "--trainer.callbacks.how=sleep", "--trainer.callbacks.seconds=3"], 4),
+}
+
+
+@pytest.mark.slow  # eleven small fits: `make test-slow`
+@pytest.mark.timeout(1800)
+def test_every_way_a_fit_stops_resumes_as_if_it_had_not(tmp_path, shared_data, cache_dir):
+    """A fit stopped by SIGKILL, SIGINT, an exception in a callback, --trainer.max_steps or --trainer.max_time,
+    then resumed with the plain command and --ckpt_path=last, trains the same batches in the same order with
+    the same losses as one that never stopped. 64 rows / batch 4: 16 steps an epoch, 2 epochs; last.ckpt every
+    5 steps, never on an epoch boundary; validation every epoch (it must not shift the training RNG)."""
+    config = quick_config(tmp_path, shared_data, cache_dir, every_n_steps=5, max_epochs=2, limit_val_batches=1,
+                          check_val_every_n_epoch=1, num_sanity_val_steps=0)
+
+    def fit(root, *flags):
+        log = [f"--trainer.callbacks+=tests.stops.BatchLog", f"--trainer.callbacks.path={root / 'batches.jsonl'}"]
+        return run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={root}", *log, *flags)
+
+    whole = fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference, order = step_losses(tmp_path / "whole"), batch_order(tmp_path / "whole" / "batches.jsonl")
+    assert sorted(reference) == sorted(order) == list(range(32))
+    assert len({tuple(examples) for examples in order.values()}) == 32  # two shuffled epochs, no repeats
+    for name, (flags, stop_step) in STOPS.items():
+        root = tmp_path / name.replace(" ", "_")
+        stopped = fit(root, *flags)
+        assert (stopped.returncode == 0) == name.startswith("max_"), (name, stopped.stderr[-3000:])
+        saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+        assert 0 < saved["global_step"] <= stop_step and saved["global_step"] % 16, (name, saved["global_step"])
+        resumed = fit(root, "--ckpt_path=last")
+        assert resumed.returncode == 0, (name, resumed.stderr[-3000:])
+        assert batch_order(root / "batches.jsonl") == order, name
+        losses = step_losses(root)
+        assert sorted(losses) == sorted(reference), name
+        for step, loss in losses.items():
+            assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (name, step, saved["global_step"])

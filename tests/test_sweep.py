@@ -15,7 +15,7 @@ import yaml
 
 from dq_lightning.errors import UserError
 from dq_lightning.sweep.report import FIXED_COLUMNS, TAIL_COLUMNS
-from dq_lightning.sweep.check import check_points
+from dq_lightning.sweep.check_cli import check_points
 from dq_lightning.sweep.spec import command_for, expand_grid, load_sweep
 from tests.conftest import PROJECT_ROOT
 
@@ -243,7 +243,7 @@ def test_runner_tests_unless_the_fit_process_already_did(tmp_path):
 CLAIMER = """
 import json, os, sys, time
 from pathlib import Path
-from dq_lightning.sweep.claims import Claim, acquire
+from dq_lightning.claims import Claim, acquire
 go, done, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.01)
@@ -294,8 +294,8 @@ def test_stale_claims_are_taken_over_only_when_their_process_is_known_dead(tmp_p
     import json
     import socket
 
-    from dq_lightning.sweep import claims
-    from dq_lightning.sweep.claims import Claim, _process_start, acquire
+    from dq_lightning import claims
+    from dq_lightning.claims import Claim, _process_start, acquire
 
     host = socket.gethostname()
     dead = tmp_path / "dead"
@@ -326,7 +326,7 @@ def test_stale_claims_are_taken_over_only_when_their_process_is_known_dead(tmp_p
 
 
 def test_a_held_claim_is_touched_until_it_is_released(tmp_path, monkeypatch):
-    from dq_lightning.sweep import claims
+    from dq_lightning import claims
 
     monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
     claim = claims.acquire(tmp_path)
@@ -430,7 +430,7 @@ def test_one_sweep_with_two_workers_trains_two_points_at_once_each_once(tmp_path
     points = [f"{b}_{d}" for b in ("8-8-8", "2-2-8", "32-32-32") for d in ("2-1", "1-1")]
     assert sorted(Path(fit["root"]).name for fit in fits) == sorted(points), report  # each once, none lost
     assert "2 at once" in report and "being trained by another worker" not in report  # its own threads: silent
-    from dq_lightning.sweep.runner import available_cores
+    from dq_lightning.sweep.workers import available_cores
 
     assert {fit["threads"] for fit in fits} == {str(max(1, available_cores() // 2))}
     with open(runs / "demo" / "sweep" / "results.csv") as rows:
@@ -463,9 +463,9 @@ def test_a_terminated_sweep_with_two_workers_stops_both_runs_and_releases_both_c
 
 def test_workers_setting(monkeypatch):
     from dq_lightning.errors import UserError
-    from dq_lightning.sweep import runner
+    from dq_lightning.sweep import runner, workers
 
-    monkeypatch.setattr(runner, "available_cores", lambda: 8)
+    monkeypatch.setattr(workers, "available_cores", lambda: 8)
     monkeypatch.setattr("dq_lightning.devices.cuda_devices", lambda: 0)
     assert runner.resolve_workers("auto", points=6, gpus=None) == 6  # no more workers than points
     assert runner.resolve_workers("auto", points=20, gpus=None) == 8
@@ -684,3 +684,78 @@ def test_online_sweep_hands_this_machines_flags_to_the_agents_runs(tmp_path, mon
         monkeypatch.setenv(name, env[name])
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     assert cluster.with_agent_args(["fit", "--config", "c.yaml"]) == ["fit", "--config", "c.yaml", *extra]
+
+
+# -- one check, run in full by --preflight and by the sweep (issue 40) -------------------------------------------
+def preflight_sweep(tmp_path, change):
+    """The xsum tiny grid (two points) whose teacher is the one `make teacher` would train under `runs`, not
+    there yet, with `change` applied to the sweep file."""
+    sweep = yaml.safe_load((PROJECT_ROOT / "sweeps" / "xsum-tiny.yaml").read_text())
+    runs = tmp_path / "runs"
+    sweep["parameters"] = {"model.bits": {"values": ["8-8-8", "2-2-8"]}, "model.depth": {"value": "6-3"}}
+    sweep["command"].insert(sweep["command"].index("${args}"), f"--model.teacher={runs}/xsum/teacher-tiny/hf")
+    change(sweep)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path, runs
+
+
+PREFLIGHT_CASES = {
+    "unknown parameter": (lambda s: s["parameters"].update({"model.w_bitz": {"values": [2]}}),
+                          ["unknown parameter 'model.w_bitz'"]),
+    # The teacher make would train has 6 decoder layers (the tiny preset): checked against a stand-in of it.
+    "value the built student refuses": (lambda s: s["parameters"].update({"model.depth": {"values": ["6-3", "6-9"]}}),
+                                        ["grid point 8-8-8_6-9", "model.depth=6-9"]),
+    "a config that does not exist": (lambda s: s["command"].__setitem__(s["command"].index("--config") + 1,
+                                                                        "experiments/xsum/dq-tinyy.yaml"),
+                                     ["--config experiments/xsum/dq-tinyy.yaml: no such file"]),
+    # The sweep names every run's W&B run (--trainer.logger.init_args.name): with the logger off, every run failed.
+    "a flag that makes every run fail": (lambda s: s["command"].insert(s["command"].index("${args}"),
+                                                                       "--trainer.logger=false"),
+                                         ["--trainer.logger.init_args.name", "--trainer.logger=false"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFLIGHT_CASES))
+def test_preflight_runs_the_sweeps_whole_check_before_the_teacher_exists(case, tmp_path, shared_data):
+    change, fragments = PREFLIGHT_CASES[case]
+    path, runs = preflight_sweep(tmp_path, change)
+    result = subprocess.run([*sweep_command(path, runs, shared_data), "--preflight"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and len(error_lines(result)) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines(result)[0], error_lines(result)[0]
+    assert not runs.exists()
+
+
+def test_preflight_passes_a_good_grid_checked_against_a_stand_in_of_the_teacher(tmp_path, shared_data):
+    path, runs = preflight_sweep(tmp_path, lambda sweep: None)
+    result = subprocess.run([*sweep_command(path, runs, shared_data), "--preflight"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "against a stand-in of the teacher" in result.stdout and "every run's commands checked" in result.stdout
+    assert not runs.exists()
+
+
+def test_a_point_that_failed_since_a_worker_started_is_not_tried_again_by_it(tmp_path, monkeypatch, capsys):
+    """Every worker of a sweep used to try a failing point in turn: only workers started after the failure
+    (the sweep run again) retry it."""
+    from dq_lightning.sweep.runner import LocalSweep
+    from dq_lightning.sweep.spec import SweepPoint
+
+    points = [SweepPoint({"model.bits": bits}, bits, [f"--model.bits={bits}"]) for bits in ("8-8-8", "2-2-8")]
+    sweep = {"command": ["python", "-m", "dq_lightning", "fit", "${args}"], "metric": {"name": "val/rougeL"}}
+    local = LocalSweep(sweep, points, tmp_path, "grid", [], {})
+    (tmp_path / "8-8-8").mkdir()
+    failed = {"status": "failed", "stage": "fit", "error": "error: it failed", "updated_at": local.started + 1}
+    (tmp_path / "8-8-8" / "status.json").write_text(json.dumps(failed))
+    ran = []
+    monkeypatch.setattr(LocalSweep, "run_point", lambda self, point, *args: ran.append(point.run_id))
+    outcome = local.run()
+    assert ran == ["2-2-8"]
+    assert outcome.failed == [("8-8-8", "fit", "error: it failed")] and outcome.finished == ["2-2-8"]
+    assert "failed in another worker since this one started" in capsys.readouterr().out
+    failed["updated_at"] = local.started - 1  # failed before this worker started: retried
+    (tmp_path / "8-8-8" / "status.json").write_text(json.dumps(failed))
+    assert LocalSweep(sweep, points, tmp_path, "grid", [], {}).run().finished == ["8-8-8", "2-2-8"]

@@ -107,11 +107,10 @@ class QuantizeOnForward(pl.Callback):
         late = student is not None and not is_prepared(student)
         if not self.prepare_student(pl_module):
             raise UserError(f"QuantizeOnForward: pl_module.{self.student_attr} is still None when fit starts")
-        if late and "lsq" in (self.config.resolved_weight_method, self.config.resolved_embedding_method,
-                              self.config.act_method):
-            raise UserError("QuantizeOnForward: LSQ needs the student prepared before the optimizer is built; "
-                            "build it in the LightningModule's __init__ or call prepare_student in "
-                            "configure_model")
+        if late and self.config.learns_steps:
+            raise UserError("QuantizeOnForward: learned step sizes (LSQ, elastic) need the student prepared "
+                            "before the optimizer is built; build it in the LightningModule's __init__ or call "
+                            "prepare_student in configure_model")
         self._size_metrics = self._size(pl_module)
 
     def _size(self, pl_module: pl.LightningModule) -> dict[str, float] | None:

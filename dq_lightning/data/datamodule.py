@@ -56,17 +56,29 @@ def _data_dir_hint() -> str:
     return " (make: DATA_DIR=DIR)" if os.environ.get("MAKELEVEL") else ""
 
 
-def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR) -> None:
+def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR, splits: dict[str, str] | None = None,
+                      test_file=None) -> None:
     """Refuse, before anything is built or written, a data source that cannot work: a `data_dir` that is not a
-    directory, or none while the task's Hub dataset can neither be downloaded (offline) nor read from the cache.
+    directory or lacks a split the command will read (`splits`: split -> why it is read), a `test_file` that
+    is not a file, or no `data_dir` while the task's Hub dataset can neither be downloaded (offline) nor read
+    from the cache.
 
-    Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`.
+    Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`, or a
+    missing test.jsonl found by the test after a whole fit.
     """
+    splits = splits or {}
+    if test_file is not None and "test" in splits:
+        if not Path(str(test_file)).expanduser().is_file():
+            raise UserError(f"--data.test_file={test_file}: no such file (read by {splits['test']})")
+        splits = {split: why for split, why in splits.items() if split != "test"}
     if data_dir is not None:
         path = Path(str(data_dir)).expanduser()
         if not path.is_dir():
             what = "not a directory" if path.exists() else "no such directory"
             raise UserError(f"--data.data_dir={data_dir}: {what}")
+        for split, why in splits.items():
+            if not (path / f"{split}.jsonl").is_file():
+                raise UserError(f"--data.data_dir={data_dir}: missing {split}.jsonl, which {why} reads")
         return
     task = get_task(task_name)
     if task.hub_path is None or hub_cached(task.hub_path, cache_dir):
@@ -152,9 +164,14 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.task: TaskSpec = get_task(self.task_name)
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples),
                             ("max_val_samples", max_val_samples), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size), ("vocab_size", vocab_size),
                             ("max_source_length", max_source_length), ("max_target_length", max_target_length)):
+            # 0 is not "unset" (null is): the saved config would record a 0 that meant something else.
             if value is not None and value < 1:
-                raise UserError(f"data.{name}={value} must be a positive integer")
+                raise UserError(f"data.{name}={value} must be a positive integer" +
+                                ("" if name in ("batch_size", "vocab_size") else "; leave it unset (null) for none"))
+        if num_workers < 0:
+            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more")
         check_labeled_settings(labeled_examples, labeled_fraction, labeled_seed, unlabeled_per_labeled)
         self.data_dir = data_dir
         self.max_source_length = max_source_length or self.task.max_source_length
@@ -392,7 +409,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         common = dict(batch_size=batch_size, collate_fn=self.collator(), num_workers=self.hparams.num_workers,
                       persistent_workers=self.hparams.num_workers > 0)
         if not shuffle:
-            return DataLoader(self.datasets[split], shuffle=False, **common)
+            # A generator of its own: a DataLoader draws each pass's base seed from it, else from the global RNG,
+            # and an evaluation (one a stop triggers, one Lightning skips on resume) would shift what training
+            # draws next (dropout), so a resumed fit would not continue as an uninterrupted one.
+            return DataLoader(self.datasets[split], shuffle=False, generator=torch.Generator(), **common)
         # The shuffling generator is seeded from the run's seed (seed_everything), not the global RNG, so the
         # order of batches is reproducible and can be restored mid-epoch.
         generator = torch.Generator().manual_seed(torch.initial_seed())

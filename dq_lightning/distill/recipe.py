@@ -7,19 +7,27 @@ the LightningModules (the DQ student, the supernet) receive resolved settings an
 - `dq-bart`: what the official code (amazon-science/dq-bart: `quant/utils_quant.py`,
   `quant/modeling_bart_quant.py`, `run_summarization_no_trainer.py`) does.
 - `dq_lightning`: this project's own choices.
+- `tbt`: what TBT (Liu et al., ACL 2023, "Binary and Ternary Natural Language Generation"; code
+  facebookresearch/Ternary_Binary_Transformer: `quant/utils_quant.py`, `quant/modeling_bart_quant.py`,
+  `run_summarization_no_trainer.py`) does: statistics-based binary and ternary weights, learned-step
+  activations, logits distilled by KL. The README's recipe table gives each value's file and line.
 
-| group | setting | dq-bart (official) | dq_lightning |
-|---|---|---|---|
-| quant_settings | `weight_granularity` (Linear weights) | tensor | row |
-| quant_settings | `weight_clip` | 2.5 | none |
-| quant_settings | `quantize_lm_head` | false: full-precision head, input unquantized | true: E-bit tied matrix, input at A bits |
-| quant_settings | `attention_quant` | dq-bart: q (after scaling), k, v, probs (after dropout) | off |
-| objective | `mask_padding` (distillation means) | false | true |
-| objective | `final_encoder_weight` | 1 | 0 |
-| objective | `attention_maps` distilled | before_dropout | after_dropout |
-| shape | `layer_map` | dq-bart (the official table for 6-layer teachers) | max_spacing |
-| optimizer | `weight_decay` | 0 | 0.01 |
-| optimizer | `gradient_clip` | 0 (none) | 1.0 |
+| group | setting | dq-bart (official) | dq_lightning | tbt |
+|---|---|---|---|---|
+| quant_settings | `weight_method` / `embedding_method` | auto (TWN at 2 bits, binary at 1) | auto | tbt (binary at 1 bit, 4/3 mean ternary at 2) |
+| quant_settings | `weight_granularity` (Linear weights) | tensor | row | row |
+| quant_settings | `weight_clip` | 2.5 | none | none |
+| quant_settings | `act_method` | minmax | minmax | elastic (learned step at <= 4 bits) |
+| quant_settings | `unsigned_ffn_attn` | false | false | true (fc2 input, attention probabilities) |
+| quant_settings | `quantize_lm_head` | false: full-precision head, input unquantized | true: E-bit tied matrix, input at A bits | false |
+| quant_settings | `attention_quant` | dq-bart: q (after scaling), k, v, probs (after dropout) | off | tbt: as dq-bart, elastic |
+| objective | `logits_loss` | mse | mse | kl |
+| objective | `mask_padding` (distillation means) | false | true | false |
+| objective | `final_encoder_weight` | 1 | 0 | 1 |
+| objective | `attention_maps` distilled | before_dropout | after_dropout | before_dropout |
+| shape | `layer_map` | dq-bart (the official table for 6-layer teachers) | max_spacing | dq-bart |
+| optimizer | `weight_decay` | 0 | 0.01 | 0 |
+| optimizer | `gradient_clip` | 0 (none) | 1.0 | 0 (none) |
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from dq_lightning.errors import UserError
 from dq_lightning.quant.config import (FULL_PRECISION, ActMethod, AttentionQuant, Granularity, QuantConfig,
                                        WeightMethod, parse_wea)
 
-Recipe = Literal["dq-bart", "dq_lightning"]
+Recipe = Literal["dq-bart", "dq_lightning", "tbt"]
 RECIPES = get_args(Recipe)
 Mode = Literal["dq", "quant_only", "distill_only"]
 MODES = get_args(Mode)
@@ -46,18 +54,31 @@ WidthHidden = Literal["kept", "projection"]
 # The one table: what each recipe sets, by group and field.
 TABLE: dict[str, dict[str, dict[str, Any]]] = {
     "dq-bart": {
-        "quant_settings": {"weight_granularity": "tensor", "weight_clip": 2.5, "quantize_lm_head": False,
+        "quant_settings": {"weight_method": "auto", "weight_granularity": "tensor", "weight_clip": 2.5,
+                           "act_method": "minmax", "unsigned_ffn_attn": False, "quantize_lm_head": False,
                            "attention_quant": "dq-bart"},
-        "objective": {"mask_padding": False, "final_encoder_weight": 1.0, "attention_maps": "before_dropout"},
+        "objective": {"logits_loss": "mse", "mask_padding": False, "final_encoder_weight": 1.0,
+                      "attention_maps": "before_dropout"},
         "shape": {"layer_map": "dq-bart"},
         "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0},
     },
     "dq_lightning": {
-        "quant_settings": {"weight_granularity": "row", "weight_clip": float("inf"), "quantize_lm_head": True,
+        "quant_settings": {"weight_method": "auto", "weight_granularity": "row", "weight_clip": float("inf"),
+                           "act_method": "minmax", "unsigned_ffn_attn": False, "quantize_lm_head": True,
                            "attention_quant": "off"},
-        "objective": {"mask_padding": True, "final_encoder_weight": 0.0, "attention_maps": "after_dropout"},
+        "objective": {"logits_loss": "mse", "mask_padding": True, "final_encoder_weight": 0.0,
+                      "attention_maps": "after_dropout"},
         "shape": {"layer_map": "max_spacing"},
         "optimizer": {"weight_decay": 0.01, "gradient_clip": 1.0},
+    },
+    "tbt": {
+        "quant_settings": {"weight_method": "tbt", "embedding_method": "tbt", "weight_granularity": "row",
+                           "weight_clip": float("inf"), "act_method": "elastic", "unsigned_ffn_attn": True,
+                           "quantize_lm_head": False, "attention_quant": "tbt"},
+        "objective": {"logits_loss": "kl", "mask_padding": False, "final_encoder_weight": 1.0,
+                      "attention_maps": "before_dropout"},
+        "shape": {"layer_map": "dq-bart"},
+        "optimizer": {"weight_decay": 0.0, "gradient_clip": 0.0},
     },
 }
 assert set(TABLE) == set(RECIPES)
@@ -71,7 +92,7 @@ class ShapeSettings:
     layer_map: LayerMapStrategy | None = None
     """Which teacher layers the student copies: dq-bart (the official table for 6-layer teachers, max_spacing's
     formula for other depths), max_spacing (first to last, evenly), uniform, first, last. Unset: the recipe's
-    (dq-bart; dq_lightning: max_spacing)."""
+    (dq-bart, tbt: dq-bart; dq_lightning: max_spacing)."""
     encoder_layer_map: list[int] | None = None
     """Explicit teacher encoder layers to copy (overrides layer_map for the encoder)."""
     decoder_layer_map: list[int] | None = None
@@ -114,17 +135,19 @@ class ObjectiveSettings:
     """Weight of the attention-map MSE (encoder self, decoder self, cross)."""
     final_encoder_weight: float | None = None
     """Weight of the official extra final-encoder-state term (one MSE per example, summed over the batch).
-    Unset: the recipe's (dq-bart 1; dq_lightning 0)."""
-    logits_loss: LogitsLoss = "mse"
-    """mse (the paper's) or kl (with temperature)."""
+    Unset: the recipe's (dq-bart, tbt 1; dq_lightning 0)."""
+    logits_loss: LogitsLoss | None = None
+    """mse (DQ-BART's) or kl (with temperature; TBT's, whose soft cross-entropy to the teacher differs from the
+    KL by the teacher's entropy only). Unset: the recipe's (dq-bart, dq_lightning mse; tbt kl)."""
     temperature: float = 1.0
     """Softening temperature of the KL logits loss."""
     mask_padding: bool | None = None
     """Distillation means over real tokens only (true) or over every position, padding included (false).
-    Unset: the recipe's (dq-bart false; dq_lightning true)."""
+    Unset: the recipe's (dq-bart, tbt false; dq_lightning true)."""
     attention_maps: AttentionMaps | None = None
     """Which attention map is distilled: before_dropout (the softmax, as the official code) or after_dropout
-    (what transformers returns). Unset: the recipe's (dq-bart before_dropout; dq_lightning after_dropout)."""
+    (what transformers returns). Unset: the recipe's (dq-bart, tbt before_dropout; dq_lightning
+    after_dropout)."""
     label_smoothing: float = 0.0
     """Label smoothing of the task cross-entropy while training."""
 
@@ -134,28 +157,37 @@ class QuantSettings:
     """How the student is quantized, beyond its W-E-A bits (`--model.bits`). Unset (null) fields take the
     recipe's value, or the `QuantConfig` default where no recipe sets them."""
 
-    weight_method: WeightMethod = "auto"
-    """Weight quantizer: auto (ternary at 2 bits, min-max otherwise), minmax, ternary, lsq."""
+    weight_method: WeightMethod | None = None
+    """Weight quantizer: auto (binary at 1 bit, TWN ternary at 2, min-max otherwise), tbt (binary at 1 bit, TBT's
+    ternary at 2, min-max otherwise), minmax, ternary (TWN), tbt_ternary (scale 4/3 of the mean |w|, codes
+    round(clamp(w / scale, -1, 1))), binary (sign times the mean |w|) or lsq. Unset: the recipe's (dq-bart,
+    dq_lightning auto; tbt tbt)."""
     weight_granularity: Granularity | None = None
     """Linear weights: tensor (one scale per matrix) or row (one per output row). The token embedding is per row
-    in both recipes (embedding_granularity). Unset: the recipe's (dq-bart tensor; dq_lightning row)."""
+    in every recipe (embedding_granularity). Unset: the recipe's (dq-bart tensor; dq_lightning, tbt row)."""
     weight_clip: float | None = None
     """Linear weights and the embedding are clipped to +-weight_clip before quantization; inf for no clip.
-    Unset: the recipe's (dq-bart 2.5; dq_lightning inf)."""
+    Unset: the recipe's (dq-bart 2.5; dq_lightning, tbt inf)."""
     quantize_lm_head: bool | None = None
     """Quantize the LM head (the tied embedding at e_bits, its input at a_bits), or train it in full precision
-    (false; export still ships the E-bit matrix, see evaluation.eval_head). Unset: the recipe's (dq-bart false;
-    dq_lightning true)."""
+    (false; export still ships the E-bit matrix, see evaluation.eval_head). Unset: the recipe's (dq-bart, tbt
+    false; dq_lightning true)."""
     attention_quant: AttentionQuant | None = None
     """Attention operands at a_bits: dq-bart (q after scaling, k, v, probabilities after dropout, symmetric per
     tensor), asym_probs (q before scaling, k, v with the activation quantizer, probabilities asymmetric before
-    dropout) or off. Unset: the recipe's (dq-bart; dq_lightning off)."""
+    dropout), tbt (where dq-bart quantizes, with the activation quantizer; the probabilities with its unsigned
+    variant under unsigned_ffn_attn) or off. Unset: the recipe's (dq-bart; dq_lightning off; tbt tbt)."""
     embedding_method: WeightMethod | None = None
-    """Quantizer of the token embedding: auto (ternary at 2 bits, minmax otherwise), minmax, ternary or lsq.
-    Unset: auto."""
+    """Quantizer of the token embedding, with weight_method's choices. Unset: the recipe's (dq-bart, dq_lightning
+    auto; tbt tbt)."""
     act_method: ActMethod | None = None
-    """Activation quantizer: minmax (symmetric, the official), asym_minmax (with a zero point) or lsq (learned
-    step size). Unset: minmax."""
+    """Activation quantizer: minmax (symmetric, the official), asym_minmax (with a zero point), lsq (learned
+    step size) or elastic (TBT's learned step at 4 bits or fewer, codes in [-1, 1] at 2 bits; min-max at 8).
+    Unset: the recipe's (dq-bart, dq_lightning minmax; tbt elastic)."""
+    unsigned_ffn_attn: bool | None = None
+    """fc2's input (after the GELU) and, with attention_quant tbt, the attention probabilities take the unsigned
+    variant of the activation quantizer (min-max: asymmetric; elastic: shifted by the tensor's minimum). Unset:
+    the recipe's (dq-bart, dq_lightning false; tbt true)."""
     embedding_granularity: Granularity | None = None
     """Token embedding (and a quantized LM head): row, one scale per token (the official), or tensor. Unset: row."""
     act_granularity: Granularity | None = None
@@ -183,11 +215,11 @@ class OptimizerSettings:
     """AdamW and its schedule (the peak learning rate is `--model.lr`)."""
 
     weight_decay: float | None = None
-    """AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's (dq-bart 0; dq_lightning
-    0.01)."""
+    """AdamW weight decay (not applied to biases and LayerNorms). Unset: the recipe's (dq-bart, tbt 0;
+    dq_lightning 0.01)."""
     gradient_clip: float | None = None
     """Clip the gradient norm at this value; 0 for none. --trainer.gradient_clip_val, when set, takes
-    precedence. Unset: the recipe's (dq-bart 0; dq_lightning 1.0)."""
+    precedence. Unset: the recipe's (dq-bart, tbt 0; dq_lightning 1.0)."""
     warmup_ratio: float = 0.05
     """Share of the steps spent warming the learning rate up linearly."""
 
@@ -296,6 +328,9 @@ def _check_recipe(name: str, flag: str) -> None:
         raise UserError(f"{flag}={name!r} is not a recipe; choose from {', '.join(RECIPES)}")
 
 
+_BIT_FIELDS = ("w_bits=", "e_bits=", "a_bits=")
+
+
 @dataclass(frozen=True)
 class ResolvedRecipe:
     """A recipe with every setting decided: the groups with no field left unset that the recipe sets."""
@@ -311,20 +346,31 @@ class ResolvedRecipe:
         settings = {name: value for name, value in asdict(self.objective).items() if name != "attention_maps"}
         return ObjectiveConfig(distill=mode != "quant_only", **settings)
 
-    def quant_config(self, bits: str | tuple[int, int, int], mode: str = "dq") -> QuantConfig | None:
+    def quant_config(self, bits: str | tuple[int, int, int], mode: str = "dq",
+                     flag: str = "model.bits") -> QuantConfig | None:
         """The student's `QuantConfig` at W-E-A `bits`, or None for a full-precision student (distill_only, or
-        32-32-32)."""
-        widths = parse_wea(bits) if isinstance(bits, str) else tuple(bits)
-        if mode == "distill_only" or widths == (FULL_PRECISION,) * 3:
-            return None
-        return self.quantizers(widths)
+        32-32-32). A width no quantizer of the recipe takes names `flag` (and the setting it conflicts with)."""
+        notation = bits if isinstance(bits, str) else "-".join(map(str, bits))
+        try:
+            widths = parse_wea(bits) if isinstance(bits, str) else tuple(bits)
+            if mode == "distill_only" or widths == (FULL_PRECISION,) * 3:
+                return None
+            return self._quant_config(widths)
+        except UserError as error:
+            message = str(error)
+            if message.startswith(_BIT_FIELDS) or message.startswith("bits "):
+                raise UserError(f"{flag}={notation}: {message} (recipe {self.name})") from None
+            raise UserError(f"model.quant_settings.{message} (recipe {self.name}, {flag}={notation})") from None
 
     def quantizers(self, widths: tuple[int, int, int]) -> QuantConfig:
         """The `QuantConfig` at these W-E-A widths, full precision included."""
         try:
-            return QuantConfig(*widths, **self.quant_settings.quant_fields())
+            return self._quant_config(widths)
         except UserError as error:
             raise UserError(f"model.{error} (recipe {self.name})") from None
+
+    def _quant_config(self, widths: tuple[int, int, int]) -> QuantConfig:
+        return QuantConfig(*widths, **self.quant_settings.quant_fields())
 
     def maps_before_dropout(self, mode: str) -> bool:
         """Whether a student of `mode` returns its attention maps before dropout: the map it is distilled on."""

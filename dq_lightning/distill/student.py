@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,13 +42,36 @@ def each_teacher_loaded_once() -> Iterator[None]:
         _loaded_teachers = outer
 
 
+_stand_ins: dict[Path, Any] | None = None
+
+
+@contextlib.contextmanager
+def teachers_stood_in(stand_ins: dict[Path, Any]) -> Iterator[None]:
+    """Within this block a teacher directory of `stand_ins` ({directory: its transformers config}) that does not
+    exist yet is a randomly initialised model of that config: the shape a student is checked against before
+    the teacher is trained (`sweep --preflight`, which `make sweep` runs before `make teacher`)."""
+    global _stand_ins
+    outer, _stand_ins = _stand_ins, {Path(path).absolute(): config for path, config in stand_ins.items()}
+    try:
+        yield
+    finally:
+        _stand_ins = outer
+
+
 def load_teacher(name: str, flag: str = "model.teacher") -> PreTrainedModel:
     """The teacher of `name` (a Hugging Face directory or Hub id), frozen and in eval mode, with eager attention
     (SDPA returns no attention maps, which attention distillation needs)."""
     key = (str(name), flag)
     if _loaded_teachers is not None and key in _loaded_teachers:
         return _loaded_teachers[key]
-    teacher = load_pretrained(name, flag=flag, attn_implementation="eager").eval().requires_grad_(False)
+    stand_in = (_stand_ins or {}).get(Path(str(name)).expanduser().absolute())
+    if stand_in is not None and not Path(str(name)).expanduser().exists():
+        from transformers import AutoModelForSeq2SeqLM
+
+        teacher = AutoModelForSeq2SeqLM.from_config(stand_in, attn_implementation="eager")
+    else:
+        teacher = load_pretrained(name, flag=flag, attn_implementation="eager")
+    teacher = teacher.eval().requires_grad_(False)
     if _loaded_teachers is not None:
         _loaded_teachers[key] = teacher
     return teacher

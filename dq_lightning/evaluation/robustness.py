@@ -131,7 +131,7 @@ def out_dir(args: argparse.Namespace) -> Path:
 
 def run_checkpoint(run: Path) -> Path | None:
     """A run's best checkpoint (its `fit_metrics.json` names it), else `last.ckpt`, else its newest one."""
-    from dq_lightning.sweep.report import read_json
+    from dq_lightning.files import read_json
 
     best = read_json(run / "fit_metrics.json").get("best_model_path")
     candidates = [Path(best), run / "checkpoints" / Path(best).name] if best else []

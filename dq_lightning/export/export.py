@@ -9,7 +9,6 @@ its tensors collected (`dq_lightning.export.tensors`) and written with a checksu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -20,10 +19,10 @@ from typing import Any
 
 from torch import Tensor
 
-from dq_lightning.errors import UserError, command_line
+from dq_lightning.errors import UserError
 from dq_lightning.export.checkpoint import load_student, resolve_task, trained_source_length
 from dq_lightning.export.manifest import (FORMAT, MANIFEST, MODEL_CLASSES, VERSION, WEIGHTS, dtype_name,
-                                          sha256_file, sha256_tensor)
+                                          sha256_file, sha256_tensor, with_digest)
 from dq_lightning.export.tensors import check_structure, collect_tensors
 from dq_lightning.files import replace_directory, staging_directory
 
@@ -39,7 +38,7 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
     from dq_lightning.quant import convert
 
     out_dir = Path(out_dir).expanduser()
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     module, checkpoint = load_student(checkpoint_path, teacher)
     teacher_dir = str(module.hparams.teacher)
     tok = _shipped_tokenizer(tokenizer, teacher_dir)
@@ -59,7 +58,7 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
         raise UserError(f"--ckpt {checkpoint_path}: the student is a {type(student).__name__}; export supports "
                         f"{' and '.join(MODEL_CLASSES)}")
 
-    with _export_files(out_dir) as staging:
+    with export_files(out_dir) as staging:
         student.config.save_pretrained(staging)
         generation.save_pretrained(staging)
         tok.save_pretrained(str(staging))
@@ -67,8 +66,8 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, teacher: st
                   metadata={"format": f"{FORMAT} {VERSION}"})  # one key: safetensors writes several in random order
         files = {path.relative_to(staging).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
                  for path in sorted(staging.rglob("*")) if path.is_file()}
-        manifest = _manifest(module, checkpoint, checkpoint_path, task_spec, attn_implementation, stored, structure,
-                             files)
+        manifest = with_digest(_manifest(module, checkpoint, checkpoint_path, task_spec, attn_implementation, stored,
+                                         structure, files))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -177,10 +176,14 @@ def _generation_config(module, task, tokenizer):
 
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse, before the (slow) student is rebuilt, an `--out` that cannot become an export directory."""
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
-        raise UserError(f"--out {out_dir}: exists and is not a packed export; choose a new directory")
+def check_out_dir(out_dir: Path, manifest: str = MANIFEST, what: str = "a packed export",
+                   same_format=lambda path: True) -> None:
+    """Refuse, before the (slow) student is rebuilt, an `--out` that cannot become an export directory: one
+    holding other files than an earlier export of the same kind (`manifest`, for which `same_format` holds)."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (
+            (out_dir / manifest).exists() and same_format(out_dir / manifest)))):
+        raise UserError(f"--out {out_dir}: exists and is not {what} (it holds other files, which would be "
+                        "mixed with the export or lost); choose a new or empty directory")
     existing = next(path for path in (out_dir, *out_dir.parents) if path.exists() or path == path.parent)
     if not existing.is_dir():
         raise UserError(f"--out {out_dir}: {existing} is a file, so no directory can be made below it")
@@ -189,7 +192,7 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _export_files(out_dir: Path) -> Iterator[Path]:
+def export_files(out_dir: Path, manifest: str = MANIFEST) -> Iterator[Path]:
     """Yield an empty staging directory; when the block succeeds, its files become the export in `out_dir`.
 
     A new `out_dir` is the staging directory renamed (`replace_directory`). An existing one (empty, or an
@@ -206,20 +209,20 @@ def _export_files(out_dir: Path) -> Iterator[Path]:
                 yield staging
             return
         previous = []
-        if (out_dir / MANIFEST).is_file():
+        if (out_dir / manifest).is_file():
             try:
-                previous = list(json.loads((out_dir / MANIFEST).read_text()).get("files", {}))
+                previous = list(json.loads((out_dir / manifest).read_text()).get("files", {}))
             except (ValueError, AttributeError):
                 previous = []  # an unreadable manifest: replace what this export writes, remove nothing else
         staging = staging_directory(out_dir, ".dq_export.staging.")
         try:
             yield staging
             written = sorted((path.relative_to(staging) for path in staging.rglob("*") if path.is_file()),
-                             key=lambda rel: rel.as_posix() == MANIFEST)
+                             key=lambda rel: rel.as_posix() == manifest)
             for rel in written:
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / rel, out_dir / rel)
-            stale = set(previous) - {rel.as_posix() for rel in written} - {MANIFEST}
+            stale = set(previous) - {rel.as_posix() for rel in written} - {manifest}
             for name in stale:
                 target = out_dir / name
                 if target.is_file() and target.resolve().is_relative_to(out_dir.resolve()):
@@ -229,40 +232,3 @@ def _export_files(out_dir: Path) -> Iterator[Path]:
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         raise UserError(f"--out {out_dir}: cannot write the export: {error.strerror or error}{where}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dq_lightning export",
-        description="Write a DQ student checkpoint as a packed low-bit directory: integer codes at their width "
-                    "plus FP32 scales in safetensors, with config, tokenizer and a checksummed manifest. Load it "
-                    "with dq_lightning.export.load_packed or `python -m dq_lightning predict --model DIR`.")
-    parser.add_argument("--ckpt", required=True, metavar="FILE", help="a DQStudentModule checkpoint (.ckpt)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the export directory to write")
-    parser.add_argument("--teacher", metavar="DIR", help="the teacher directory, if it moved since training "
-                        "(default: the checkpoint's model.teacher)")
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer to ship (default: the teacher's)")
-    parser.add_argument("--task", metavar="NAME", help="task whose decoding settings to ship (default: from the "
-                        "checkpoint or the teacher directory)")
-    return parser
-
-
-@command_line
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    manifest = export_student(args.ckpt, args.out, teacher=args.teacher, tokenizer=args.tokenizer, task=args.task)
-    size = manifest["size"]
-    total = sum(entry["bytes"] for entry in manifest["files"].values())
-    lines = [f"wrote {args.out}: {manifest['model_class']} W-E-A {manifest['notation']}, "
-             f"{len(manifest['student']['encoder_layer_map'])} encoder / "
-             f"{len(manifest['student']['decoder_layer_map'])} decoder layers",
-             f"  {WEIGHTS}: {size['weights_bytes'] / 2**20:.3f} MiB "
-             f"(strict accounting {size['strict_bytes'] / 2**20:.3f} "
-             f"MiB, x{size['weights_vs_strict']:.3f}); directory with tokenizer: {total / 2**20:.3f} MiB",
-             f"  compression vs FP32 teacher: strict {size['strict_compression']:.2f}x, paper "
-             f"{size['paper_compression']:.2f}x"]
-    if size.get("teacher_file_bytes"):
-        lines.append(f"  file ratio vs the teacher's model.safetensors: "
-                     f"{size['teacher_file_bytes'] / size['weights_bytes']:.2f}x")
-    print("\n".join(lines))
-    return 0

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dq_lightning.errors import UserError, first_line
-from dq_lightning.export.manifest import MANIFEST, current_quant_fields, read_manifest, read_tensors, verify_files
+from dq_lightning.export.manifest import MANIFEST, read_manifest, read_tensors, verify_files
 from dq_lightning.export.runtime import (attach_input_clip, attach_input_quantizer, int8_available, int8_linear,
                                          kernel_rounding_suffices)
 from dq_lightning.export.tensors import module_and_attr, unpacked_codes
@@ -194,7 +194,11 @@ def _attach_attention_quantizers(model: nn.Module, manifest: dict[str, Any], ten
     from dq_lightning.quant.modules import (ATTENTION_IMPLEMENTATION, ATTENTION_QUANTIZER_ATTR,
                                             AttentionInputQuantizer, register_quantized_attention)
 
-    quant = QuantConfig(**current_quant_fields(manifest["quant"]))
+    try:
+        quant = QuantConfig(**manifest["quant"])
+    except (TypeError, UserError) as error:  # written by a dq_lightning whose QuantConfig had other fields
+        raise UserError(f"{where}: the manifest's quant settings cannot be rebuilt ({first_line(error)}); "
+                        "export the checkpoint again with this dq_lightning") from None
     for name, entry in manifest["attention_quantizers"].items():
         quantizer = AttentionInputQuantizer(quant)
         try:

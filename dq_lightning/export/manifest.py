@@ -14,9 +14,14 @@ An export directory holds:
 - `dq_export.json`, the manifest: format and version, the `QuantConfig`, which stored tensor each model
   weight comes from (bits, method, shape; aliases for tied weights), which Linear inputs are quantized and
   how, and an integrity table: shape, dtype and sha256 of every stored tensor, and size and sha256 of every
-  file of the directory.
+  file of the directory; last, `manifest_sha256`, the sha256 of the manifest's own content (every other key,
+  as canonical JSON).
 
 A missing, altered or truncated tensor or file is a `UserError` naming it, never a silently different model.
+The manifest is not only an index: its activation-quantizer settings, quantization config, attention choice
+and recorded source length change what the model computes. So no field of it is trusted on its own: any
+edit to any field (or a removed or added one) changes its content hash and the export is refused, whether
+or not that field influences generation.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from torch import Tensor
 from dq_lightning.errors import UserError, first_line
 
 FORMAT = "dq_lightning.packed"
-VERSION = 1
+# 2: the manifest checksums itself (`manifest_sha256`). Version 1 exports did not, so an edited setting of
+# theirs could not be told from the exported one: they are refused, to be exported again.
+VERSION = 2
+DIGEST_KEY = "manifest_sha256"
 MANIFEST = "dq_export.json"
 WEIGHTS = "packed.safetensors"
 MODEL_CLASSES = ("BartForConditionalGeneration", "MBartForConditionalGeneration")
@@ -55,6 +63,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The sha256 of every field of `manifest` but the digest itself, as canonical JSON (sorted keys, no
+    spaces): formatting and key order do not change it, any value does."""
+    content = {key: value for key, value in manifest.items() if key != DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def with_digest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """`manifest` with its `manifest_sha256` as its last field."""
+    return {**{key: value for key, value in manifest.items() if key != DIGEST_KEY},
+            DIGEST_KEY: manifest_digest(manifest)}
+
+
 def read_manifest(directory: str | Path, flag: str = "--model") -> dict[str, Any]:
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -69,9 +91,18 @@ def read_manifest(directory: str | Path, flag: str = "--model") -> dict[str, Any
         raise UserError(f"{flag} {directory}: {MANIFEST} is unreadable ({first_line(error)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{flag} {directory}: {MANIFEST} is not a {FORMAT} manifest")
+    if manifest.get("version") == 1 and DIGEST_KEY not in manifest:
+        raise UserError(f"{flag} {directory}: packed format version 1, whose manifest settings are not "
+                        f"checksummed; export the checkpoint again (python -m dq_lightning export --ckpt <student "
+                        f"checkpoint> --out {directory})")
     if manifest.get("version") != VERSION:
         raise UserError(f"{flag} {directory}: packed format version {manifest.get('version')!r}; this "
                         f"dq_lightning reads version {VERSION}")
+    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        what = "has no manifest_sha256" if DIGEST_KEY not in manifest else "is altered (its content no longer " \
+            "matches its manifest_sha256)"
+        raise UserError(f"{flag} {directory}: {MANIFEST} {what}; a setting in it changes what the model computes, "
+                        f"so it is not loaded: export the checkpoint again")
     for key in ("model_class", "weights", "aliases", "tensors", "files", "activation_quantizers",
                 "attention_quantizers", "quant"):
         if key not in manifest:
@@ -136,14 +167,3 @@ def read_tensors(directory: Path, manifest: dict[str, Any], flag: str = "--model
         raise UserError(f"{flag} {directory}: file {name} is altered (its size or sha256 differs from the "
                         "manifest's)")
     return tensors
-
-
-def current_quant_fields(quant: dict[str, Any]) -> dict[str, Any]:
-    """A manifest's `QuantConfig` fields; exports written before recipes existed name fewer of them."""
-    quant = dict(quant)
-    if "quantize_attention_inputs" in quant:
-        quant["attention_quant"] = "asym_probs" if quant.pop("quantize_attention_inputs") else "off"
-        quant.setdefault("quantize_lm_head", True)
-        quant.setdefault("embedding_granularity", quant.get("weight_granularity", "row"))
-    return quant
-

@@ -1,18 +1,20 @@
 """Bit packing of integer codes: `pack(codes, bits)` and `unpack(packed, bits, numel)`.
 
 A code is a signed integer that fits in `bits` bits as two's complement, i.e. lies in
-[-2^(bits-1), 2^(bits-1) - 1]. That covers every quantizer of `dq_lightning.quant`:
+[-2^(bits-1), 2^(bits-1) - 1], except at one bit, where a code is a sign, -1 or +1 (stored as bit 0 and bit 1):
+a one-bit two's complement {-1, 0} is no quantizer's grid. That covers every quantizer of `dq_lightning.quant`:
 
-- ternary (TWN) codes {-1, 0, 1} at 2 bits, four to a byte;
+- binary codes {-1, 1} at 1 bit, eight to a byte;
+- ternary (TWN, TBT) codes {-1, 0, 1} at 2 bits, four to a byte;
 - symmetric min-max codes in [-(2^(b-1) - 1), 2^(b-1) - 1];
 - LSQ codes in [-2^(b-1), 2^(b-1) - 1].
 
 Codes are laid out as one little-endian bit stream: code i occupies bits [i * bits, (i + 1) * bits) of the
 stream, and byte j holds stream bits [8j, 8j + 8). With 2 bits that is four codes per byte, with 4 bits two,
-with 3 bits eight codes in three bytes, with 8 bits one code per byte (the int8 value itself). The stream is
-padded with zero bits to a whole group (the least common multiple of `bits` and 8 bits), so a packed tensor
-holds `ceil(numel / codes_per_group) * bytes_per_group` bytes: for the supported widths 2, 3, 4 and 8, at most
-two bytes more than `numel * bits / 8`.
+with 3 bits eight codes in three bytes, with 1 bit eight, with 8 bits one code per byte (the int8 value itself).
+The stream is padded with zero bits to a whole group (the least common multiple of `bits` and 8 bits), so a
+packed tensor holds `ceil(numel / codes_per_group) * bytes_per_group` bytes: for the supported widths 1, 2, 3, 4
+and 8, at most two bytes more than `numel * bits / 8`.
 
 Both directions are vectorized (one int64 per group) and exact: `unpack(pack(c, b), b, c.numel())` equals `c`
 for every code in range; a code out of range is refused, never wrapped.
@@ -30,8 +32,11 @@ _CHUNK_GROUPS = 1 << 20
 
 
 def code_range(bits: int) -> tuple[int, int]:
-    """The smallest and largest code `bits` bits hold (two's complement)."""
+    """The smallest and largest code `bits` bits hold (two's complement; at one bit the signs -1 and +1, and
+    no zero)."""
     _check_bits(bits)
+    if bits == 1:
+        return -1, 1
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
@@ -64,6 +69,10 @@ def pack(codes: Tensor, bits: int) -> Tensor:
                          f"(two's complement range [{low}, {high}])")
     if bits == 8:
         return flat.to(torch.int8).view(torch.uint8).clone()
+    if bits == 1:
+        if bool((flat == 0).any()):
+            raise ValueError("1-bit codes are signs, -1 or +1; got a 0")
+        flat = (flat > 0).to(torch.int64)  # the sign bit: 1 for +1, 0 for -1
     codes_per_group, _ = group_layout(bits)
     step = codes_per_group * _CHUNK_GROUPS  # bounded int64 temporaries for large matrices
     return torch.cat([_pack_chunk(flat[start:start + step], bits) for start in range(0, flat.numel(), step)]
@@ -109,6 +118,8 @@ def _unpack_chunk(flat: Tensor, bits: int) -> Tensor:
     words = (flat.to(torch.int64).view(groups, bytes_per_group) << byte_shifts).sum(dim=1)
     shifts = torch.arange(codes_per_group, dtype=torch.int64) * bits
     unsigned = ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    if bits == 1:
+        return (unsigned * 2 - 1).to(torch.int8)  # the sign bit back to -1 or +1
     signed = unsigned - ((unsigned >> (bits - 1)) << bits)  # sign-extend the top bit
     return signed.to(torch.int8)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from dq_lightning.errors import UserError, command_line
 
-OWN_FLAGS = ("--input", "--int8")
+OWN_FLAGS = ("--input", "--int8", "--runtime")
 
 
 def routes_here(argv: list[str]) -> bool:
@@ -72,7 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and line; replace decodes each invalid byte sequence as U+FFFD and still gives one "
                         "output line per input line")
     parser.add_argument("--int8", action="store_true", help="run the quantized Linear layers as int8 GEMMs "
-                        "(packed exports only; faster, close to but not token-identical with the FP32 path)")
+                        "(packed exports only; faster, close to but not token-identical with the FP32 path); the "
+                        "same as --runtime int8")
+    parser.add_argument("--runtime", choices=("torch", "int8", "onnx", "ctranslate2"),
+                        help="torch: PyTorch, FP32 (dequantized codes; a packed export or a Hugging Face directory); "
+                        "int8: PyTorch's int8 GEMMs (a packed export); onnx: ONNX Runtime; ctranslate2: CTranslate2 "
+                        "(directories written by export --format onnx|ctranslate2). Default: the directory's own")
+    parser.add_argument("--compute-type", metavar="TYPE", help="--runtime ctranslate2: CTranslate2's compute type "
+                        "(default: the export's, int8 for a quantized student and float32 for a full-precision "
+                        "model; float32 runs the int8 codes dequantized)")
     add_decoding_flags(parser)
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
     parser.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation (default: the one "
@@ -143,8 +151,13 @@ def read_texts(source: str, invalid_utf8: str = "error") -> list[str]:
     return texts
 
 
-def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--model"):
-    """(model, tokenizer, task info) of a packed export or a Hugging Face directory; errors name `flag`."""
+def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--model", runtime: str | None = None,
+               threads: int | None = None, compute_type: str | None = None):
+    """(model, tokenizer, task info) of a packed export, a Hugging Face directory or a runtime export
+    (`--format onnx|ctranslate2`); errors name `flag`. The model has `config`, `generation_config` and
+    `generate(input_ids=, attention_mask=, generation_config=)`."""
+    from dq_lightning.models.directory import hf_directory_task_info
+    from dq_lightning.export.deploy import load_runtime_model, read_deploy_manifest, require_runtime, runtime_of
     from dq_lightning.export.loading import load_packed
     from dq_lightning.export.manifest import MANIFEST
     from dq_lightning.models.loading import load_pretrained
@@ -153,39 +166,36 @@ def load_model(directory: str, int8: bool, attn: str | None, flag: str = "--mode
     path = Path(directory).expanduser()
     if not path.is_dir():
         raise UserError(f"{flag} {directory}: no such directory")
-    if (path / MANIFEST).exists():
-        model = load_packed(path, int8=int8, attn_implementation=attn, flag=flag)
+    if int8 and runtime not in (None, "int8"):
+        raise UserError(f"--int8 and --runtime {runtime} contradict each other; give one")
+    runtime = "int8" if int8 else runtime
+    if runtime in ("onnx", "ctranslate2"):
+        require_runtime(runtime, f"--runtime {runtime}")
+    deployed = read_deploy_manifest(path, flag)
+    if compute_type is not None and (runtime or (deployed and runtime_of(deployed))) != "ctranslate2":
+        raise UserError(f"--compute-type {compute_type}: only --runtime ctranslate2 takes a compute type")
+    if deployed is not None:
+        model = load_runtime_model(path, deployed, runtime or runtime_of(deployed), threads, compute_type, flag)
+        task = deployed.get("task") or {}
+    elif runtime in ("onnx", "ctranslate2"):
+        raise UserError(f"--runtime {runtime}: {flag} {directory} is not a --format {runtime} export; make one "
+                        f"with python -m dq_lightning export --format {runtime} --model {directory} --out DIR")
+    elif (path / MANIFEST).exists():
+        model = load_packed(path, int8=runtime == "int8", attn_implementation=attn, flag=flag)
         task = model.dq_export.get("task") or {}
     elif not (path / "config.json").exists():
         raise UserError(f"{flag} {directory}: neither a packed export (no {MANIFEST}) nor a Hugging Face model "
                         "directory (no config.json)")
     else:
-        if int8:
+        if runtime == "int8":
             raise UserError(f"{flag} {directory}: --int8 needs a packed export (this directory has no "
                             f"{MANIFEST}; make one with python -m dq_lightning export)")
         model = load_pretrained(str(path), flag=flag, attn_implementation=attn or "eager").eval()
-        task = _task_of_hf_directory(path)
+        task = hf_directory_task_info(path)
     tokenizer = load_tokenizer(str(path), flag=flag)
     if task.get("source_lang") and hasattr(tokenizer, "src_lang"):
         tokenizer.src_lang = task["source_lang"]
     return model, tokenizer, task
-
-
-def _task_of_hf_directory(path: Path) -> dict:
-    """The source and target language codes of the task a teacher directory was trained on (its
-    `dq_lightning.json`), which decide how sources are laid out, and the source length it was trained with;
-    {} when it says none."""
-    from dq_lightning.data.tasks import TASKS
-    from dq_lightning.models.directory import hf_directory_info
-
-    info = hf_directory_info(path)
-    name, trained_length = info.get("task"), info.get("max_source_length")
-    spec = TASKS.get(name) if isinstance(name, str) else None
-    task = {"source_lang": spec.source_lang, "target_lang": spec.target_lang} \
-        if spec is not None and spec.source_lang else {}
-    if isinstance(trained_length, int) and trained_length > 0:
-        task["max_source_length"] = trained_length
-    return task
 
 
 def encode_sources(tokenizer, texts: list[str], max_source_length: int, task: dict):
@@ -257,7 +267,8 @@ def main(argv: list[str]) -> int:
         if not Path(args.model).expanduser().is_dir():
             raise UserError(f"--model {args.model}: no such directory")
         texts = read_texts(args.input, args.invalid_utf8)
-        model, tokenizer, task = load_model(args.model, args.int8, args.attn)
+        model, tokenizer, task = load_model(args.model, args.int8, args.attn, runtime=args.runtime,
+                                            threads=args.threads, compute_type=args.compute_type)
         max_source = source_length(model, task, args.max_source_length)
         generation = generation_settings(model, args)
         if hasattr(sys.stdout, "reconfigure"):

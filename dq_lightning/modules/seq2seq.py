@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import get_linear_schedule_with_warmup
 
-from dq_lightning.checkpoints import class_path
+from dq_lightning.checkpoints import class_path, record_stop_mid_epoch
 from dq_lightning.data.tasks import TaskSpec
 from dq_lightning.errors import UserError
 from dq_lightning.evaluation.per_example import SOURCE_CHARS, gather_rows, score_rows
@@ -212,6 +213,8 @@ class Seq2SeqModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which class saved it: `--ckpt_path` with another stage's checkpoint is refused (dq_lightning.checkpoints).
         checkpoint["module_class"] = class_path(type(self))
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            record_stop_mid_epoch(checkpoint, self._trainer)  # max_steps, max_time: resumed where it stopped
         states = rng_states()
         checkpoint["rng_states"] = states
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -337,7 +340,7 @@ class Seq2SeqModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = max(1, int(planned_optimizer_steps(self.trainer)))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total_steps),
                                                     total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -365,6 +368,19 @@ class Seq2SeqModule(pl.LightningModule):
             if isinstance(getattr(datamodule, "max_source_length", None), int) else {}
         return save_hf_directory(self.model, self.tokenizer, out_dir,
                                  {"task": self.task.name, **length, "global_step": self.global_step, **(info or {})})
+
+
+def planned_optimizer_steps(trainer) -> float:
+    """The optimizer steps the LR schedule spans: the run's epochs when `max_epochs` bounds it, else
+    `max_steps` (pre-training, search-map). A `--trainer.max_steps` below the epochs is then a stop, like
+    `max_time`: it ends the fit early without reshaping the schedule, so the same command without it (and
+    `--ckpt_path=last`) continues exactly as if the fit had never stopped. Lightning's
+    `estimated_stepping_batches` would make the schedule as short as the stop."""
+    estimated = trainer.estimated_stepping_batches  # also sets up the training data, counted below
+    batches, epochs = trainer.num_training_batches, trainer.max_epochs
+    if trainer.max_steps == -1 or epochs is None or epochs < 1 or batches == float("inf"):
+        return estimated
+    return math.ceil(batches / trainer.accumulate_grad_batches) * epochs
 
 
 def rng_states() -> dict[str, Any]:

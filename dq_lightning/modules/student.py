@@ -29,7 +29,7 @@ from dq_lightning.errors import UserError
 from dq_lightning.evaluation.bootstrap import align
 from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, read_predictions
 from dq_lightning.metrics import GenerationMetrics
-from dq_lightning.quant import QuantConfig, use_deployed_head
+from dq_lightning.quant import use_deployed_head
 from dq_lightning.quant.config import FULL_PRECISION
 from dq_lightning.modules.seq2seq import Seq2SeqModule
 from dq_lightning.size import SizeReport

@@ -319,10 +319,11 @@ def _refuse_unshareable(recipe) -> None:
     """Settings a supernet cannot share across its points."""
     quant = recipe.quant_settings
     for name in ("weight_method", "embedding_method", "act_method"):
-        if getattr(quant, name) == "lsq":
-            raise UserError(f"model.quant_settings.{name}=lsq: a supernet shares its latent weights across bit "
-                            "widths, with each width's scale computed from them; learned step sizes (one per width "
-                            "and tensor) are not supported; use auto, minmax or ternary")
+        if getattr(quant, name) in ("lsq", "elastic"):
+            raise UserError(f"model.quant_settings.{name}={getattr(quant, name)}: a supernet shares its latent "
+                            "weights across bit widths, with each width's scale computed from them; learned step "
+                            f"sizes (one per width and tensor) are not supported (recipe {recipe.name}); set "
+                            f"--model.quant_settings.{name} to a statistics-based method (minmax, auto)")
     if recipe.shape.width_hidden != "kept":
         raise UserError("model.shape.width_hidden=projection: a supernet compares every width at the kept "
                         "dimensions; the learned projection is a DQ student option")

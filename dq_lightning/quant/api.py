@@ -3,7 +3,8 @@
 What `prepare` swaps, in place:
 
 - every `nn.Linear` of the encoder and decoder (self-attention, cross-attention, feed-forward) becomes a
-  `QuantLinear` at `w_bits`, with its input quantized at `a_bits`;
+  `QuantLinear` at `w_bits`, with its input quantized at `a_bits` (the input of `fc2`, after the GELU, with
+  the activation quantizer's unsigned variant when `unsigned_ffn_attn`);
 - the token embedding becomes a `QuantEmbedding` at `e_bits`, wherever it is looked up (`model.shared`,
   `encoder.embed_tokens`, `decoder.embed_tokens`: three modules, one weight);
 - the LM head, which BART ties to the token embedding, depends on `quantize_lm_head`:
@@ -38,6 +39,8 @@ from dq_lightning.quant.modules import (ATTENTION_IMPLEMENTATION, ATTENTION_QUAN
 from dq_lightning.quant.quantizers import FakeQuantizer, embedding_quantizer_for
 
 QUANT_CONFIG_ATTR = "dq_quant_config"
+# The feed-forward block's second Linear in BART/mBART layers: its input follows the GELU, mostly one-signed.
+FFN_OUTPUT = "fc2"
 CONVERTED_ATTR = "dq_quant_converted"
 
 
@@ -78,14 +81,15 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     token_quantizer = place_like(embedding_quantizer_for(config, token), token) if token is not None else None
     replacements: dict[int, nn.Module | None] = {}
 
-    def quantized(child: nn.Module) -> nn.Module | None:
+    def quantized(name: str, child: nn.Module) -> nn.Module | None:
         if id(child) not in replacements:
-            replacements[id(child)] = _quantized(child, config, token, token_quantizer, output)
+            replacements[id(child)] = _quantized(child, config, token, token_quantizer, output,
+                                                 unsigned_input=config.unsigned_ffn_attn and name == FFN_OUTPUT)
         return replacements[id(child)]
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            new = quantized(child)
+            new = quantized(name, child)
             if new is not None:
                 setattr(parent, name, new)
     if not any(replacements.values()):
@@ -98,7 +102,8 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def _quantized(child: nn.Module, config: QuantConfig, token: torch.Tensor | None,
-               token_quantizer: FakeQuantizer | None, output: nn.Module | None) -> nn.Module | None:
+               token_quantizer: FakeQuantizer | None, output: nn.Module | None,
+               unsigned_input: bool = False) -> nn.Module | None:
     if isinstance(child, (QuantLinear, QuantEmbedding)):
         return None
     tied = token is not None and getattr(child, "weight", None) is token
@@ -112,7 +117,7 @@ def _quantized(child: nn.Module, config: QuantConfig, token: torch.Tensor | None
         if child is output:
             quantizer = place_like(embedding_quantizer_for(config, child.weight), child.weight)
             return QuantLinear.from_float(child, config, weight_quantizer=quantizer)
-        return QuantLinear.from_float(child, config)
+        return QuantLinear.from_float(child, config, unsigned_input=unsigned_input)
     return None
 
 

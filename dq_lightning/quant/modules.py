@@ -44,15 +44,16 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig,
-                   weight_quantizer: FakeQuantizer | None | str = "auto") -> QuantLinear:
+                   weight_quantizer: FakeQuantizer | None | str = "auto", unsigned_input: bool = False) -> QuantLinear:
         """Wrap `linear`, reusing its parameters. `weight_quantizer="auto"` builds one at `config.w_bits`;
-        pass a quantizer (or None) to override, as `prepare` does for the tied LM head."""
+        pass a quantizer (or None) to override, as `prepare` does for the tied LM head. `unsigned_input`: the
+        input takes the unsigned variant of the activation quantizer (fc2 with `config.unsigned_ffn_attn`)."""
         if weight_quantizer == "auto":
             weight_quantizer = weight_quantizer_for(config, linear.weight)
         # Built on the meta device so that no throwaway weight is allocated before the real one is put in.
         module = cls(linear.in_features, linear.out_features, bias=False, device="meta",
                      weight_quantizer=place_like(weight_quantizer, linear.weight),
-                     input_quantizer=place_like(activation_quantizer_for(config), linear.weight))
+                     input_quantizer=place_like(activation_quantizer_for(config, unsigned_input), linear.weight))
         module.weight, module.bias = linear.weight, linear.bias
         module.train(linear.training)
         return module
@@ -138,6 +139,8 @@ class AttentionInputQuantizer(nn.Module):
     `"asym_probs"`: query (before the scaling), key and value with the configured activation quantizer, and the
     probabilities before dropout with the asymmetric quantizer, whose grid starts at 0, so that no code is
     spent on negative values that probabilities never take.
+    `"tbt"` (TBT's attention): where "dq-bart" quantizes, with the configured activation quantizer, the
+    probabilities with its unsigned variant when `unsigned_ffn_attn` (elastic: shifted by their minimum).
     """
 
     def __init__(self, config: QuantConfig):
@@ -147,14 +150,19 @@ class AttentionInputQuantizer(nn.Module):
             def operand() -> FakeQuantizer | None:
                 return make_activation_quantizer(config.a_bits, "minmax", "tensor", config.act_clip)
             self.query, self.key, self.value, self.probs = operand(), operand(), operand(), operand()
+        elif self.mode == "tbt":
+            self.query = activation_quantizer_for(config)
+            self.key = activation_quantizer_for(config)
+            self.value = activation_quantizer_for(config)
+            self.probs = activation_quantizer_for(config, unsigned=config.unsigned_ffn_attn)
         else:
             self.query = activation_quantizer_for(config)
             self.key = activation_quantizer_for(config)
             self.value = activation_quantizer_for(config)
             probs_method = "lsq" if config.act_method == "lsq" else "asym_minmax"
             self.probs = make_activation_quantizer(config.a_bits, probs_method, config.act_granularity, None)
-        self.scale_query_first = self.mode == "dq-bart"
-        self.probs_after_dropout = self.mode == "dq-bart"
+        self.scale_query_first = self.mode in ("dq-bart", "tbt")
+        self.probs_after_dropout = self.mode in ("dq-bart", "tbt")
         self.enabled = True
 
 

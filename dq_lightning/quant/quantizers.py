@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dq_lightning.quant.config import FULL_PRECISION, QuantConfig
+from dq_lightning.quant.config import ELASTIC_MAX_BITS, FULL_PRECISION, QuantConfig
 
 # A group whose values are all zero would otherwise get a zero scale and divide by it.
 _MIN_RANGE = 1e-8
@@ -96,6 +96,30 @@ class _LearnedStepSize(torch.autograd.Function):
 
 def _lsq_codes(v: Tensor, qmin: int, qmax: int) -> Tensor:
     return torch.round(v).clamp_(qmin, qmax)
+
+
+class _LearnedSign(torch.autograd.Function):
+    """A 1-bit learned step (TBT's binary activations): forward `sign(x) * s`.
+
+    Backward: d/dx is 1 where |x / s| <= 1 and 0 outside (the STE of the [-1, 1] range); d/ds is `sign(x)`,
+    summed over the tensor and multiplied by `grad_scale` (1 / sqrt(N)): the derivative of the output itself,
+    since the code does not move with s.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, grad_scale: float) -> Tensor:
+        ctx.save_for_backward(x, step)
+        ctx.grad_scale, ctx.step_shape = grad_scale, step.shape
+        return torch.sign(x).mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, step = ctx.saved_tensors
+        grad_x = grad * ((x / step).abs_() <= 1) if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            grad_step = (grad * torch.sign(x)).sum_to_size(ctx.step_shape) * ctx.grad_scale
+        return grad_x, grad_step, None
 
 
 def _group_reduce(x: Tensor, granularity: str, op: str) -> Tensor:
@@ -322,6 +346,48 @@ class TernaryQuantizer(FakeQuantizer):
         return kept.mul_(alpha).copysign_(x)
 
 
+class TBTTernaryQuantizer(FakeQuantizer):
+    """TBT's ternary weights (Liu et al. 2023): per group, scale = 4/3 * mean|w| and codes
+    round(clamp(w / scale, -1, 1)), so a value is kept (+-scale) where |w| > 2/3 mean|w|.
+
+    Unlike TWN, the scale is a fixed multiple of the mean instead of the mean of the kept values. Its gradient is
+    the straight-through identity (TBT clips nothing; with `clip`, the DQ-BART clip mask applies).
+    """
+
+    method = "tbt_ternary"
+
+    def __init__(self, granularity: str = "row", clip: float | None = None):
+        super().__init__(2, granularity, clip)
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            mean_abs = _group_reduce(self._clipped(x).abs(), self.granularity, "mean")
+            return ((4.0 / 3.0) * mean_abs).clamp_(min=_MIN_RANGE),
+
+    def codes(self, x: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        return (self._clipped(x) / qparams[0]).clamp_(-1, 1).round_()
+
+
+class BinaryQuantizer(FakeQuantizer):
+    """Binary weights (BWN, Rastegari et al. 2016; TBT's 1-bit weights): per group, scale = mean|w| and
+    codes sign(w), with +1 for w = 0, since one bit holds no zero (TBT's `torch.sign` gives 0 there; a zero
+    group still gives zeros, its scale being 0). Its gradient is the straight-through identity (inside the clip,
+    if any)."""
+
+    method = "binary"
+
+    def __init__(self, granularity: str = "row", clip: float | None = None):
+        super().__init__(1, granularity, clip)
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            return _group_reduce(self._clipped(x).abs(), self.granularity, "mean"),
+
+    def codes(self, x: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        # sign(sign(x) + 0.5): -1 stays -1, 0 and 1 become 1; no boolean mask (see the module docstring).
+        return torch.sign(x).add_(0.5).sign_()
+
+
 class LSQQuantizer(FakeQuantizer):
     """Learned step size quantization (LSQ, Esser et al. 2020; used for BERT by KDLSQ-BERT).
 
@@ -380,6 +446,79 @@ class LSQQuantizer(FakeQuantizer):
         return _LearnedStepSize.apply(x, step, self.qmin, self.qmax, 1.0 / math.sqrt(per_step * self.qmax))
 
 
+class ElasticQuantizer(LSQQuantizer):
+    """TBT's elastic activation quantizer (Liu et al. 2023): a learned step per tensor, LSQ's gradients.
+
+    Signed (method "elastic"): codes in [-1, 1] at 2 bits (three levels, zero exact), [-2^(b-1), 2^(b-1) - 1]
+    at 3 and 4 bits, sign(x) at 1 bit. Unsigned ("elastic_unsigned", for one-signed inputs such as softmax
+    probabilities): the tensor's minimum m is subtracted first and added back, codes in [0, 2] at 2 bits and
+    [0, 2^b - 1] otherwise, so value = code * s + m (at 1 bit no shift, codes in [0, 1]).
+
+    The step starts, on the first tensor seen, at 2 * mean|x| / sqrt(max(2^(b-1) - 1, 1)) (signed) or
+    4 * mean|x| / sqrt(2^b - 1) (unsigned). Its gradient is LSQ's, scaled by 1 / sqrt(N * qmax), N the values
+    of the tensor; at 1 bit, signed, it is sign(x) scaled by 1 / sqrt(N) (`_LearnedSign`). m has no gradient.
+    """
+
+    def __init__(self, bits: int, unsigned: bool = False):
+        super().__init__(bits, "tensor")
+        self.unsigned = unsigned
+        self.method = "elastic_unsigned" if unsigned else "elastic"
+        if unsigned:
+            self.qmin, self.qmax = 0, 2 if bits == 2 else 2**bits - 1
+        elif bits <= 2:
+            self.qmin, self.qmax = -1, 1
+
+    @property
+    def _shifted(self) -> bool:
+        return self.unsigned and self.bits > 1
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        mean_abs = x.detach().abs().float().mean()
+        if self.unsigned:
+            step = 4 * mean_abs / math.sqrt(2**self.bits - 1)
+        else:
+            step = 2 * mean_abs / math.sqrt(max(2 ** (self.bits - 1) - 1, 1))
+        self.step.copy_(step.clamp(min=_MIN_RANGE).reshape(self.step.shape))
+        self.initialized.fill_(True)
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, ...]:
+        (step,) = super().qparams(x)
+        if not self._shifted:
+            return (step,)
+        with torch.no_grad():
+            return step, x.amin().to(step.dtype)
+
+    def codes(self, x: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        if self.bits == 1 and not self.unsigned:
+            return torch.sign(x)
+        return super().codes(x - qparams[1] if self._shifted else x, qparams)
+
+    def dequantize(self, codes: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        value = super().dequantize(codes, qparams)
+        return value + qparams[1] if self._shifted else value
+
+    def _dequantize_(self, codes: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        value = codes.mul_(qparams[0])
+        return value.add_(qparams[1]) if self._shifted else value
+
+    def clipped_mask(self, x: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        return super().clipped_mask(x - qparams[1] if self._shifted else x, qparams[:1])
+
+    def fake_quantize(self, x: Tensor, qparams: tuple[Tensor, ...]) -> Tensor:
+        step = qparams[0]
+        grad_scale = 1.0 / math.sqrt(x.numel() * self.qmax)
+        if self.bits == 1 and not self.unsigned:
+            return _LearnedSign.apply(x, step, grad_scale)
+        if not self._shifted:
+            return _LearnedStepSize.apply(x, step, self.qmin, self.qmax, grad_scale)
+        shift = qparams[1]
+        return _LearnedStepSize.apply(x - shift, step, self.qmin, self.qmax, grad_scale).add_(shift)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {'unsigned' if self.unsigned else 'signed'}, codes [{self.qmin}, {self.qmax}]"
+
+
 # -- building quantizers from a config -----------------------------------------------------------------------
 def make_weight_quantizer(bits: int, method: str, granularity: str = "row", clip: float | None = None,
                           weight: Tensor | None = None) -> FakeQuantizer | None:
@@ -389,6 +528,10 @@ def make_weight_quantizer(bits: int, method: str, granularity: str = "row", clip
         return None
     if method == "ternary":
         return TernaryQuantizer(granularity, clip)
+    if method == "tbt_ternary":
+        return TBTTernaryQuantizer(granularity, clip)
+    if method == "binary":
+        return BinaryQuantizer(granularity, clip)
     if method == "minmax":
         return MinMaxQuantizer(bits, granularity, clip)
     if method == "lsq":
@@ -400,9 +543,15 @@ def make_weight_quantizer(bits: int, method: str, granularity: str = "row", clip
 
 def make_activation_quantizer(bits: int, method: str, granularity: str = "tensor",
                               clip: float | None = None) -> FakeQuantizer | None:
-    """A quantizer for activations (dynamic scale per batch, or a learned step), or None at full precision."""
+    """A quantizer for activations (dynamic scale per batch, or a learned step), or None at full precision.
+    "elastic" and "elastic_unsigned" learn their step at `ELASTIC_MAX_BITS` or fewer and are min-max above it
+    (symmetric, and asymmetric for the unsigned variant), as TBT's code is at 8 bits."""
     if bits == FULL_PRECISION:
         return None
+    if method in ("elastic", "elastic_unsigned"):
+        if bits <= ELASTIC_MAX_BITS:
+            return ElasticQuantizer(bits, unsigned=method == "elastic_unsigned")
+        method = "asym_minmax" if method == "elastic_unsigned" else "minmax"
     if method == "minmax":
         return MinMaxQuantizer(bits, granularity, clip)
     if method == "asym_minmax":
@@ -422,5 +571,12 @@ def embedding_quantizer_for(config: QuantConfig, weight: Tensor) -> FakeQuantize
                                  config.weight_clip, weight)
 
 
-def activation_quantizer_for(config: QuantConfig) -> FakeQuantizer | None:
-    return make_activation_quantizer(config.a_bits, config.act_method, config.act_granularity, config.act_clip)
+def activation_quantizer_for(config: QuantConfig, unsigned: bool = False) -> FakeQuantizer | None:
+    """The activation quantizer of `config`, or its unsigned variant (for one-signed inputs: fc2's, the
+    attention probabilities) when `unsigned`."""
+    method = UNSIGNED_VARIANT.get(config.act_method, config.act_method) if unsigned else config.act_method
+    return make_activation_quantizer(config.a_bits, method, config.act_granularity, config.act_clip)
+
+
+# What an activation method becomes for one-signed inputs (QuantConfig.unsigned_ffn_attn).
+UNSIGNED_VARIANT = {"minmax": "asym_minmax", "elastic": "elastic_unsigned"}

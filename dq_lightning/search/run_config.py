@@ -65,7 +65,7 @@ def _parsed(config: str, overrides: list[str]) -> Any:
 def read_run_config(config: str, data_dir: str | None = None) -> RunConfig:
     """The model, data and kept trainer settings of `config` (a DQ student config such as
     experiments/xsum/dq-tiny.yaml), with `data_dir` as `--data.data_dir`."""
-    from dq_lightning.cli import check_data_config
+    from dq_lightning.cli import check_data_config, splits_read
     from dq_lightning.modules.student import DQStudentModule
 
     fit = _parsed(config, [f"--data.data_dir={data_dir}"] if data_dir else [])
@@ -75,7 +75,7 @@ def read_run_config(config: str, data_dir: str | None = None) -> RunConfig:
         raise UserError(f"--config {config}: its model is {model['class_path']}, not a DQ student "
                         "(use a dq-<scale>.yaml config, e.g. experiments/xsum/dq-tiny.yaml)")
     try:  # a missing data folder is one line now, not after the teacher is read
-        check_data_config(fit["data"])
+        check_data_config(fit["data"], splits_read("fit"))
     except UserError as error:
         raise UserError(str(error).replace("--data.data_dir=", "--data-dir ", 1)) from None
     trainer = fit["trainer"].as_dict() if hasattr(fit["trainer"], "as_dict") else dict(fit["trainer"])

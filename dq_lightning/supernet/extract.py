@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
 
 from dq_lightning.errors import UserError, command_line, first_line
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from dq_lightning.errors import UserError
-from dq_lightning.files import write_text_atomic
+from dq_lightning.files import read_json, write_text_atomic
 from dq_lightning.quant.config import parse_wea
 from dq_lightning.sweep.robustness import COLUMN_PREFIX as ROBUST_PREFIX, columns as robustness_columns
 from dq_lightning.sweep.spec import SweepPoint
@@ -26,13 +25,6 @@ FIXED_COLUMNS = ["run_id", "status", "mode", "recipe", "source", "bits", "w_bits
                  "encoder_layers", "decoder_layers", "width", "seed", "size_mb", "compression", "size_mb_strict",
                  "compression_strict"]
 TAIL_COLUMNS = ["wall_time_s", "threads", "error"]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 BIT_FIELDS = ("w_bits", "e_bits", "a_bits")

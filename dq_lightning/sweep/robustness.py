@@ -54,7 +54,7 @@ def measure_all(run_dirs: list[Path], rate: float, data_dir: str | None, test_fi
     The first directory (the sweep's teacher) is scored alone, so that its decodes are in `decode_cache`
     before the students, which decode the teacher on the same sources, ask for them; the rest run
     `workers` at a time (each in `env`, its share of the cores)."""
-    from dq_lightning.sweep.runner import Stop, last_error
+    from dq_lightning.sweep.workers import Stop, last_error
 
     failed: list[tuple[str, str, str]] = []
 
@@ -78,7 +78,7 @@ def _in_threads(run_dirs: list[Path], workers: int, score, stopping) -> None:
     """`score(run_dir, stopping)` for every directory, `workers` threads at a time; Ctrl-C stops them all."""
     import queue
 
-    from dq_lightning.sweep.runner import run_threads
+    from dq_lightning.sweep.workers import run_threads
 
     pending: queue.SimpleQueue[Path] = queue.SimpleQueue()
     for run_dir in run_dirs:

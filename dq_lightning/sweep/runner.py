@@ -11,7 +11,7 @@ Offline runs are resumable: each run directory keeps a `status.json`; a finished
 interrupted one continues from its `checkpoints/last.ckpt` (an empty or unreadable one is moved aside, and the
 run continues from the newest readable checkpoint or from scratch), and a failed one is recorded with its
 error (and retried on the next start) while the sweep carries on; a sweep with failed runs exits 1 naming
-them. Several workers may run one sweep at once: each point is claimed atomically (`dq_lightning.sweep.claims`),
+them. Several workers may run one sweep at once: each point is claimed atomically (`dq_lightning.claims`),
 so no point is trained twice; `--workers N` runs N of them in this one process (on a CPU machine each run then
 gets its share of the cores: small models train faster as several one-thread processes than as one that
 spreads every operation over all cores).
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dq_lightning.cluster import AGENT_ARGS_ENV
 from dq_lightning.data.jsonl import check_jsonl
-from dq_lightning.files import write_json_atomic, write_text_atomic
+from dq_lightning.files import read_json, write_json_atomic, write_text_atomic
 from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError, command_line, first_line
 from dq_lightning.evaluation.bootstrap import check_resamples
@@ -42,111 +42,18 @@ from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillati
                                             seed_summary, supernet_markdown, supernet_table)
 from dq_lightning.sweep.front import front_markdown, plot_points
 from dq_lightning.sweep.plot import plot_tradeoff
-from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, read_json, run_row, seed_markdown,
-                                       teacher_row, write_csv_atomic)
-from dq_lightning.sweep import claims, robustness
-from dq_lightning.sweep.check import check_points, preflight_data, preflight_gpus
-from dq_lightning.sweep.spec import (SEED_PARAMETER, SweepPoint, command_for, expand_grid, format_flags, load_sweep,
-                                    run_id_of)
+from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, run_row, seed_markdown, teacher_row,
+                                       write_csv_atomic)
+from dq_lightning import claims
+from dq_lightning.sweep import robustness
+from dq_lightning.sweep.check import preflight_data, preflight_gpus, teacher_stand_in
+from dq_lightning.sweep.check_cli import check_points
+from dq_lightning.sweep.spec import (SCALES, SEED_PARAMETER, SweepPoint, command_for, expand_grid, format_flags,
+                                    load_sweep, run_id_of, sweep_dir_of, sweep_file)
+from dq_lightning.sweep.workers import (Stop, Terminated, last_error, on_sigterm, resolve_workers,
+                                       run_threads, thread_environment)
 
-SCALES = ("tiny", "paper")
 SUPERNET_DIR = "supernet"  # <sweep_dir>/supernet/<point>/: the points extracted from a supernet run
-
-
-def sweep_file(task: str, scale: str) -> Path:
-    return Path("sweeps") / (f"{task}.yaml" if scale == "paper" else f"{task}-{scale}.yaml")
-
-
-def sweep_dir_of(runs: Path, task: str, scale: str) -> Path:
-    return runs / task / ("sweep" if scale == "tiny" else f"sweep-{scale}")
-
-
-def last_error(log: Path) -> str:
-    """The most telling line of a failed run's log: our one-line error, else the exception line."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except FileNotFoundError:
-        return "no log"
-    for line in reversed(lines):
-        if line.startswith("error:"):
-            return line
-    for line in reversed(lines):
-        if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
-            return line[:500]
-    return lines[-1][:500] if lines else "exited without output"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler preempting the job, `kill`), unwound like Ctrl-C: the run is recorded as interrupted
-    and its claim released, so a job requeued on another node can take the point over."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
-
-
-class Stop:
-    """How the main thread tells the worker threads of `--workers N` to stop: with the interrupt it got, so each
-    stops its run as a single worker would (Ctrl-C reached the runs too; a SIGTERM did not)."""
-
-    def __init__(self) -> None:
-        self.reason: KeyboardInterrupt | None = None
-
-    def set(self, reason: KeyboardInterrupt) -> None:
-        self.reason = reason
-
-    def raise_if_set(self) -> None:
-        if self.reason is not None:
-            raise type(self.reason)()
-
-
-def run_threads(work, count: int, name: str, stopping: Stop) -> None:
-    """`work()` in `count` threads until all return; Ctrl-C in the main thread tells them through `stopping`
-    (they stop their child processes as a single worker would) and is raised once they have."""
-    threads = [threading.Thread(target=work, name=f"{name} {number}", daemon=True) for number in range(1, count + 1)]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            while thread.is_alive():  # joined in slices: the main thread must stay free to take signals
-                thread.join(0.2)
-    except KeyboardInterrupt as interrupt:
-        stopping.set(interrupt)
-        for thread in threads:
-            thread.join()
-        raise
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def resolve_workers(value: str, points: int, gpus: int | None) -> int:
-    """`--workers`: a positive number, or `auto`: one per core on a machine without GPUs (at most one per grid
-    point), else one: every run spreads over all the GPUs."""
-    if value == "auto":
-        from dq_lightning.devices import cuda_devices
-
-        return 1 if gpus or cuda_devices() else max(1, min(available_cores(), points))
-    try:
-        workers = int(value)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise UserError(f"--workers {value} (make: WORKERS): give a positive number of workers or auto")
-    if workers > 1 and gpus:
-        raise UserError(f"--workers {value} (make: WORKERS) with --gpus {gpus}: every run already uses all the "
-                        f"GPUs (DDP); run one worker per machine")
-    return workers
-
-
-def thread_environment(workers: int) -> dict[str, str] | None:
-    """The environment of each run when `workers` share this machine: its share of the cores as the number of
-    threads, unless the user set one; None (inherit) for a single worker."""
-    if workers == 1:
-        return None
-    threads = str(max(1, available_cores() // workers))
-    return {**os.environ, **{name: os.environ.get(name, threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
 
 
 def _run_logged(command: list[str], log: Path, env: dict[str, str] | None = None,
@@ -251,6 +158,7 @@ class LocalSweep:
         self.workers, self.env = workers, thread_environment(workers)
         self.stopping = Stop() if workers > 1 else None
         self._lock = threading.Lock()  # the worker threads' shared outcome and tried points
+        self.started = time.time()  # a point that failed since then is not retried by this process
 
     def command(self, point: SweepPoint, stage: str) -> list[str]:
         command = command_for(self.sweep, point.flags)
@@ -306,6 +214,8 @@ class LocalSweep:
                 with self._lock:
                     if point.run_id in self.tried or point.run_id in outcome.finished:
                         continue
+                    if self._failed_elsewhere(point, read_json(run_dir / "status.json"), prefix):
+                        continue
                     if read_json(run_dir / "status.json").get("status") == "finished":
                         by = "by another worker" if point.run_id in outcome.elsewhere else "earlier"
                         print(f"{prefix}: finished {by}, skipped", flush=True)
@@ -327,6 +237,9 @@ class LocalSweep:
                               f"longer running", flush=True)
                     # Re-read under the claim: another worker may have finished it since the read above.
                     status = read_json(run_dir / "status.json")
+                    with self._lock:
+                        if self._failed_elsewhere(point, status, prefix):
+                            continue
                     if status.get("status") == "finished":
                         print(f"{prefix}: finished by another worker, skipped", flush=True)
                         with self._lock:
@@ -341,6 +254,18 @@ class LocalSweep:
                         outcome.failed.append((point.run_id, *error))
                     else:
                         outcome.finished.append(point.run_id)
+
+    def _failed_elsewhere(self, point: SweepPoint, status: dict, prefix: str) -> bool:
+        """Whether another worker's run of `point` failed since this process started: then it is not tried
+        again here (every worker would repeat the same failure); the sweep run again retries it. Under the
+        lock."""
+        if status.get("status") != "failed" or float(status.get("updated_at") or 0) < self.started:
+            return False
+        self.tried.add(point.run_id)
+        self.outcome.failed.append((point.run_id, status.get("stage", "?"), status.get("error", "")))
+        print(f"{prefix}: failed in another worker since this one started ({status.get('error', '')}); not "
+              f"retried here", flush=True)
+        return True
 
     def claim(self, run_dir: Path) -> claims.Claim | dict:
         try:
@@ -367,7 +292,7 @@ class LocalSweep:
 
         def record(state: str, **fields) -> None:
             write_json_atomic(run_dir / "status.json", {
-                "status": state, "params": point.params, "attempts": attempts,
+                "status": state, "params": point.params, "attempts": attempts, "updated_at": time.time(),
                 "wall_time_s": round(spent_before + time.time() - started, 1), **fields})
 
         def say(text: str) -> None:
@@ -699,15 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --from-supernet: fine-tune each extracted student N optimizer steps "
                              "(--model.init_from) before testing it; the steps count in the report's cost")
     parser.add_argument("--preflight", action="store_true",
-                        help="only check the arguments, the sweep file, data and GPUs (no teacher needed), then "
-                             "exit; `make sweep` runs it before training the teacher")
+                        help="only run the check the sweep runs before it trains (arguments, sweep file, data, GPUs "
+                             "and every run's commands, built against a stand-in of the teacher when it is not "
+                             "trained yet), then exit; `make sweep` runs it before training the teacher")
     return parser
 
 
 @command_line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _main(args)
     finally:
@@ -724,12 +650,46 @@ def _test_set(test_file: str | None, task) -> TestSet | None:
     return test_set
 
 
+# What every run reads: the fit its training and validation splits, the test (after the fit, or the sweep's own
+# test stage) the test split.
+SPLITS_READ = {"train": "every run's fit", "validation": "every run's fit", "test": "every run's test"}
+
+
+def check_sweep(args: argparse.Namespace, task, sweep: dict, path: Path, points: list[SweepPoint],
+                sweep_dir: Path, name: str, extra: list[str], teacher_dir: Path, wandb_mode: str) -> dict[str, str]:
+    """The one check before anything trains, run in full both by `--preflight` (which `make sweep` runs before
+    it trains the teacher) and by the sweep itself: data and GPUs; a run folder that can be written; and every
+    command each point will run (its fit and its test, with the flags the sweep adds), parsed, the data splits
+    they read checked, and the model, data and trainer built. Before the teacher exists, students are built
+    against a stand-in of its shape (`teacher_stand_in`). Returns the points' model classes."""
+    from dq_lightning.distill.student import teachers_stood_in
+    from dq_lightning.run_folder import check_writable
+
+    preflight_data(task, sweep, args.data_dir)
+    preflight_gpus(sweep, args.gpus)
+    check_writable(sweep_dir, "--runs (the sweep folder)")
+    local = LocalSweep(sweep, points, sweep_dir, name, extra, {})
+
+    def run_commands(point: SweepPoint) -> dict[str, list[str]]:
+        if wandb_mode == "online":  # a W&B agent runs the sweep's command with the machine's flags, no more
+            return {"fit": command_for(sweep, point.flags)[command_for(sweep, []).index("fit"):] + extra}
+        return {stage: command[command.index(stage):] for stage in ("fit", "test")
+                for command in [local.command(point, stage)]}
+
+    stand_in = teacher_stand_in(args.task, args.scale, teacher_dir)
+    # A teacher that is not there yet and whose shape is unknown: the points are parsed, not built.
+    instantiate = bool(stand_in) or (teacher_dir / "hf").exists()
+    print(f"sweep {path}: checking {len(points)} grid points"
+          + (" against a stand-in of the teacher to be trained" if stand_in else "") + " ...", flush=True)
+    with teachers_stood_in(stand_in):
+        return check_points(sweep, path, points, extra, instantiate=instantiate, run_commands=run_commands,
+                            splits=SPLITS_READ)
+
+
 def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[str], workers: int,
-           wandb_mode: str):
-    """Check every grid point, then train the grid (here, or through a W&B sweep when online); returns the
-    local sweep's outcome (None online) and the points' model classes."""
-    print(f"sweep {path}: checking {len(points)} grid points ...", flush=True)
-    classes = check_points(sweep, path, points, extra)
+           wandb_mode: str, classes: dict[str, str]):
+    """Train the grid (here, or through a W&B sweep when online); returns the local sweep's outcome (None
+    online)."""
     at_once = f", {workers} at once" if workers > 1 else ""
     print(f"sweep {path}: {len(points)} runs{at_once}, W&B {wandb_mode}, results in {sweep_dir}", flush=True)
     started = time.time()
@@ -739,7 +699,7 @@ def _train(sweep, path: Path, points, sweep_dir: Path, name: str, extra: list[st
     else:
         outcome = LocalSweep(sweep, points, sweep_dir, name, extra, classes, workers).run()
     print(f"sweep wall time: {time.time() - started:.0f} s", flush=True)
-    return outcome, classes
+    return outcome
 
 
 def _extract_supernet(run: Path, finetune_steps: int, sweep: dict, sweep_dir: Path, name: str, extra: list[str],
@@ -792,26 +752,37 @@ def _main(args: argparse.Namespace) -> int:
         name = f"{args.task}-{args.scale}"
         teacher_dir = Path(args.runs) / args.task / f"teacher-{args.scale}"
         workers = resolve_workers(args.workers, len(points), args.gpus)
-        if not args.report_only:
-            preflight_data(task, sweep, args.data_dir)
-            preflight_gpus(sweep, args.gpus)
-        if args.preflight:
-            print(f"sweep {path}: {len(points)} runs; arguments, sweep file, data and GPUs checked", flush=True)
-            return 0
-        from dq_lightning.loggers import resolve_wandb_mode  # imports Lightning: not needed by --preflight
+        if args.report_only and not sweep_dir.is_dir():
+            # A report of nothing but pending runs, written under a typo'd path, would look like a fresh sweep.
+            raise UserError(f"--report-only: no sweep at {sweep_dir} (--runs {args.runs}, --task {args.task}, "
+                            f"--scale {args.scale}); nothing has run there to report on")
+        from dq_lightning.loggers import resolve_wandb_mode
 
         wandb_mode = resolve_wandb_mode("auto")
         extra = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
         if args.gpus:
             extra += ["--trainer.accelerator=gpu", f"--trainer.devices={args.gpus}", "--trainer.strategy=ddp"]
         if args.from_supernet:
-            outcome, classes = None, {}
+            # The points are the supernet's, extracted rather than trained: only the data and GPUs are checked.
+            classes, outcome = {}, None
+            if not args.report_only:
+                preflight_data(task, sweep, args.data_dir)
+                preflight_gpus(sweep, args.gpus)
+            if args.preflight:
+                print(f"sweep --from-supernet {args.from_supernet}: arguments, data and GPUs checked", flush=True)
+                return 0
             if not args.report_only:
                 outcome = _extract_supernet(Path(args.from_supernet), args.finetune_steps, sweep, sweep_dir, name,
                                             extra, workers)
         else:
-            outcome, classes = (None, {}) if args.report_only else \
-                _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode)
+            classes = {} if args.report_only else \
+                check_sweep(args, task, sweep, path, points, sweep_dir, name, extra, teacher_dir, wandb_mode)
+            if args.preflight:
+                print(f"sweep {path}: {len(points)} runs; arguments, sweep file, data, GPUs and every run's commands "
+                      "checked", flush=True)
+                return 0
+            outcome = None if args.report_only else \
+                _train(sweep, path, points, sweep_dir, name, extra, workers, wandb_mode, classes)
         if test_set is not None:
             failures = retest(LocalSweep(sweep, points, sweep_dir, name, extra, classes), points, teacher_dir,
                               Path("experiments") / args.task / f"teacher-{args.scale}.yaml", test_set, extra)

@@ -136,3 +136,14 @@ def command_for(sweep: dict, flags: list[str], python: str = sys.executable) -> 
         else:
             command.append(_ENVVAR.sub(lambda m: __import__("os").environ.get(m.group(1), ""), item))
     return command
+
+
+SCALES = ("tiny", "paper")  # tiny: the CPU grids (sweeps/<task>-tiny.yaml); paper: sweeps/<task>.yaml
+
+
+def sweep_file(task: str, scale: str) -> Path:
+    return Path("sweeps") / (f"{task}.yaml" if scale == "paper" else f"{task}-{scale}.yaml")
+
+
+def sweep_dir_of(runs: Path, task: str, scale: str) -> Path:
+    return runs / task / ("sweep" if scale == "tiny" else f"sweep-{scale}")

@@ -1,11 +1,13 @@
-"""Claims on grid points, so that sweep workers sharing a sweep folder never train one point twice.
+"""Claims on run folders, so that two processes never train into one folder.
 
-Several offline workers (two sweeps started by mistake, or one per node on a shared filesystem) walk the same
-grid. Before training a point a worker creates `<run_dir>/claim.json` (its host, pid, the pid's start time and
-a random token) in one step that fails if the file exists: a hard link to a fully written file, which is
-atomic on local disks, NFS, Lustre and GPFS and never shows a half-written claim (O_EXCL is the fallback
-where hard links are not supported). The claim is removed when the point ends, whether it finished, failed
-or was interrupted.
+Several offline sweep workers (two sweeps started by mistake, or one per node on a shared filesystem) walk the
+same grid, and two `fit` commands (two `make teacher` in two terminals) may start together before their run
+folder exists. Before training, a worker creates `<run_dir>/claim.json` for its grid point, and a fit creates
+`.<folder name>.claim.json` beside its run folder (`claim_beside`: outside it, so that `--replace_run` can move
+the folder away while the claim stays), holding its host, pid, the pid's start time and a random token, in one
+step that fails if the file exists: a hard link to a fully written file, which is atomic on local disks, NFS,
+Lustre and GPFS and never shows a half-written claim (O_EXCL is the fallback where hard links are not
+supported). The claim is removed when the work ends, whether it finished, failed or was interrupted.
 
 A claim whose process died is stale: on its own host a worker can tell (the pid is gone, a zombie, or now a
 different process) and takes the point over. Another host's process cannot be checked from here, so a worker
@@ -174,10 +176,17 @@ def _take_over(path: Path, stale_content: bytes) -> None:
             breaking.unlink()
 
 
-def acquire(run_dir: Path) -> Claim | dict:
-    """Claim `run_dir` for this process: a `Claim`, or the record of the live worker holding it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CLAIM
+def claim_beside(folder: Path) -> Path:
+    """Where a claim on `folder` itself (not on work inside it) is kept: a hidden file beside it."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}.claim.json"
+
+
+def acquire(run_dir: Path, path: Path | None = None) -> Claim | dict:
+    """Claim `run_dir` for this process (in `path`, by default `<run_dir>/claim.json`): a `Claim`, or the
+    record of the live process holding it."""
+    path = Path(path) if path is not None else run_dir / CLAIM
+    path.parent.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
     record = {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
               "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
