@@ -57,16 +57,19 @@ def _data_dir_hint() -> str:
 
 
 def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR, splits: dict[str, str] | None = None,
-                      test_file=None) -> None:
+                      test_file=None, unlabeled_file=None) -> None:
     """Refuse, before anything is built or written, a data source that cannot work: a `data_dir` that is not a
     directory or lacks a split the command will read (`splits`: split -> why it is read), a `test_file` that
-    is not a file, or no `data_dir` while the task's Hub dataset can neither be downloaded (offline) nor read
-    from the cache.
+    is not a file, an `unlabeled_file` a fit (which reads the train split) cannot use (missing, empty, without
+    the task's source column), or no `data_dir` while the task's Hub dataset can neither be downloaded
+    (offline) nor read from the cache.
 
     Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`, or a
     missing test.jsonl found by the test after a whole fit.
     """
     splits = splits or {}
+    if unlabeled_file is not None and "train" in splits:
+        check_unlabeled_file(unlabeled_file, get_task(task_name).source_column)
     if test_file is not None and "test" in splits:
         if not Path(str(test_file)).expanduser().is_file():
             raise UserError(f"--data.test_file={test_file}: no such file (read by {splits['test']})")
@@ -325,6 +328,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             return rows
         from_file = None
         if hparams.unlabeled_file is not None:
+            # Checked before training too (check_data_source): a file changed since is checked again here.
             path, _ = check_unlabeled_file(hparams.unlabeled_file, self.task.source_column)
             from_file = datasets.load_dataset("json", data_files={"unlabeled": str(path)},
                                               cache_dir=str(self.cache_dir / "json"))["unlabeled"]

@@ -108,11 +108,24 @@ class LabeledSplit:
                 "left_out": [] if self.unlabeled_rest else self.rest}
 
 
+_CHECKED: dict[tuple, int] = {}  # files already read whole, by path, column, size and time: one read per process
+
+
 def check_unlabeled_file(path: str, column: str) -> tuple[Path, int]:
     """The file of `--data.unlabeled_file` and its number of rows; a missing or empty file, or one whose rows
-    lack the task's source column (or hold no text in it), is one `UserError` naming the file and the column."""
+    lack the task's source column (or hold no text in it), is one `UserError` naming the flag, the file and the
+    column. Run before training (the fit's and the sweep's checks) and again when the DataModule reads the
+    file: a file unchanged since it was checked is not read twice."""
     file = Path(str(path)).expanduser()
+    wanted = f"one JSON object per line with the task's source column {column!r}"
     if not file.is_file():
-        raise UserError(f"--data.unlabeled_file={path}: no such file")
-    empty = (f"empty; --data.unlabeled_file takes one JSON object per line with the source column {column!r}")
-    return file, check_jsonl(file, (column,), required_text=(column,), empty=empty)
+        what = "not a file" if file.exists() else "no such file"
+        raise UserError(f"--data.unlabeled_file={path}: {what} (it takes {wanted})")
+    stat = file.stat()
+    key = (str(file.resolve()), column, stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED:
+        try:
+            _CHECKED[key] = check_jsonl(file, (column,), required_text=(column,), empty=f"empty; it takes {wanted}")
+        except UserError as error:  # check_jsonl's line starts with the file (and the line number)
+            raise UserError(f"--data.unlabeled_file={error}") from None
+    return file, _CHECKED[key]
