@@ -388,6 +388,10 @@ def test_the_sweeps_check_refuses_an_unusable_unlabeled_file_in_one_line(shared_
     ({"labeled_examples": -1}, "data.labeled_examples=-1"),
     ({"labeled_fraction": 1.5}, "data.labeled_fraction=1.5"),
     ({"unlabeled_per_labeled": -2}, "data.unlabeled_per_labeled=-2"),
+    # Settings that would change nothing (every row keeps its reference) are refused, not ignored.
+    ({"labeled_seed": 3}, "data.labeled_seed=3 changes nothing without data.labeled_examples"),
+    ({"unlabeled_rest": False}, "data.unlabeled_rest=false changes nothing without data.labeled_examples"),
+    ({"unlabeled_per_labeled": 1.0}, "data.unlabeled_per_labeled=1.0 changes nothing: there are no inputs"),
 ])
 def test_bad_labeled_settings_name_the_flag(settings, message, shared_data):
     with pytest.raises(UserError, match=message):
@@ -398,6 +402,8 @@ def test_bad_labeled_settings_name_the_flag(settings, message, shared_data):
     ({"labeled_examples": 13}, "data.labeled_examples=13: the training split has only 12 rows"),
     ({"labeled_examples": 0, "unlabeled_rest": False}, "leaves nothing to train on"),
     ({"labeled_examples": 0, "unlabeled_per_labeled": 1.0}, "no labeled batches to mix with"),
+    ({"labeled_examples": 12, "unlabeled_per_labeled": 1.0}, "data.unlabeled_per_labeled=1.0 changes nothing"),
+    ({"labeled_examples": 5, "unlabeled_rest": False, "unlabeled_per_labeled": 1.0}, "data.unlabeled_rest=false"),
 ])
 def test_labeled_settings_the_data_cannot_meet_name_the_flag(settings, message, shared_data, teacher_dir, cache_dir):
     with pytest.raises(UserError, match=message):
@@ -417,12 +423,19 @@ def test_bad_unlabeled_settings_name_the_setting(settings, message):
 
 def test_models_that_cannot_learn_from_unlabeled_inputs_say_so(shared_data, teacher_dir, tmp_path):
     data = datamodule(shared_data, tmp_path / "cache", teacher_dir, labeled_examples=4)
-    with pytest.raises(UserError, match="quant_only learns nothing .* pseudo_reference_weight > 0"):
+    with pytest.raises(UserError, match="quant_only learns nothing .*pseudo_reference_weight > 0"):
         fit(student(teacher_dir, mode="quant_only"), data, tmp_path / "run")
     teacher = TeacherModule(model=str(teacher_dir), generation=QUICK_GENERATION)
     with pytest.raises(UserError, match="8 training inputs have no reference .* only a DQ student"):
         fit(teacher, datamodule(shared_data, tmp_path / "cache", teacher_dir, labeled_examples=4),
             tmp_path / "teacher")
+
+
+def test_unlabeled_settings_without_unlabeled_inputs_are_refused(shared_data, teacher_dir, tmp_path):
+    data = datamodule(shared_data, tmp_path / "cache", teacher_dir, labeled_examples=12)  # every row labeled
+    with pytest.raises(UserError, match="model.unlabeled.view=word_dropout changes nothing: this fit has no inputs "
+                                        "without references"):
+        fit(student(teacher_dir, unlabeled={"view": "word_dropout"}), data, tmp_path / "run")
 
 
 def test_quant_only_learns_from_pseudo_references(shared_data, teacher_dir, tmp_path):

@@ -175,7 +175,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                                 ("" if name in ("batch_size", "vocab_size") else "; leave it unset (null) for none"))
         if num_workers < 0:
             raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more")
-        check_labeled_settings(labeled_examples, labeled_fraction, labeled_seed, unlabeled_per_labeled)
+        check_labeled_settings(labeled_examples, labeled_fraction, labeled_seed, unlabeled_per_labeled,
+                               unlabeled_rest, unlabeled_file)
         self.data_dir = data_dir
         self.max_source_length = max_source_length or self.task.max_source_length
         self.max_target_length = max_target_length or self.task.max_target_length
@@ -339,6 +340,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if not split.labeled and hparams.unlabeled_per_labeled is not None:
             raise UserError(f"data.unlabeled_per_labeled={hparams.unlabeled_per_labeled}: there are no labeled "
                             "batches to mix with (unset it: every unlabeled input once per epoch)")
+        if not split.unlabeled_rows and hparams.unlabeled_per_labeled is not None:
+            raise UserError(f"data.unlabeled_per_labeled={hparams.unlabeled_per_labeled} changes nothing: every "
+                            f"training row keeps its reference or is left out (data.unlabeled_rest="
+                            f"{str(split.unlabeled_rest).lower()}), and no data.unlabeled_file is given")
         parts = [self.tokenize_sources(rows.select(split.rest), "training inputs without references")] \
             if split.unlabeled_rest and split.rest else []
         if from_file is not None:

@@ -29,8 +29,10 @@ SPLIT_FILE = "labeled_split.json"  # written into the run folder: which training
 
 
 def check_labeled_settings(examples: int | None, fraction: float | None, seed: int,
-                           per_labeled: float | None) -> None:
-    """Refuse settings of the labeled share and the mix that cannot mean anything, naming the flag."""
+                           per_labeled: float | None, unlabeled_rest: bool = True,
+                           unlabeled_file: str | None = None) -> None:
+    """Refuse settings of the labeled share and the mix that cannot mean anything, or that would change nothing
+    (no share of the rows chosen, no file given: every row keeps its reference), naming the flag."""
     if examples is not None and fraction is not None:
         raise UserError(f"data.labeled_examples={examples} and data.labeled_fraction={fraction}: give one of them")
     if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 0):
@@ -44,6 +46,18 @@ def check_labeled_settings(examples: int | None, fraction: float | None, seed: i
                                     or not per_labeled >= 0):
         raise UserError(f"data.unlabeled_per_labeled={per_labeled!r} must be 0 or more unlabeled batches per "
                         "labeled batch (unset: every unlabeled input once per epoch)")
+    if examples is not None or fraction is not None:
+        return
+    share = "data.labeled_examples or data.labeled_fraction"
+    if seed != 0:
+        raise UserError(f"data.labeled_seed={seed} changes nothing without {share} (every training row keeps its "
+                        "reference)")
+    if not unlabeled_rest:
+        raise UserError(f"data.unlabeled_rest=false changes nothing without {share} (no training row loses its "
+                        "reference)")
+    if per_labeled is not None and unlabeled_file is None:
+        raise UserError(f"data.unlabeled_per_labeled={per_labeled} changes nothing: there are no inputs without "
+                        f"references to mix in (give data.unlabeled_file, {share})")
 
 
 def labeled_count(rows: int, examples: int | None, fraction: float | None) -> int:

@@ -237,6 +237,12 @@ class DQStudentModule(Seq2SeqModule):
     def _prepare_unlabeled(self, datamodule) -> None:
         """Before training on unlabeled inputs: the teacher's outputs for them (generated once, cached by the
         DataModule) and the student's view of their sources."""
+        if getattr(datamodule, "unlabeled_sources", False) is None:  # ours, and every row has its reference
+            changed = [f"model.unlabeled.{name}={value}" for name, value in asdict(self.unlabeled).items()
+                       if value != getattr(UnlabeledSettings(), name)]
+            if changed:
+                raise UserError(f"{', '.join(changed)} changes nothing: this fit has no inputs without references "
+                                "(data.unlabeled_file, data.labeled_examples or data.labeled_fraction)")
         if not getattr(datamodule, "needs_teacher_outputs", False):
             return
         if self.hparams.mode == "quant_only" and not self.unlabeled.pseudo_reference_weight > 0:
