@@ -380,7 +380,7 @@ def check_data_config(data: dict | None, splits: dict[str, str] | None = None) -
     if issubclass(data_class(data), Seq2SeqDataModule):
         init_args = data.get("init_args") or {}
         check_data_source(task, init_args.get("data_dir"), init_args.get("cache_dir") or DEFAULT_CACHE_DIR,
-                          splits, init_args.get("test_file"))
+                          splits, init_args.get("test_file"), init_args.get("unlabeled_file"))
 
 
 def check_gpus(trainer_config: dict, argv: list[str]) -> None:

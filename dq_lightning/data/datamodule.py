@@ -15,13 +15,17 @@ from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from dq_lightning.data.jsonl import check_jsonl, get_field
 from dq_lightning.data.loader import LoaderCursor, ResumableDataLoader
+from dq_lightning.data.mixing import LabeledThenUnlabeled, MixedBatchSampler
 from dq_lightning.data.tasks import TaskSpec, get_task
+from dq_lightning.data.teacher_outputs import Generate, labels_from_output, teacher_outputs
+from dq_lightning.data.unlabeled import SPLIT_FILE, LabeledSplit, check_labeled_settings, check_unlabeled_file
 from dq_lightning.errors import UserError, first_line
+from dq_lightning.files import write_json_atomic
 from dq_lightning.models.tokenizer import cached_bpe_tokenizer, encode_texts, language_ids, load_tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -53,16 +57,19 @@ def _data_dir_hint() -> str:
 
 
 def check_data_source(task_name: str, data_dir, cache_dir=DEFAULT_CACHE_DIR, splits: dict[str, str] | None = None,
-                      test_file=None) -> None:
+                      test_file=None, unlabeled_file=None) -> None:
     """Refuse, before anything is built or written, a data source that cannot work: a `data_dir` that is not a
     directory or lacks a split the command will read (`splits`: split -> why it is read), a `test_file` that
-    is not a file, or no `data_dir` while the task's Hub dataset can neither be downloaded (offline) nor read
-    from the cache.
+    is not a file, an `unlabeled_file` a fit (which reads the train split) cannot use (missing, empty, without
+    the task's source column), or no `data_dir` while the task's Hub dataset can neither be downloaded
+    (offline) nor read from the cache.
 
     Without this the first sign was `datasets`' ConnectionError traceback from inside `trainer.fit`, or a
     missing test.jsonl found by the test after a whole fit.
     """
     splits = splits or {}
+    if unlabeled_file is not None and "train" in splits:
+        check_unlabeled_file(unlabeled_file, get_task(task_name).source_column)
     if test_file is not None and "test" in splits:
         if not Path(str(test_file)).expanduser().is_file():
             raise UserError(f"--data.test_file={test_file}: no such file (read by {splits['test']})")
@@ -113,6 +120,12 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         cache_dir: str = DEFAULT_CACHE_DIR,
+        unlabeled_file: str | None = None,
+        labeled_examples: int | None = None,
+        labeled_fraction: float | None = None,
+        labeled_seed: int = 0,
+        unlabeled_rest: bool = True,
+        unlabeled_per_labeled: float | None = None,
     ):
         """
         Args:
@@ -132,7 +145,22 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             batch_size: training batch size per device.
             eval_batch_size: validation/test batch size per device (default: `batch_size`).
             num_workers: DataLoader worker processes.
-            cache_dir: where tokenizers, datasets' caches and generated corpora are kept.
+            cache_dir: where tokenizers, datasets' caches, generated corpora and the teacher's outputs for
+                unlabeled inputs are kept.
+            unlabeled_file: a JSON Lines file of training inputs without references: the task's source column
+                (other columns are ignored), any size. A DQ student learns from them through its teacher alone
+                (model.unlabeled).
+            labeled_examples: keep the references of only this many training rows (a seeded choice,
+                labeled_seed); the other rows train as unlabeled inputs (unlabeled_rest) or are left out. 0: none.
+                Unset: every row keeps its reference.
+            labeled_fraction: as labeled_examples, as a share of the training rows in [0, 1].
+            labeled_seed: the seed of the labeled rows' choice (not the run's seed: runs over several seeds share
+                one labeled set); a smaller share is a subset of a larger one with the same seed. The choice is
+                written to labeled_split.json in the run folder.
+            unlabeled_rest: the training rows whose references labeled_examples/labeled_fraction drop train as
+                unlabeled inputs (true), or are left out (false: a smaller labeled set).
+            unlabeled_per_labeled: the mix: unlabeled batches drawn per labeled batch in an epoch (each batch is
+                of one kind; fresh random inputs every epoch). Unset: every unlabeled input once per epoch.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -147,6 +175,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                                 ("" if name in ("batch_size", "vocab_size") else "; leave it unset (null) for none"))
         if num_workers < 0:
             raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more")
+        check_labeled_settings(labeled_examples, labeled_fraction, labeled_seed, unlabeled_per_labeled,
+                               unlabeled_rest, unlabeled_file)
         self.data_dir = data_dir
         self.max_source_length = max_source_length or self.task.max_source_length
         self.max_target_length = max_target_length or self.task.max_target_length
@@ -155,6 +185,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.datasets: dict = {}
         self._train_loader: ResumableDataLoader | None = None
         self._pending_position: dict | None = None
+        self.split: LabeledSplit | None = None  # which training rows kept their references (when any did not)
+        self.unlabeled_sources = None  # tokenized sources of the unlabeled inputs, in order
+        self.unlabeled = None  # the same with the teacher's outputs as labels (`use_teacher_outputs`)
 
     # -- raw text -------------------------------------------------------------------------------------
     def local_data_dir(self) -> Path | None:
@@ -224,16 +257,22 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             tokenizer = load_tokenizer(self.hparams.tokenizer, flag="data.tokenizer")
         else:
             train = self._raw_split("train")
+            # A reference the labeled share drops is not read, not even by the tokenizer.
+            split = self._labeled_split(len(train)) if self._splits_training() else None
+            kept = None if split is None else set(split.labeled)
 
             def texts():
                 for start in range(0, len(train), 1000):
                     batch = train[start:start + 1000]
                     yield from column_values(batch, self.task.source_column)
-                    yield from column_values(batch, self.task.target_column)
+                    targets = column_values(batch, self.task.target_column)
+                    yield from (text for row, text in enumerate(targets, start) if kept is None or row in kept)
 
             languages = tuple(code for code in (self.task.source_lang, self.task.target_lang) if code)
-            tokenizer = cached_bpe_tokenizer(texts, f"{self.task.name}-{train._fingerprint}",
-                                             self.hparams.vocab_size, self.cache_dir, language_codes=languages)
+            name = f"{self.task.name}-{train._fingerprint}" + (
+                "" if split is None else f"-labeled-{split.seed}-{len(split.labeled)}")
+            tokenizer = cached_bpe_tokenizer(texts, name, self.hparams.vocab_size, self.cache_dir,
+                                             language_codes=languages)
         if self.task.source_lang and hasattr(tokenizer, "src_lang"):
             tokenizer.src_lang, tokenizer.tgt_lang = self.task.source_lang, self.task.target_lang
         return tokenizer
@@ -257,6 +296,94 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                            desc=f"tokenizing {task.name} {split}")
 
+    def tokenize_sources(self, dataset, what: str):
+        """Sources alone (unlabeled inputs): input_ids and attention_mask, laid out as `tokenize` does."""
+        tokenizer, task = self.tokenizer, self.task
+        source_lang = (language_ids(tokenizer, task.source_lang, task.target_lang) or (None,))[0]
+
+        def encode(batch):
+            sources = encode_texts(tokenizer, column_values(batch, task.source_column), self.max_source_length,
+                                   source_lang)
+            return {"input_ids": sources, "attention_mask": [[1] * len(ids) for ids in sources]}
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names,
+                           desc=f"tokenizing {task.name} {what}")
+
+    # -- inputs without references ------------------------------------------------------------------------
+    def _splits_training(self) -> bool:
+        hparams = self.hparams
+        return hparams.labeled_examples is not None or hparams.labeled_fraction is not None
+
+    def _labeled_split(self, rows: int, file_rows: int = 0) -> LabeledSplit:
+        hparams = self.hparams
+        return LabeledSplit.choose(rows, hparams.labeled_examples, hparams.labeled_fraction, hparams.labeled_seed,
+                                   hparams.unlabeled_rest, hparams.unlabeled_file, file_rows)
+
+    def _split_training(self, rows):
+        """The training rows that keep their references; the inputs without them (the other rows, with
+        unlabeled_rest, then unlabeled_file's) go to `unlabeled_sources`."""
+        import datasets
+
+        hparams = self.hparams
+        if not self._splits_training() and hparams.unlabeled_file is None:
+            return rows
+        from_file = None
+        if hparams.unlabeled_file is not None:
+            # Checked before training too (check_data_source): a file changed since is checked again here.
+            path, _ = check_unlabeled_file(hparams.unlabeled_file, self.task.source_column)
+            from_file = datasets.load_dataset("json", data_files={"unlabeled": str(path)},
+                                              cache_dir=str(self.cache_dir / "json"))["unlabeled"]
+        self.split = split = self._labeled_split(len(rows), len(from_file) if from_file is not None else 0)
+        if not split.labeled and not split.unlabeled_rows:
+            raise UserError(f"data.labeled_examples={len(split.labeled)} with data.unlabeled_rest=false and no "
+                            "data.unlabeled_file leaves nothing to train on")
+        if not split.labeled and hparams.unlabeled_per_labeled is not None:
+            raise UserError(f"data.unlabeled_per_labeled={hparams.unlabeled_per_labeled}: there are no labeled "
+                            "batches to mix with (unset it: every unlabeled input once per epoch)")
+        if not split.unlabeled_rows and hparams.unlabeled_per_labeled is not None:
+            raise UserError(f"data.unlabeled_per_labeled={hparams.unlabeled_per_labeled} changes nothing: every "
+                            f"training row keeps its reference or is left out (data.unlabeled_rest="
+                            f"{str(split.unlabeled_rest).lower()}), and no data.unlabeled_file is given")
+        parts = [self.tokenize_sources(rows.select(split.rest), "training inputs without references")] \
+            if split.unlabeled_rest and split.rest else []
+        if from_file is not None:
+            parts.append(self.tokenize_sources(from_file, f"unlabeled inputs of {hparams.unlabeled_file}"))
+        if parts:
+            sources = datasets.concatenate_datasets(parts)
+            self.unlabeled_sources = sources.add_column("example_index", list(range(len(sources))))
+        return rows.select(split.labeled)
+
+    @property
+    def needs_teacher_outputs(self) -> bool:
+        """Unlabeled inputs wait for their teacher outputs (`use_teacher_outputs`) before training."""
+        return self.unlabeled_sources is not None and self.unlabeled is None
+
+    def use_teacher_outputs(self, generate: Generate, identity: dict) -> None:
+        """Label the unlabeled inputs with the teacher's outputs: `generate` (a batch of token-id sources ->
+        the teacher's generated ids) runs once per input, and its results are kept under cache_dir for every
+        later epoch, resume and run (`dq_lightning.data.teacher_outputs`); `identity` names the teacher and
+        its decoding settings."""
+        tokenizer = self.tokenizer
+        outputs = teacher_outputs(self.unlabeled_sources["input_ids"], generate,
+                                  {**identity, "max_source_length": self.max_source_length}, self.cache_dir,
+                                  self.hparams.eval_batch_size or self.hparams.batch_size)
+        labels = [labels_from_output(output, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                     self.max_target_length) for output in outputs]
+        self.unlabeled = self.unlabeled_sources.add_column("labels", labels)
+
+    def unlabeled_summary(self) -> dict:
+        """What the training mix is made of, for the run summary and W&B ({} when every row is labeled)."""
+        if self.split is None:
+            return {}
+        return {**self.split.summary(), "unlabeled_per_labeled": self.hparams.unlabeled_per_labeled}
+
+    def _record_split(self) -> None:
+        """labeled_split.json in the run folder: which rows kept their references (rank 0 writes it)."""
+        trainer = getattr(self, "trainer", None)
+        if self.split is None or trainer is None or not trainer.is_global_zero:
+            return
+        write_json_atomic(Path(trainer.default_root_dir) / SPLIT_FILE, self.split.record())
+
     def prepare_data(self) -> None:
         # Runs on one process per node first: the BPE training and `map` caches it leaves are reused by
         # every rank's `setup`.
@@ -265,6 +392,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS
         self._load_splits(splits)
+        if stage == "fit":
+            self._record_split()
 
     def _load_splits(self, splits: tuple[str, ...]) -> None:
         if self.tokenizer is None:
@@ -274,7 +403,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             return
         raw = self.load_raw(missing)
         for split in missing:
-            self.datasets[split] = self.tokenize(self._limit(raw[split], split), split)
+            rows = self._limit(raw[split], split)
+            self.datasets[split] = self.tokenize(self._split_training(rows) if split == "train" else rows, split)
 
     # -- loaders --------------------------------------------------------------------------------------
     def collator(self) -> DataCollatorForSeq2Seq:
@@ -298,8 +428,26 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return ResumableDataLoader(self.datasets[split], shuffle=True, generator=generator, cursor=LoaderCursor(),
                                    **common)
 
+    def _mixed_loader(self) -> DataLoader:
+        """Labeled and unlabeled batches (`dq_lightning.data.mixing`), resumable as the plain loader is."""
+        if self.unlabeled is None:
+            raise UserError(f"{len(self.unlabeled_sources)} training inputs have no reference (data.unlabeled_file, "
+                            "data.labeled_examples or data.labeled_fraction); only a DQ student "
+                            "(dq_lightning.modules.student.DQStudentModule) trains on them, from its teacher's outputs")
+        data = LabeledThenUnlabeled(self.datasets["train"], self.unlabeled)
+        generator = torch.Generator().manual_seed(torch.initial_seed())
+        batches = MixedBatchSampler(SequentialSampler(data), self.hparams.batch_size, labeled=len(data.labeled),
+                                    unlabeled=len(data.unlabeled), per_labeled=self.hparams.unlabeled_per_labeled,
+                                    generator=generator)
+        return ResumableDataLoader(data, batch_sampler=batches, generator=generator, cursor=LoaderCursor(),
+                                   collate_fn=self.collator(), num_workers=self.hparams.num_workers,
+                                   persistent_workers=self.hparams.num_workers > 0)
+
     def train_dataloader(self) -> DataLoader:
-        self._train_loader = self._loader("train", shuffle=True)
+        if "train" not in self.datasets:
+            self._load_splits(("train",))  # which rows have references is known once the split is loaded
+        self._train_loader = self._mixed_loader() if self.unlabeled_sources is not None else \
+            self._loader("train", shuffle=True)
         if self._pending_position is not None:
             self._train_loader.restore_position(self._pending_position)
             self._pending_position = None
@@ -307,7 +455,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
 
     def ordered_train_dataloader(self) -> DataLoader:
         """The training split in its stored order, unshuffled: the same batches on every call and every rank,
-        and the resumable training loader (its position, the shuffling generator) left untouched."""
+        and the resumable training loader (its position, the shuffling generator) left untouched. Only the rows
+        with references (labeled_examples)."""
+        if "train" in self.datasets and not len(self.datasets["train"]):
+            raise UserError("data.labeled_examples=0: no training row with a reference to score or order by "
+                            "(model.width with shape.width_method impt scores units on them; use rand)")
         return self._loader("train", shuffle=False)
 
     # Saved in every checkpoint: where the training loader stands, so `--ckpt_path` resumes mid-epoch.

@@ -60,11 +60,13 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield line_number, record
 
 
-def check_jsonl(path: Path, columns: tuple[str, ...], required_text: tuple[str, ...] = ()) -> int:
+def check_jsonl(path: Path, columns: tuple[str, ...], required_text: tuple[str, ...] = (),
+                empty: str = "split is empty") -> int:
     """Return the number of rows; raise `UserError` naming file and line for anything unreadable.
 
     Every column must be text on every row; each column of `required_text` must also be non-blank on at least
-    one row: a column empty everywhere would train (or score) on nothing but padding, without a word.
+    one row: a column empty everywhere would train (or score) on nothing but padding, without a word. `empty`:
+    what the error says of a file without rows.
     """
     rows = 0
     with_text = dict.fromkeys(required_text, 0)
@@ -81,7 +83,7 @@ def check_jsonl(path: Path, columns: tuple[str, ...], required_text: tuple[str, 
                 with_text[column] += 1
         rows += 1
     if rows == 0:
-        raise UserError(f"{path}: split is empty")
+        raise UserError(f"{path}: {empty}")
     for column, count in with_text.items():
         if count == 0:
             raise UserError(f"{path}: column {column!r} is empty on every row ({rows} rows); nothing to learn "

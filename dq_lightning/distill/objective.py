@@ -20,6 +20,12 @@ kept heads of the teacher layer each student layer was copied from; the logits (
 
 `mask_padding` decides whether the distillation means skip padded positions or, as the official script,
 average over them too.
+
+On an unlabeled input (no reference; `dq_lightning.data.unlabeled`) the labels are the teacher's own output:
+`reference=False` names the cross-entropy against them `pseudo_reference` and leaves it out at weight 0, and
+`source_aligned=False` (the student read a restricted view of the source, `dq_lightning.distill.views`) keeps
+only the decoder-side terms (logits, decoder hidden states, decoder self-attention): encoder states, the
+final encoder state and cross-attention maps lie over source positions the view moved.
 """
 
 from __future__ import annotations
@@ -105,53 +111,69 @@ class DQObjective(nn.Module):
         self.config = config
 
     def forward(self, student, teacher, labels: Tensor, source_mask: Tensor, encoder_map: list[int],
-                decoder_map: list[int], training: bool = True,
-                kept: Units | None = None, project=None) -> tuple[Tensor, dict[str, Tensor]]:
+                decoder_map: list[int], training: bool = True, kept: Units | None = None, project=None,
+                reference: bool = True, source_aligned: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """`student` and `teacher` are transformers Seq2SeqLMOutputs of one batch (the teacher's may be None
         when not distilling); `kept`: the teacher units a thinner student kept (None: full width); `project`:
         a thinner student's learned map of its hidden states to the teacher's width, for the hidden-state terms
-        (None: compare at the kept dimensions). Returns the loss and its unweighted terms."""
+        (None: compare at the kept dimensions); `reference`: the labels are references (False: the teacher's
+        outputs); `source_aligned`: the student read the teacher's source (False: a restricted view). Returns the
+        loss and its unweighted terms."""
         c = self.config
-        terms = {"task": task_loss(student.logits, labels, c.label_smoothing if training else 0.0)}
-        weights = {"task": c.task_weight}
+        terms, weights = {}, {}
+        if reference or c.task_weight > 0:
+            name = "task" if reference else "pseudo_reference"
+            terms[name] = task_loss(student.logits, labels, c.label_smoothing if training else 0.0)
+            weights[name] = c.task_weight
         if c.distill:
             if teacher is None:
                 raise ValueError("distillation needs the teacher's outputs")
-            target_mask = labels != -100 if c.mask_padding else None
-            encoder_mask = source_mask if c.mask_padding else None
-            terms["logits"] = logits_loss(student.logits, teacher.logits, target_mask, c.logits_loss,
-                                          c.temperature)
-            weights["logits"] = c.logits_weight
-            hidden = None if kept is None else kept.hidden
-            if c.hidden_weight > 0:
-                terms["hidden"] = (
-                    hidden_states_loss(student.encoder_hidden_states, teacher.encoder_hidden_states, encoder_map,
-                                       encoder_mask, hidden, project)
-                    + hidden_states_loss(student.decoder_hidden_states, teacher.decoder_hidden_states,
-                                         decoder_map, target_mask, hidden, project))
-                weights["hidden"] = c.hidden_weight
-            if c.final_encoder_weight > 0:
-                terms["final_encoder"] = per_example_states_loss(
-                    *aligned(student.encoder_last_hidden_state, teacher.encoder_last_hidden_state, hidden, project),
-                    encoder_mask)
-                weights["final_encoder"] = c.final_encoder_weight
-            if c.attention_weight > 0:
-                terms["attention"] = self._attention_terms(student, teacher, encoder_map, decoder_map,
-                                                           target_mask, encoder_mask, kept)
-                weights["attention"] = c.attention_weight
+            self._distillation_terms(student, teacher, labels != -100 if c.mask_padding else None,
+                                     source_mask if c.mask_padding else None, encoder_map, decoder_map, kept,
+                                     project, source_aligned, terms, weights)
         loss = sum(weights[name] * value for name, value in terms.items())
         return loss, terms
 
+    def _distillation_terms(self, student, teacher, target_mask: Tensor | None, encoder_mask: Tensor | None,
+                            encoder_map: list[int], decoder_map: list[int], kept: Units | None, project,
+                            source_aligned: bool, terms: dict[str, Tensor], weights: dict[str, float]) -> None:
+        c = self.config
+        terms["logits"] = logits_loss(student.logits, teacher.logits, target_mask, c.logits_loss, c.temperature)
+        weights["logits"] = c.logits_weight
+        hidden = None if kept is None else kept.hidden
+        if c.hidden_weight > 0:
+            encoder = hidden_states_loss(student.encoder_hidden_states, teacher.encoder_hidden_states, encoder_map,
+                                         encoder_mask, hidden, project) if source_aligned else None
+            decoder = hidden_states_loss(student.decoder_hidden_states, teacher.decoder_hidden_states, decoder_map,
+                                         target_mask, hidden, project)
+            terms["hidden"] = decoder if encoder is None else encoder + decoder
+            weights["hidden"] = c.hidden_weight
+        if c.final_encoder_weight > 0 and source_aligned:
+            terms["final_encoder"] = per_example_states_loss(
+                *aligned(student.encoder_last_hidden_state, teacher.encoder_last_hidden_state, hidden, project),
+                encoder_mask)
+            weights["final_encoder"] = c.final_encoder_weight
+        if c.attention_weight > 0:
+            terms["attention"] = self._attention_terms(student, teacher, encoder_map, decoder_map,
+                                                       target_mask, encoder_mask, kept, source_aligned)
+            weights["attention"] = c.attention_weight
+
     @staticmethod
     def _attention_terms(student, teacher, encoder_map: list[int], decoder_map: list[int],
-                         target_mask: Tensor | None, encoder_mask: Tensor | None, kept: Units | None) -> Tensor:
+                         target_mask: Tensor | None, encoder_mask: Tensor | None, kept: Units | None,
+                         source_aligned: bool = True) -> Tensor:
         def heads(stack: str, attention: str) -> list[Tensor] | None:
             return None if kept is None else kept.layer_heads(stack, attention)
 
+        def decoder_self() -> Tensor:
+            return attention_loss(student.decoder_attentions, teacher.decoder_attentions, decoder_map,
+                                  target_mask, target_mask, heads("decoder", "self_attn"))
+
+        if not source_aligned:
+            return decoder_self()
         return (attention_loss(student.encoder_attentions, teacher.encoder_attentions, encoder_map,
                                encoder_mask, encoder_mask, heads("encoder", "self_attn"))
-                + attention_loss(student.decoder_attentions, teacher.decoder_attentions, decoder_map,
-                                 target_mask, target_mask, heads("decoder", "self_attn"))
+                + decoder_self()
                 + attention_loss(student.cross_attentions, teacher.cross_attentions, decoder_map,
                                  target_mask, encoder_mask, heads("decoder", "encoder_attn")))
 

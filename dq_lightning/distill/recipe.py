@@ -41,6 +41,7 @@ from typing import Any, Literal, get_args
 
 from dq_lightning.distill.layer_map import LayerMapStrategy
 from dq_lightning.distill.objective import LogitsLoss, ObjectiveConfig
+from dq_lightning.distill.views import VIEWS, View
 from dq_lightning.distill.width import WidthMethod
 from dq_lightning.errors import UserError
 from dq_lightning.quant.config import (FULL_PRECISION, ActMethod, AttentionQuant, Granularity, QuantConfig,
@@ -311,8 +312,58 @@ class EvaluationSettings:
             raise UserError(f"model.evaluation.prediction_table_rows={self.prediction_table_rows} must be 0 or more")
 
 
+@dataclass(frozen=True)
+class UnlabeledSettings:
+    """How the student learns from training inputs without a reference (data.unlabeled_file,
+    data.labeled_examples): from the teacher alone. The teacher's own output, generated once per input with the
+    task's decoding settings and cached, is both models' decoder input, and the objective's distillation terms
+    apply (sequence-level KD, Kim and Rush 2016; Shleifer and Rush 2020); no cross-entropy against a reference.
+    The mix of labeled and unlabeled batches is data.unlabeled_per_labeled."""
+
+    weight: float = 1.0
+    """Weight of an unlabeled batch's loss, against a labeled batch's 1."""
+    pseudo_reference_weight: float = 0.0
+    """Weight of the cross-entropy against the teacher's output as a pseudo-reference; 0: the distillation terms
+    alone. mode quant_only (no distillation) learns from unlabeled inputs only through this."""
+    logits_weight: float | None = None
+    """Weight of the logits term on unlabeled batches. Unset: objective.logits_weight."""
+    hidden_weight: float | None = None
+    """Weight of the hidden-state term on unlabeled batches. Unset: objective.hidden_weight."""
+    attention_weight: float | None = None
+    """Weight of the attention-map term on unlabeled batches. Unset: objective.attention_weight."""
+    final_encoder_weight: float | None = None
+    """Weight of the final-encoder-state term on unlabeled batches. Unset: the objective's (the recipe's)."""
+    view: View = "full"
+    """What the student reads of an unlabeled input (Cross-View Training's restricted view; Clark et al. 2018):
+    full (the teacher's source), word_dropout (each word dropped with probability view_rate), perturb (the
+    robustness perturbations of view_rate of the words: typos, dropped and swapped words, changed digits) or
+    truncate (the last view_rate share of the source cut), while the teacher reads the full source. With a
+    restricted view only the decoder-side terms apply (logits, decoder hidden states and self-attention): the
+    encoder-side ones would compare positions the view moved."""
+    view_rate: float = 0.2
+    """The share of the source a restricted view takes away (not tuned: the robustness report perturbs 0.1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "pseudo_reference_weight", "logits_weight", "hidden_weight", "attention_weight",
+                     "final_encoder_weight"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value >= 0):
+                raise UserError(f"model.unlabeled.{name}={value!r} must be a non-negative number")
+        if self.view not in VIEWS:
+            raise UserError(f"model.unlabeled.view={self.view!r} is not one of {', '.join(VIEWS)}")
+        if not 0 <= self.view_rate < 1:
+            raise UserError(f"model.unlabeled.view_rate={self.view_rate!r} must be in [0, 1)")
+
+    def objective_config(self, labeled: ObjectiveConfig) -> ObjectiveConfig:
+        """The loss of an unlabeled batch: `labeled`'s form, these weights, the pseudo-reference as its task term."""
+        overrides = {name: getattr(self, name) for name in ("logits_weight", "hidden_weight", "attention_weight",
+                                                             "final_encoder_weight") if getattr(self, name) is not None}
+        return replace(labeled, task_weight=self.pseudo_reference_weight, **overrides)
+
+
 GROUPS = {"shape": ShapeSettings, "objective": ObjectiveSettings, "quant_settings": QuantSettings,
-          "optimizer": OptimizerSettings, "evaluation": EvaluationSettings}
+          "optimizer": OptimizerSettings, "evaluation": EvaluationSettings, "unlabeled": UnlabeledSettings}
 
 
 def as_group(name: str, value: Any) -> Any:

@@ -16,11 +16,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dq_lightning.callbacks.quantize import QuantizeOnForward
+from dq_lightning.data.mixing import unlabeled_batch
+from dq_lightning.data.teacher_outputs import model_identity
 from dq_lightning.distill.loyalty import Loyalty
 from dq_lightning.distill.objective import DQObjective
 from dq_lightning.distill.recipe import (MODES, EvaluationSettings, Mode, ObjectiveSettings, OptimizerSettings,
-                                         QuantSettings, Recipe, ShapeSettings, as_group, resolve)
+                                         QuantSettings, Recipe, ShapeSettings, UnlabeledSettings, as_group, resolve)
 from dq_lightning.distill.student import TeacherAndStudent
+from dq_lightning.distill.views import SourceView
 from dq_lightning.distill.width import Units
 from dq_lightning.errors import UserError
 from dq_lightning.evaluation.bootstrap import align
@@ -78,6 +81,8 @@ class DQStudentModule(Seq2SeqModule):
         quant_settings: the quantizers beyond their bits (granularity, clips, LM head, attention, warm-up).
         optimizer: AdamW's weight decay and epsilon, gradient clipping and the warm-up of the learning rate.
         evaluation: the head validated and tested, the teacher's test, generation at validation, the W&B table.
+        unlabeled: how the student learns from training inputs without references (data.unlabeled_file,
+            data.labeled_examples): the weights of the terms on them, the pseudo-reference, the restricted view.
     """
 
     def __init__(
@@ -86,9 +91,10 @@ class DQStudentModule(Seq2SeqModule):
         generation: dict[str, Any] | None = None, init_from: str | None = None, shape: ShapeSettings = ShapeSettings(),
         objective: ObjectiveSettings = ObjectiveSettings(), quant_settings: QuantSettings = QuantSettings(),
         optimizer: OptimizerSettings = OptimizerSettings(), evaluation: EvaluationSettings = EvaluationSettings(),
+        unlabeled: UnlabeledSettings = UnlabeledSettings(),
     ):
         groups = grouped_settings(shape=shape, objective=objective, quant_settings=quant_settings,
-                                  optimizer=optimizer, evaluation=evaluation)
+                                  optimizer=optimizer, evaluation=evaluation, unlabeled=unlabeled)
         self.recipe = resolve(recipe, **{name: groups[name] for name in ("shape", "objective", "quant_settings",
                                                                           "optimizer")})
         self.evaluation = groups["evaluation"]
@@ -106,6 +112,9 @@ class DQStudentModule(Seq2SeqModule):
             self.hparams[name] = asdict(group)
         self.gradient_clip = self.recipe.optimizer.gradient_clip
         self.objective = DQObjective(objective_config)
+        self.unlabeled = groups["unlabeled"]
+        self.unlabeled_objective = DQObjective(self.unlabeled.objective_config(objective_config))
+        self.view: SourceView | None = None  # built with the tokenizer, when unlabeled inputs train
         self.quant_config = self.recipe.quant_config(bits, mode)
         encoder_layers, decoder_layers = (None, None) if depth is None else parse_depth(depth)
         self.factory = TeacherAndStudent.for_recipe(teacher, self.recipe, mode, encoder_layers, decoder_layers, width)
@@ -222,6 +231,54 @@ class DQStudentModule(Seq2SeqModule):
         self.factory.check_tokenizer(self.tokenizer, self.hparams.teacher)
         if self.evaluation.evaluate_teacher and self.teacher_test_metrics is None:
             self.teacher_test_metrics = GenerationMetrics(translation=self.task.is_translation)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._prepare_unlabeled(self.trainer.datamodule)
+
+    # -- inputs without references --------------------------------------------------------------------
+    def _prepare_unlabeled(self, datamodule) -> None:
+        """Before training on unlabeled inputs: the teacher's outputs for them (generated once, cached by the
+        DataModule) and the student's view of their sources."""
+        if getattr(datamodule, "unlabeled_sources", False) is None:  # ours, and every row has its reference
+            changed = [f"model.unlabeled.{name}={value}" for name, value in asdict(self.unlabeled).items()
+                       if value != getattr(UnlabeledSettings(), name)]
+            if changed:
+                raise UserError(f"{', '.join(changed)} changes nothing: this fit has no inputs without references "
+                                "(data.unlabeled_file, data.labeled_examples or data.labeled_fraction)")
+        if not getattr(datamodule, "needs_teacher_outputs", False):
+            return
+        if self.hparams.mode == "quant_only" and not self.unlabeled.pseudo_reference_weight > 0:
+            raise UserError("model.mode=quant_only learns nothing from inputs without references unless "
+                            "model.unlabeled.pseudo_reference_weight > 0 (the teacher's outputs as references)")
+        self.view = SourceView(self.unlabeled.view, self.unlabeled.view_rate, self.tokenizer,
+                               datamodule.max_source_length, seed=torch.initial_seed(), source_lang=self.task.source_lang,
+                               target_lang=self.task.target_lang)
+        generation = {key: value for key, value in self.model.generation_config.to_dict().items()
+                      if not key.startswith("_") and key != "transformers_version"}
+        datamodule.use_teacher_outputs(self.teacher_generate,
+                                       {"teacher": model_identity(self.hparams.teacher), "generation": generation})
+
+    @torch.no_grad()
+    def teacher_generate(self, sources: list[list[int]]) -> list[list[int]]:
+        """The teacher's outputs for a batch of tokenized sources, with the task's decoding settings (the
+        student's generation config: the task's, with model.generation's overrides)."""
+        batch = self.tokenizer.pad({"input_ids": sources}, return_tensors="pt")
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        generated = self.factory.teacher_on(device).generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            generation_config=self.model.generation_config)
+        return generated.cpu().tolist()
+
+    def training_mix(self) -> dict[str, Any]:
+        """The labeled and unlabeled inputs this fit trains on ({} when every row has its reference)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        mix = datamodule.unlabeled_summary() if hasattr(datamodule, "unlabeled_summary") else {}
+        return {**mix, "view": self.unlabeled.view} if mix else {}
+
+    def on_fit_start(self) -> None:
+        mix = self.training_mix()
+        if mix:  # the counts behind the settings, beside them in W&B's config
+            for logger in self.loggers:
+                logger.log_hyperparams({"training_mix": mix})
 
     @torch.no_grad()
     def _start_projection(self) -> None:
@@ -280,6 +337,8 @@ class DQStudentModule(Seq2SeqModule):
         return self.hparams.mode != "quant_only" or stage != "train"
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        if stage == "train" and unlabeled_batch(batch):
+            return self._unlabeled_step(batch)
         labels = batch["labels"]
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels))
@@ -300,6 +359,35 @@ class DQStudentModule(Seq2SeqModule):
             (self.val_loyalty if stage == "val" else self.test_loyalty).update(student.logits, teacher.logits,
                                                                                labels != -100)
         self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
+        return loss
+
+    def _unlabeled_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A batch of inputs without references: the teacher's output (the batch's labels) is both models'
+        decoder input; the student reads its view of the source, the teacher all of it. Logged as
+        train/loss (what is optimized), train/loss_unlabeled and train/loss_unlabeled_<term>."""
+        targets = batch["labels"]
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=targets)
+        objective = self.unlabeled_objective
+        hidden, attentions = objective.config.needs_hidden_states, objective.config.needs_attentions
+        view = self.view
+        source_ids, source_mask = (batch["input_ids"], batch["attention_mask"]) if view is None else view(
+            batch["input_ids"], batch["attention_mask"], batch["example_index"], self.current_epoch)
+        student = self.model(input_ids=source_ids, attention_mask=source_mask, decoder_input_ids=decoder_input_ids,
+                             output_hidden_states=hidden, output_attentions=attentions)
+        teacher_inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              decoder_input_ids=decoder_input_ids)
+        teacher = self.factory.teacher_outputs(teacher_inputs, self.device, hidden or attentions) \
+            if objective.config.distill else None
+        loss, terms = objective(student, teacher, targets, batch["attention_mask"], self.encoder_map,
+                                self.decoder_map, training=True, kept=self.factory.kept,
+                                project=self.hidden_projection, reference=False,
+                                source_aligned=view is None or view.keeps_source)
+        loss = self.unlabeled.weight * loss
+        size = targets.size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss_unlabeled", loss, batch_size=size)
+        self.log_dict({f"train/loss_unlabeled_{name}": value for name, value in terms.items()}, batch_size=size)
+        self.last_loss_terms = {f"unlabeled_{name}": value.detach() for name, value in terms.items()}
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -340,6 +428,7 @@ class DQStudentModule(Seq2SeqModule):
                 "encoder_layers": len(self.encoder_map), "decoder_layers": len(self.decoder_map),
                 "encoder_layer_map": self.encoder_map, "decoder_layer_map": self.decoder_map,
                 "width": self.width_label(), "teacher": self.hparams.teacher,
+                **({"training_mix": mix} if (mix := self.training_mix()) else {}),
                 **({"source": "supernet+finetune" if "subnet" in self.started_from else "init_from",
                     "supernet_run": self.started_from.get("run"), "started_from": self.started_from}
                    if self.started_from else {})}
