@@ -5,6 +5,7 @@ those students bit for bit, and the fit resumes exactly."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import lightning.pytorch as pl
 import pytest
@@ -158,6 +159,33 @@ def test_extract_refuses_a_point_the_supernet_cannot_give_in_one_line(flags, mes
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message}"] or (len(errors) == 1 and message in errors[0]), result.stderr[-2000:]
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_extract_from_a_run_takes_the_best_its_subnets_folder_records(trained, tmp_path):
+    """The fit's last.ckpt can be written before the last validation (same step): the extracted student and the
+    metrics written beside it are the ones of subnets/, never the older record inside last.ckpt."""
+    module, _, root = trained
+    run = tmp_path / "run"
+    shutil.copytree(root / "subnets", run / "subnets")
+    recorded = json.loads((run / "subnets" / "best.json").read_text())
+    key = next(iter(recorded))
+    stale = {name: {**entry, "score": -1.0, "step": 0, "metrics": {"val/rougeL": -1.0}}
+             for name, entry in recorded.items()}
+    trainer(root).strategy.connect(module)
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3,
+                "module_class": "dq_lightning.modules.supernet.DQSupernetModule",
+                "supernet": {"grid": [s.name for s in module.grid], "best": stale, "subnet_passes": 9,
+                             "width_scores": module.width_scores.to_state()}}, run / "checkpoints" / "last.ckpt")
+    subnet = next(s for s in module.grid if s.key == key)
+    bits, depth = subnet.name.split()[:2]
+    width = ["--width", subnet.name.split()[2]] if len(subnet.name.split()) > 2 else []
+    result = run_cli("extract", "--ckpt", str(run), "--bits", bits, "--depth", depth, *width,
+                     "--out", str(tmp_path / "x.ckpt"), "--fit-metrics", str(tmp_path / "fit_metrics.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((tmp_path / "fit_metrics.json").read_text())
+    assert written["best"] == recorded[key]["score"] and written["metrics"]["step"] == recorded[key]["step"]
+    assert (tmp_path / "x.ckpt").read_bytes() == (run / "subnets" / f"{key}.ckpt").read_bytes()
 
 
 def test_a_supernet_refuses_settings_it_cannot_share(teacher_dir):

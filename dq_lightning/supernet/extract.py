@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     supernet, checkpoint = load_supernet(source, args.teacher)
     supernet.run_dir = str((run_dir or source.parent.parent).resolve())
     subnet = resolve_point(supernet, args.bits, args.depth, args.width)
-    best = (checkpoint["supernet"].get("best") or {}).get(subnet.key) if run_dir is not None else None
+    best = _best_of(run_dir, checkpoint).get(subnet.key) if run_dir is not None else None
     kept = run_dir / SUBNETS_DIR / f"{subnet.key}.ckpt" if run_dir is not None else None
     if best is not None and kept.is_file():
         _copy_atomic(kept, out)
@@ -136,6 +136,16 @@ def main(argv: list[str]) -> int:
                                                                  "were trained inside other sub-networks"
     print(f"extracted {subnet.name} ({trained}) from {origin} to {out}")
     return 0
+
+
+def _best_of(run_dir: Path, checkpoint: dict) -> dict:
+    """Each point's best, as `subnets/best.json` records it: written with the points' students, it is the record
+    of the checkpoints in `subnets/`. `last.ckpt` may be older: written when the last training batch ended, it
+    misses a validation that ran after it at the same step (found on the xsum supernet: its last.ckpt held the
+    epoch-2 bests while `subnets/` held the epoch-4 students)."""
+    from dq_lightning.files import read_json
+
+    return {**(checkpoint["supernet"].get("best") or {}), **read_json(run_dir / SUBNETS_DIR / "best.json")}
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
