@@ -142,16 +142,22 @@ def check_ckpt_path(ckpt_path, model_class: str, verb: str = "trains", given: st
 STUDENT_KEYS = ("teacher", "mode")
 
 
-def read_student_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict[str, Any]:
-    """A Lightning checkpoint of a `DQStudentModule`, read with `torch.load(weights_only=True)`."""
+def read_checkpoint_file(path: str | Path, flag: str = "--ckpt") -> Any:
+    """What `torch.load(weights_only=True)` reads from the file the flag names; one error line if it cannot."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a bad file raises many types (pickle, zip, EOF, weights_only)
         raise UserError(f"{flag} {path}: cannot read it as a checkpoint with torch.load(weights_only=True) "
                         f"({first_line(error)})") from None
+
+
+def read_student_checkpoint(path: str | Path, flag: str = "--ckpt") -> dict[str, Any]:
+    """A Lightning checkpoint of a `DQStudentModule`, read with `torch.load(weights_only=True)`."""
+    path = Path(path).expanduser()
+    checkpoint = read_checkpoint_file(path, flag)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{flag} {path}: not a Lightning checkpoint (no state_dict)")
     hparams = checkpoint.get("hyper_parameters")

@@ -95,6 +95,28 @@ def teacher_dir(shared_data, cache_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models run on one thread (a module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on a shared, busy CPU two threads wait for each other on every op."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_xsum_datamodule(shared_data: Path, cache_dir: Path, teacher_dir: Path, **settings):
+    """An XSum DataModule of a few short real examples, tokenized by the tiny teacher's tokenizer."""
+    from dq_lightning.data.datamodule import XSumDataModule
+
+    defaults = dict(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=8,
+                    max_eval_samples=4, max_source_length=48, max_target_length=12, batch_size=4,
+                    cache_dir=str(cache_dir))
+    return XSumDataModule(**{**defaults, **settings})
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m dq_lightning ...` in its own process, as a user would type it (see tests/cli_process.py)."""

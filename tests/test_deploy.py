@@ -18,8 +18,8 @@ from dq_lightning.errors import UserError
 from dq_lightning.export import export_student, load_packed
 from dq_lightning.export.deploy import DEPLOY_MANIFEST, export_runtime
 from dq_lightning.export.deploy_source import read_source
-from dq_lightning.export.onnx_graph import Builder, BartGraphs, FLOAT, OPSET
-from dq_lightning.export.onnx_runtime import load_onnx_model, ort_session
+from dq_lightning.export.onnx_graph import Builder, BartGraphs, FLOAT
+from dq_lightning.export.onnx_runtime import load_onnx_model
 from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.quant import prepare
 from dq_lightning.quant.quantizers import AsymMinMaxQuantizer, LSQQuantizer, MinMaxQuantizer
@@ -27,12 +27,7 @@ from tests.conftest import PROJECT_ROOT, run_cli
 from tests.test_export import GENERATION, _inputs, _save_untrained
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ from tests.conftest import PROJECT_ROOT, run_cli
 GENERATION = {"num_beams": 2, "max_length": 10, "min_length": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models run on one thread: on a shared, busy CPU two threads wait for each other on every small
-    op (a micro generate takes seconds instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- packing ------------------------------------------------------------------------------------------------

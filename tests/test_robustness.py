@@ -17,13 +17,7 @@ from tests.conftest import run_cli, write_jsonl
 GENERATION = {"num_beams": 1, "max_length": 10, "min_length": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models run on one thread: on a shared, busy CPU two threads wait for each other on every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dq_lightning.data.datamodule import XSumDataModule
 from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.errors import UserError
 from dq_lightning.quant import is_converted, is_prepared
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_xsum_datamodule
 
 DQ_XSUM = "experiments/xsum/dq-tiny.yaml"
 
 
 def datamodule(shared_data, cache_dir, teacher_dir, **kwargs):
-    settings = dict(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=8,
-                    max_eval_samples=4, max_source_length=64, max_target_length=16, batch_size=4,
-                    cache_dir=str(cache_dir))
-    return XSumDataModule(**{**settings, **kwargs})
+    return tiny_xsum_datamodule(shared_data, cache_dir, teacher_dir,
+                                **{"max_source_length": 64, "max_target_length": 16, **kwargs})
 
 
 def trainer(tmp_path, **kwargs):

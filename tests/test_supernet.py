@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dq_lightning.data.datamodule import XSumDataModule
 from dq_lightning.errors import UserError
 from dq_lightning.export.checkpoint import load_student
 from dq_lightning.modules.supernet import DQSupernetModule
@@ -19,17 +18,15 @@ from dq_lightning.quant.quantizers import embedding_quantizer_for, weight_quanti
 from dq_lightning.quant.modules import QuantEmbedding, QuantLinear
 from dq_lightning.supernet.grid import SubNet, parse_grid
 from dq_lightning.supernet.sampling import Sampler, SamplingSettings
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_xsum_datamodule
 
 GRID = ["8-8-8 4-4", "2-2-8 4-2", "2-2-8 2-1", "32-32-32 4-4", "2-2-8 4-4 heads=1,ffn=32"]
 QUICK_GENERATION = {"num_beams": 1, "max_length": 6, "min_length": 1}
 
 
 def datamodule(shared_data, cache_dir, teacher_dir, **kwargs):
-    settings = dict(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=16,
-                    max_eval_samples=4, max_source_length=48, max_target_length=12, batch_size=4,
-                    cache_dir=str(cache_dir))
-    return XSumDataModule(**{**settings, **kwargs})
+    return tiny_xsum_datamodule(shared_data, cache_dir, teacher_dir,
+                                **{"max_train_samples": 16, **kwargs})
 
 
 def trainer(tmp_path, **kwargs):

@@ -25,16 +25,14 @@ from dq_lightning.distill.views import SourceView
 from dq_lightning.errors import UserError
 from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.modules.teacher import TeacherModule
-from tests.conftest import PROJECT_ROOT, run_cli, write_jsonl
+from tests.conftest import PROJECT_ROOT, run_cli, tiny_xsum_datamodule, write_jsonl
 
 QUICK_GENERATION = {"num_beams": 2, "max_length": 6, "min_length": 1}
 
 
 def datamodule(shared_data, cache, teacher_dir, **kwargs):
-    settings = dict(data_dir=str(shared_data / "xsum"), tokenizer=str(teacher_dir), max_train_samples=12,
-                    max_eval_samples=2, max_source_length=48, max_target_length=12, batch_size=4,
-                    cache_dir=str(cache))
-    return XSumDataModule(**{**settings, **kwargs})
+    return tiny_xsum_datamodule(shared_data, cache, teacher_dir,
+                                **{"max_train_samples": 12, "max_eval_samples": 2, **kwargs})
 
 
 def student(teacher_dir, **kwargs):

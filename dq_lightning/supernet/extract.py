@@ -21,7 +21,7 @@ import argparse
 import os
 from pathlib import Path
 
-from dq_lightning.errors import UserError, command_line, first_line
+from dq_lightning.errors import UserError, command_line
 
 from dq_lightning.supernet.checkpoint import SUBNETS_DIR, save_student_checkpoint
 
@@ -31,19 +31,11 @@ SUPERNET_CLASS = "dq_lightning.modules.supernet.DQSupernetModule"
 def load_supernet(path: str | Path, teacher: str | None = None):
     """The `DQSupernetModule` of a supernet checkpoint, rebuilt from its hyper-parameters and stored grid, its
     latent weights and width scores loaded. Returns (module, checkpoint)."""
-    import torch
-
-    from dq_lightning.checkpoints import module_class
+    from dq_lightning.checkpoints import module_class, read_checkpoint_file
     from dq_lightning.modules.supernet import DQSupernetModule
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"--ckpt {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a bad file raises many types (pickle, zip, EOF, weights_only)
-        raise UserError(f"--ckpt {path}: cannot read it as a checkpoint with torch.load(weights_only=True) "
-                        f"({first_line(error)})") from None
+    checkpoint = read_checkpoint_file(path)
     saved = module_class(checkpoint) if isinstance(checkpoint, dict) else None
     if saved != SUPERNET_CLASS or "supernet" not in checkpoint:
         what = f"it holds a {saved.rpartition('.')[2]}" if saved else "no module class recorded"
