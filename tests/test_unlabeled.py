@@ -181,7 +181,7 @@ def test_the_unlabeled_loss_holds_the_distillation_terms_and_the_pseudo_referenc
     loss = plain._step(batch, "train")
     terms = plain.last_loss_terms
     assert set(terms) == {"unlabeled_logits", "unlabeled_hidden", "unlabeled_attention", "unlabeled_final_encoder"}
-    assert loss.item() == pytest.approx(sum(value.item() for value in terms.values()), rel=1e-5)
+    assert loss.item() == pytest.approx(weighted_sum(plain, terms), rel=1e-5)
 
     loss = weighted._step(batch, "train")
     terms = weighted.last_loss_terms
@@ -190,8 +190,17 @@ def test_the_unlabeled_loss_holds_the_distillation_terms_and_the_pseudo_referenc
                                     labels=batch["labels"]).logits
     expected = cross_entropy(student_logits.reshape(-1, student_logits.size(-1)), batch["labels"].reshape(-1))
     assert terms["unlabeled_pseudo_reference"].item() == pytest.approx(expected.item(), rel=1e-4)
-    total = sum(value.item() for name, value in terms.items() if name != "unlabeled_pseudo_reference")
+    distilled = {name: value for name, value in terms.items() if name != "unlabeled_pseudo_reference"}
+    total = weighted_sum(weighted, distilled)
     assert loss.item() == pytest.approx(2.0 * (total + 0.5 * expected.item()), rel=1e-4)
+
+
+def weighted_sum(module, terms: dict) -> float:
+    """The distillation terms of an unlabeled batch weighted as the recipe weights them (dq-bart: final encoder 8)."""
+    config = module.unlabeled_objective.config
+    weights = {"unlabeled_logits": config.logits_weight, "unlabeled_hidden": config.hidden_weight,
+               "unlabeled_attention": config.attention_weight, "unlabeled_final_encoder": config.final_encoder_weight}
+    return sum(weights[name] * value.item() for name, value in terms.items())
 
 
 def unlabeled_batch_of(shared_data, teacher_dir, root, module, size=4):
