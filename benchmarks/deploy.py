@@ -9,8 +9,9 @@ Without `--teacher/--ckpt` the teacher is built from `--preset` (random weights,
 vocabulary) and each student at `--bits` and `--depth` is derived from it untrained (`benchmarks/latency.py`:
 timing depends on the shapes, not on the values). With them, the trained students are exported from their
 checkpoints, and besides timing each runtime decodes the first `--quality-examples` test documents with the
-task's decoding settings: test ROUGE-L per runtime, and the share of outputs token-identical to the PyTorch FP32
-path of the same model (for a student: the fake-quantized student, token for token, tests/test_export.py).
+task's decoding settings (`--quality-beams 1`: greedy): test ROUGE-L per runtime, the share of outputs
+token-identical to the PyTorch FP32 path of the same model (for a student: the fake-quantized student, token for
+token, tests/test_export.py) and the share of token positions on which they agree.
 
 Per model and runtime: per-example latency (wall and process CPU time, median of `--repeats` interleaved rounds)
 at batch 1 greedy and at batch 8 with `--beams` beams, every output fixed to `--new-tokens` tokens (no
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quality-examples", type=int, default=100, help="with --ckpt: test documents decoded "
                         "with the task's settings per runtime (0: none)")
+    parser.add_argument("--quality-beams", type=int, metavar="N", help="with --ckpt: decode the quality documents "
+                        "with N beams (1: greedy) instead of the task's beam count; its other settings stay")
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     parser.add_argument("--work", metavar="DIR", help="teacher, checkpoints and exports (default: a temporary "
                         "directory)")
@@ -214,23 +217,39 @@ def test_rows(path: str, task_name: str | None, count: int) -> tuple[list[str], 
     return sources, references, task.source_lang is not None
 
 
-def decode(model, tokenizer, texts: list[str], task: dict, batch_size: int = 8) -> list[list[int]]:
-    """Generated token ids (special tokens removed) with the model's own decoding settings (the task's)."""
+def decode(model, tokenizer, texts: list[str], task: dict, batch_size: int = 8,
+           beams: int | None = None) -> list[list[int]]:
+    """Generated token ids (special tokens removed) with the model's own decoding settings (the task's), with
+    `beams` beams instead of the task's when given."""
+    import copy
+
     import torch
 
     from dq_lightning.export.predict import encode_sources, source_length
 
     special = set(tokenizer.all_special_ids)
     length = source_length(model, task, None)
+    generation_config = model.generation_config
+    if beams is not None:
+        generation_config = copy.deepcopy(generation_config)
+        generation_config.num_beams = beams
     outputs = []
     for start in range(0, len(texts), batch_size):
         batch = encode_sources(tokenizer, texts[start:start + batch_size], length, task)
         with torch.inference_mode():
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       generation_config=model.generation_config)
+                                       generation_config=generation_config)
         outputs += [[t for t in (row.tolist() if hasattr(row, "tolist") else row) if t not in special]
                     for row in generated]
     return outputs
+
+
+def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
+    """Share of token positions where two runs' outputs agree, over the longer output of each pair (a token
+    one output has and the other lacks is a disagreement)."""
+    equal = sum(a == b for output, reference in zip(outputs, references) for a, b in zip(output, reference))
+    positions = sum(max(len(output), len(reference)) for output, reference in zip(outputs, references))
+    return equal / positions if positions else 1.0
 
 
 def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
@@ -251,7 +270,7 @@ def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
         texts, references, translation = test_rows(args.data, task.get("name"), args.quality_examples)
         reference_ids = None
         for runtime in places:
-            ids = decode(loaded[name, runtime], tokenizer, texts, task)
+            ids = decode(loaded[name, runtime], tokenizer, texts, task, beams=args.quality_beams)
             reference_ids = ids if runtime == "torch" else reference_ids
             predictions = [" ".join(tokenizer.decode(row, skip_special_tokens=True).split()) for row in ids]
             metrics = GenerationMetrics(translation=translation)
@@ -259,7 +278,8 @@ def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
             scores = metrics.compute()
             rows.append({"model": name, "runtime": runtime, "metric": "bleu" if translation else "rougeL",
                          "score": float(scores["bleu" if translation else "rougeL"]),
-                         "identical_to_torch": sum(a == b for a, b in zip(ids, reference_ids)) / len(ids)})
+                         "identical_to_torch": sum(a == b for a, b in zip(ids, reference_ids)) / len(ids),
+                         "token_agreement": token_agreement(ids, reference_ids)})
             print(f"quality: {name} / {runtime} done", file=sys.stderr)
     return rows
 
@@ -328,11 +348,14 @@ def report(results: dict) -> str:
                      f"{beam['ms_per_example']:>10.1f} {beam['speedup_vs_teacher']:>8.2f}x "
                      f"{beam['examples_per_s']:>9.2f} {peak:>9.0f} {size:>9.2f}")
     if "quality" in results:
-        lines += ["", "Test quality with the task's decoding settings (identical: share of outputs token-identical "
-                  "to the torch runtime of the same model, i.e. the fake-quantized student)"]
+        beams = results["settings"].get("quality_beams")
+        decoding = "the task's decoding settings" + (f", {beams} beam(s)" if beams else "")
+        lines += ["", f"Test quality with {decoding} (identical: share of outputs token-identical to the torch "
+                  "runtime of the same model, i.e. the fake-quantized student; tokens: share of token positions "
+                  "that agree)"]
         for row in results["quality"]:
             lines.append(f"  {row['model']:<22} {row['runtime']:<17} {row['metric']} {row['score']:6.2f}   "
-                         f"identical {row['identical_to_torch']:.1%}")
+                         f"identical {row['identical_to_torch']:.1%}   tokens {row['token_agreement']:.1%}")
     return "\n".join(lines)
 
 

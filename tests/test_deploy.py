@@ -372,7 +372,8 @@ def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_d
     done = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "deploy.py"), "--teacher",
                            str(teacher_dir), "--ckpt", str(checkpoint), "--data",
                            str(shared_data / "xsum" / "test.jsonl"), "--examples", "2", "--repeats", "1",
-                           "--source-length", "48", "--new-tokens", "4", "--quality-examples", "8", "--work",
+                           "--source-length", "48", "--new-tokens", "4", "--quality-examples", "8",
+                           "--quality-beams", "1", "--work",
                            str(tmp_path / "work"), "--out", str(tmp_path / "results.json")],
                           capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -387,10 +388,28 @@ def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_d
     sizes = results["size_bytes"]
     assert sizes["student 2-2-8 #0 / int8"] < sizes["student 2-2-8 #0 / onnx"] < sizes["teacher / onnx"]
     quality = {(row["model"], row["runtime"]): row for row in results["quality"]}
-    assert quality["student 2-2-8 #0", "torch"]["identical_to_torch"] == 1.0
-    assert quality["student 2-2-8 #0", "onnx"]["identical_to_torch"] == 1.0  # every quantizer expressed
-    assert quality["teacher", "ctranslate2"]["identical_to_torch"] == 1.0  # float32, the same decoding
-    assert "Test quality" in done.stdout
+    for expressed in [("student 2-2-8 #0", "torch"), ("student 2-2-8 #0", "onnx"),  # every quantizer expressed
+                      ("teacher", "ctranslate2")]:  # float32, the same decoding
+        assert quality[expressed]["identical_to_torch"] == quality[expressed]["token_agreement"] == 1.0
+    assert results["settings"]["quality_beams"] == 1
+    assert "Test quality with the task's decoding settings, 1 beam(s)" in done.stdout
+
+
+def deploy_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_benchmark", PROJECT_ROOT / "benchmarks" / "deploy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_agreement_counts_positions_over_the_longer_output_of_each_pair():
+    agreement = deploy_benchmark().token_agreement
+    # 3 of 3, then 1 of 4 (one token differs, the longer output has two the other lacks): 4 of 7
+    assert agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6, 7, 8]]) == 4 / 7
+    assert agreement([[1], []], [[2], []]) == 0.0
+    assert agreement([], []) == 1.0
 
 
 def test_a_tbt_student_is_refused_by_the_onnx_export_before_anything_is_written(teacher_dir, shared_data, tmp_path):
