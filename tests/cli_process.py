@@ -16,6 +16,7 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def _as_main(args: list[str], cwd: str, env: dict, stdout_path: str, stderr_path
         opened = os.open(path, mode)
         os.dup2(opened, fd)
         os.close(opened)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter sets it up
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -69,12 +71,17 @@ def _as_main(args: list[str], cwd: str, env: dict, stdout_path: str, stderr_path
         os._exit(code)
 
 
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the interpreter then installs its KeyboardInterrupt handler
+
+
 def run_cli_process(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "dq_lightning", *args]
     # PYTHON* variables (a sitecustomize on PYTHONPATH, say) act when an interpreter starts: they need a fresh one.
     startup = any(env.get(key) != os.environ.get(key) for key in {*env, *os.environ} if key.startswith("PYTHON"))
     if os.environ.get("DQ_TEST_FRESH_PROCESS") or startup:
-        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+                              preexec_fn=_sigint_at_default)
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")

@@ -196,3 +196,19 @@ def test_every_way_a_fit_stops_resumes_as_if_it_had_not(tmp_path, shared_data, c
         assert sorted(losses) == sorted(reference), name
         for step, loss in losses.items():
             assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (name, step, saved["global_step"])
+
+
+@pytest.mark.slow  # one small fit, in a fresh interpreter as the slow tests' commands are
+def test_a_fit_stops_on_sigint_also_when_the_suite_runs_with_sigint_ignored(tmp_path, shared_data, cache_dir):
+    """A shell starts a background job (`make test-slow &`) with SIGINT ignored, and a child inherits that: the
+    SIGINT case above then trained to the end and passed as a fit that never stopped. Each command starts with
+    SIGINT at its default, as a typed one does."""
+    config = quick_config(tmp_path, shared_data, cache_dir, every_n_steps=5, max_epochs=1, num_sanity_val_steps=0)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stopped = run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}",
+                          *STOPS["SIGINT"][0])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    assert max(step_losses(tmp_path / "run")) < 15  # stopped after step 12 of 16
