@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from tests.test_bad_input_data import ENV, QUICK, digest, one_error
+from tests.test_bad_input_data import ENV, QUICK, one_error
 
 TEACHER_TINY = "experiments/xsum/teacher-tiny.yaml"
 

@@ -9,7 +9,7 @@ from transformers import BartForConditionalGeneration
 from dq_lightning.callbacks.quantize import QuantizeOnForward
 from dq_lightning.errors import UserError
 from dq_lightning.models.presets import build_config
-from dq_lightning.quant import ConvertedLinear, QuantConfig, QuantLinear, is_converted, is_prepared
+from dq_lightning.quant import ConvertedLinear, QuantLinear, is_converted, is_prepared
 from dq_lightning.distill.recipe import recipe_quant_config
 
 VOCAB = 256

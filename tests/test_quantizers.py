@@ -7,7 +7,7 @@ import torch
 
 from dq_lightning.distill.recipe import recipe_quant_config
 from dq_lightning.errors import UserError
-from dq_lightning.quant.quantizers import make_activation_quantizer, make_weight_quantizer
+from dq_lightning.quant.quantizers import make_activation_quantizer
 from dq_lightning.quant import (AsymMinMaxQuantizer, LSQQuantizer, MinMaxQuantizer, QuantConfig, TernaryQuantizer,
                                 make_weight_quantizer, parse_wea)
 
@@ -254,8 +254,6 @@ def test_full_precision_builds_no_quantizer():
     (8, "minmax", "tensor", 2.5), (4, "asym_minmax", "row", None), (8, "lsq", "tensor", None)])
 def test_activation_quantizer_rebuilt_from_its_spec_computes_the_same(bits, method, granularity, clip):
     from dataclasses import asdict
-
-    from dq_lightning.quant.quantizers import make_activation_quantizer
 
     original = make_activation_quantizer(bits, method, granularity, clip)
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 3

@@ -175,7 +175,7 @@ def test_every_way_a_fit_stops_resumes_as_if_it_had_not(tmp_path, shared_data, c
                           check_val_every_n_epoch=1, num_sanity_val_steps=0)
 
     def fit(root, *flags):
-        log = [f"--trainer.callbacks+=tests.stops.BatchLog", f"--trainer.callbacks.path={root / 'batches.jsonl'}"]
+        log = ["--trainer.callbacks+=tests.stops.BatchLog", f"--trainer.callbacks.path={root / 'batches.jsonl'}"]
         return run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={root}", *log, *flags)
 
     whole = fit(tmp_path / "whole")
