@@ -50,6 +50,15 @@ def test_parameter_parts_are_the_built_models_counts(student, teacher_dir):
     counted = saved_tensor_bytes(lambda: student._step(batch(config.vocab_size, 2, 40, 12), "train"),
                                  exclude=[*student.parameters()])
     assert estimate.parts["quantized_weights"] == counted["weight_copies"]
+    # Gradients and AdamW's moments as they are after a real step.
+    trainable_params = [p for p in student.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable_params, lr=1e-5)
+    student._step(batch(config.vocab_size, 2, 40, 12), "train").backward()
+    optimizer.step()
+    assert sum(p.grad.nbytes for p in trainable_params) == estimate.parts["gradients"]
+    moments = [tensor for state in optimizer.state.values() for key, tensor in state.items() if key != "step"]
+    assert sum(tensor.nbytes for tensor in moments) == estimate.parts["adamw_moments"]
+    student.model.zero_grad(set_to_none=True)
     one = estimate_dq(config, "4-2", "2-2-8", batch_size=2, source_length=40, target_length=12,
                       precision="32-true", devices=1, device="cpu", runtime_bytes=0)
     assert "ddp_buckets" not in one.parts  # one process: no buckets
