@@ -223,7 +223,8 @@ def build_teacher(args: argparse.Namespace, work: Path) -> Path:
         return out
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     torch.manual_seed(0)
-    model = load_or_build_model(args.preset, tokenizer, dropout=0.0)
+    # dropout 0 unless asked: latency does not depend on it; a training rehearsal gives the preset's
+    model = load_or_build_model(args.preset, tokenizer, dropout=getattr(args, "dropout", 0.0))
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     return out

@@ -23,6 +23,7 @@ TOOLS = {
     "extract": ("dq_lightning.supernet.extract", "one point of a supernet as an ordinary DQ student checkpoint"),
     "report": ("dq_lightning.sweep.compare", "several sweeps' trade-off fronts on one chart (e.g. two recipes)"),
     "robustness": ("dq_lightning.evaluation.robustness", "score and stability on perturbed inputs, beside the teacher"),
+    "memory": ("dq_lightning.memory", "estimated memory per GPU of the paper configs' fits (A100 40 / 80 GB)"),
 }
 PREDICT_TOOL = "dq_lightning.export.predict"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
