@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with the task's settings per runtime (0: none)")
     parser.add_argument("--quality-beams", type=int, metavar="N", help="with --ckpt: decode the quality documents "
                         "with N beams (1: greedy) instead of the task's beam count; its other settings stay")
+    parser.add_argument("--float64-reference", action="store_true", help="with --ckpt: also decode the quality "
+                        "documents with the torch runtime's model in float64 (row torch-float64): the agreement a mere "
+                        "change of float precision leaves")
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     parser.add_argument("--work", metavar="DIR", help="teacher, checkpoints and exports (default: a temporary "
                         "directory)")
@@ -255,6 +258,8 @@ def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> fl
 def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
     """Per model and runtime: the metric on the test rows and the share of outputs identical to the torch
     runtime's (for a student, the fake-quantized student's)."""
+    import copy
+
     import torch
 
     from dq_lightning.models.directory import hf_directory_info, hf_directory_task_info
@@ -269,8 +274,12 @@ def quality(args: argparse.Namespace, models: dict, loaded: dict) -> list[dict]:
         tokenizer = load_tokenizer(str(places["torch"]))
         texts, references, translation = test_rows(args.data, task.get("name"), args.quality_examples)
         reference_ids = None
-        for runtime in places:
-            ids = decode(loaded[name, runtime], tokenizer, texts, task, beams=args.quality_beams)
+        for runtime in [*places, *(["torch-float64"] if args.float64_reference else [])]:
+            # The float64 row: the torch runtime's model in float64, the same arithmetic summed more exactly. How far
+            # it moves from the float32 model is how far any other order of float sums can move a quantized model.
+            model = (copy.deepcopy(loaded[name, "torch"]).double() if runtime == "torch-float64"
+                     else loaded[name, runtime])
+            ids = decode(model, tokenizer, texts, task, beams=args.quality_beams)
             reference_ids = ids if runtime == "torch" else reference_ids
             predictions = [" ".join(tokenizer.decode(row, skip_special_tokens=True).split()) for row in ids]
             metrics = GenerationMetrics(translation=translation)

@@ -373,7 +373,7 @@ def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_d
                            str(teacher_dir), "--ckpt", str(checkpoint), "--data",
                            str(shared_data / "xsum" / "test.jsonl"), "--examples", "2", "--repeats", "1",
                            "--source-length", "48", "--new-tokens", "4", "--quality-examples", "8",
-                           "--quality-beams", "1", "--work",
+                           "--quality-beams", "1", "--float64-reference", "--work",
                            str(tmp_path / "work"), "--out", str(tmp_path / "results.json")],
                           capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -392,6 +392,8 @@ def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_d
                       ("teacher", "ctranslate2")]:  # float32, the same decoding
         assert quality[expressed]["identical_to_torch"] == quality[expressed]["token_agreement"] == 1.0
     assert results["settings"]["quality_beams"] == 1
+    assert {runtime for model, runtime in quality if runtime == "torch-float64"} == {"torch-float64"}
+    assert {model for model, runtime in quality if runtime == "torch-float64"} == set(runtimes)
     assert "Test quality with the task's decoding settings, 1 beam(s)" in done.stdout
 
 
