@@ -151,22 +151,21 @@ def release_freed_memory() -> None:
 
 
 def rss_now_mib() -> float:
-    """Current resident set (VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Current resident set (VmRSS); NaN where /proc does not report it."""
+    from dq_lightning.process_memory import proc_status_mib
+
+    value = proc_status_mib("VmRSS")
+    return float("nan") if value is None else value
 
 
 def rss_peak_mib() -> float:
     """Peak resident set of this process: VmHWM. Not `ru_maxrss`: Linux carries that over from the parent
     across fork and exec, so a probe started by a large benchmark process would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    from dq_lightning.process_memory import proc_status_mib
+
+    value = proc_status_mib("VmHWM")
+    if value is not None:
+        return value
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; elsewhere an upper bound
 
 

@@ -186,7 +186,7 @@ def rehearse(args: argparse.Namespace) -> dict:
 
 # What a rank's interpreter holds before any model: the same imports, nothing built.
 BASELINE_PROBE = ("import lightning.pytorch, transformers, datasets, torchmetrics, dq_lightning.cli\n"
-                  "from dq_lightning.callbacks.resources import proc_status_mib\n"
+                  "from dq_lightning.process_memory import proc_status_mib\n"
                   "print(proc_status_mib('VmHWM'))")
 
 
@@ -233,7 +233,7 @@ def report(summary: dict) -> str:
              + f"; total {summary['wall_s']:.0f} s",
              f"  checkpoint after the fit: step {summary['fit_checkpoint_step']}; after the resume: step "
              f"{summary['resumed_checkpoint_step']}",
-             f"  validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["fit_metrics"].get("metrics", {}).items()
+             "  validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["fit_metrics"].get("metrics", {}).items()
                                          if k.startswith("val/rouge")),
              f"  export {summary['export']} summarizes: {summary['prediction'][:100]!r}"]
     estimates = {(e["stage"], e["rank"]): e for e in summary.get("estimate", {}).get("ranks", [])}

@@ -22,17 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from dq_lightning.files import write_json_atomic
-
-
-def proc_status_mib(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmHWM, VmRSS) in MiB; None where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
+from dq_lightning.process_memory import proc_status_mib
 
 
 class ResourceUsage(pl.Callback):
