@@ -125,6 +125,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
     return run_cli_process(list(args), Path(cwd or PROJECT_ROOT), {**os.environ, **(env or {})}, timeout)
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is scripts, not a package), for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
     import json
 

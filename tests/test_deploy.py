@@ -23,7 +23,7 @@ from dq_lightning.export.onnx_runtime import load_onnx_model
 from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.quant import prepare
 from dq_lightning.quant.quantizers import AsymMinMaxQuantizer, LSQQuantizer, MinMaxQuantizer
-from tests.conftest import PROJECT_ROOT, run_cli
+from tests.conftest import PROJECT_ROOT, load_benchmark, run_cli
 from tests.test_export import GENERATION, _inputs, _save_untrained
 
 
@@ -397,17 +397,8 @@ def test_deploy_benchmark_runs_every_runtime_and_scores_trained_models(teacher_d
     assert "Test quality with the task's decoding settings, 1 beam(s)" in done.stdout
 
 
-def deploy_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("deploy_benchmark", PROJECT_ROOT / "benchmarks" / "deploy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_token_agreement_counts_positions_over_the_longer_output_of_each_pair():
-    agreement = deploy_benchmark().token_agreement
+    agreement = load_benchmark("deploy").token_agreement
     # 3 of 3, then 1 of 4 (one token differs, the longer output has two the other lacks): 4 of 7
     assert agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6, 7, 8]]) == 4 / 7
     assert agreement([[1], []], [[2], []]) == 0.0

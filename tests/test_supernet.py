@@ -302,13 +302,9 @@ def test_make_supernet_flow_extracts_tests_and_reports_every_point_beside_the_tr
 
 
 def test_kendall_tau_of_the_map_ranking_benchmark():
-    import importlib.util
+    from tests.conftest import load_benchmark
 
-    from tests.conftest import PROJECT_ROOT
-
-    spec = importlib.util.spec_from_file_location("ranking", PROJECT_ROOT / "benchmarks" / "supernet_map_ranking.py")
-    ranking = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ranking)
+    ranking = load_benchmark("supernet_map_ranking")
     assert ranking.kendall_tau_b([1, 2, 3, 4, 5], [1, 2, 3, 5, 4]) == pytest.approx(0.8)  # 9 agree, 1 disagrees
     assert ranking.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert ranking.kendall_tau_b([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 3 ** 0.5 / 2 ** 0.5)  # a tie in x

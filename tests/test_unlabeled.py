@@ -25,7 +25,7 @@ from dq_lightning.distill.views import SourceView
 from dq_lightning.errors import UserError
 from dq_lightning.modules.student import DQStudentModule
 from dq_lightning.modules.teacher import TeacherModule
-from tests.conftest import PROJECT_ROOT, run_cli, tiny_xsum_datamodule, write_jsonl
+from tests.conftest import PROJECT_ROOT, load_benchmark, run_cli, tiny_xsum_datamodule, write_jsonl
 
 QUICK_GENERATION = {"num_beams": 2, "max_length": 6, "min_length": 1}
 
@@ -630,15 +630,6 @@ def test_a_shipped_comparison_sweep_passes_the_sweeps_whole_check(path, shared_d
 
 
 # -- benchmarks/unlabeled_gap.py ----------------------------------------------------------------------------------
-def unlabeled_gap():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("unlabeled_gap", PROJECT_ROOT / "benchmarks" / "unlabeled_gap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_gap_benchmark_pairs_the_comparisons_runs(tmp_path, capsys):
     """Per-example scores set so that every paired difference is known exactly: (c) gains 6 over (b), (d) 8,
     (a) 10; the unlabeled-only run with a view was not tested."""
@@ -651,7 +642,7 @@ def test_the_gap_benchmark_pairs_the_comparisons_runs(tmp_path, capsys):
                      for i in range(20)])
         metrics = {"test/rougeL": 22.0 + offset, "test/label_loyalty": 0.5 + offset / 100, "test/prob_loyalty": 0.25}
         (tmp_path / run_id / "test_metrics.json").write_text(json.dumps({"metrics": metrics}))
-    assert unlabeled_gap().main(["--sweep", str(tmp_path), "--bootstrap", "200"]) == 0
+    assert load_benchmark("unlabeled_gap").main(["--sweep", str(tmp_path), "--bootstrap", "200"]) == 0
     out = capsys.readouterr().out
     assert "| (a) every reference | 2-2-8_6-3_800_False | 32.00 [" in out and "| 0.600 | 0.250 |" in out
     assert "| (f) unlabeled only, restricted view | 2-2-8_6-3_0_word_dropout | not tested |" in out
