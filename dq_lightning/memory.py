@@ -56,7 +56,7 @@ import torch
 
 from dq_lightning.errors import command_line
 from dq_lightning.models.presets import build_config
-from dq_lightning.quant.config import FULL_PRECISION, parse_wea
+from dq_lightning.quant.config import FULL_PRECISION, parse_depth, parse_wea
 
 GIB = 2**30
 MIB = 2**20
@@ -88,8 +88,7 @@ class Estimate:
 def _with_depth(config, depth: str | None):
     config = config.__class__.from_dict(config.to_dict())
     if depth:
-        encoder, decoder = (int(n) for n in depth.split("-"))
-        config.encoder_layers, config.decoder_layers = encoder, decoder
+        config.encoder_layers, config.decoder_layers = parse_depth(depth)
     return config
 
 

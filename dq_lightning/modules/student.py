@@ -30,18 +30,9 @@ from dq_lightning.evaluation.bootstrap import align
 from dq_lightning.evaluation.per_example import FILE_NAME as PREDICTIONS_FILE, read_predictions
 from dq_lightning.metrics import GenerationMetrics
 from dq_lightning.quant import use_deployed_head
-from dq_lightning.quant.config import FULL_PRECISION
+from dq_lightning.quant.config import FULL_PRECISION, parse_depth
 from dq_lightning.modules.seq2seq import Seq2SeqModule
 from dq_lightning.size import SizeReport
-
-
-def parse_depth(depth: str) -> tuple[int, int]:
-    """`"6-3"` -> (6 encoder layers, 3 decoder layers)."""
-    try:
-        encoder, decoder = (int(part) for part in str(depth).split("-"))
-    except ValueError:
-        raise UserError(f"model.depth={depth!r} is not 'encoder-decoder' layers like '6-3'") from None
-    return encoder, decoder
 
 
 def grouped_settings(**groups: Any) -> dict[str, Any]:

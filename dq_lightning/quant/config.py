@@ -52,6 +52,15 @@ def parse_wea(notation: str) -> tuple[int, int, int]:
     return bits  # type: ignore[return-value]
 
 
+def parse_depth(depth: str) -> tuple[int, int]:
+    """`"6-3"` -> (6 encoder layers, 3 decoder layers): the student's depth, named beside its bits."""
+    try:
+        encoder, decoder = (int(part) for part in str(depth).split("-"))
+    except ValueError:
+        raise UserError(f"model.depth={depth!r} is not 'encoder-decoder' layers like '6-3'") from None
+    return encoder, decoder
+
+
 def _check_bits(name: str, value: int) -> None:
     # One bit is accepted here; whether the chosen quantizer can take it is QuantConfig's check.
     if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BITS:

@@ -96,9 +96,9 @@ class SearchSettings:
         _rate("mutation_rate", self.mutation_rate)
 
     def _check_student(self) -> None:
-        # The student's own parsers, imported here: they import torch, the rest of the search's logic does not.
-        from dq_lightning.modules.student import parse_depth
-        from dq_lightning.quant.config import parse_wea
+        # The student's own parsers, imported here: their package imports torch, the rest of the search's logic
+        # does not.
+        from dq_lightning.quant.config import parse_depth, parse_wea
 
         try:
             student = parse_depth(self.depth)
