@@ -18,7 +18,7 @@ from dq_lightning.modules.supernet import DQSupernetModule
 from dq_lightning.quant.quantizers import embedding_quantizer_for, weight_quantizer_for
 from dq_lightning.quant.modules import QuantEmbedding, QuantLinear
 from dq_lightning.supernet.grid import SubNet, parse_grid
-from dq_lightning.supernet.sampling import Sampler, SamplingSettings
+from dq_lightning.supernet.sampling import Sampler, SamplingSettings, minimal_points
 from tests.conftest import run_cli, tiny_xsum_datamodule
 
 GRID = ["8-8-8 4-4", "2-2-8 4-2", "2-2-8 2-1", "32-32-32 4-4", "2-2-8 4-4 heads=1,ffn=32"]
@@ -83,6 +83,33 @@ def test_sandwich_draws_the_largest_and_smallest_and_depends_only_on_the_step():
     assert sampler.passes_per_step() == 3
     with pytest.raises(UserError, match="model.sampling.policy='sometimes'"):
         SamplingSettings(policy="sometimes")
+
+
+def test_sandwich_minimal_trains_the_lower_bound_of_every_axis_each_step():
+    """On a grid over bits, depth and width the smallest point by size is one corner; the minimal points (none
+    other at or below on every axis) are each axis's lower bound, and sandwich_minimal trains all of them."""
+    full = (4, 4, 512, 512)  # heads and ffn of both stacks (the axes function of this made-up grid)
+    axes = {SubNet("8-8-8", "6-6"): (8, 8, 8, 6, 6, *full),
+            SubNet("8-8-8", "6-3"): (8, 8, 8, 6, 3, *full),
+            SubNet("2-2-8", "6-6"): (2, 2, 8, 6, 6, *full),
+            SubNet("8-8-8", "3-1"): (8, 8, 8, 3, 1, *full),
+            SubNet("2-2-8", "3-1"): (2, 2, 8, 3, 1, *full),
+            SubNet("8-8-8", "6-6", "heads=2"): (8, 8, 8, 6, 6, 2, 2, 512, 512),
+            SubNet("2-2-8", "6-6", "heads=2"): (2, 2, 8, 6, 6, 2, 2, 512, 512)}
+    ordered = list(axes)  # already largest first by size in this made-up grid, the narrowest 2-bit point last
+    sampler = Sampler(ordered, SamplingSettings(policy="sandwich_minimal", random_subnets=1, seed=0), axes.get)
+    smallest = [SubNet("2-2-8", "3-1"), SubNet("2-2-8", "6-6", "heads=2")]
+    assert sampler.smallest == smallest
+    draws = [sampler.sample(step) for step in range(60)]
+    assert all(draw[0] == ordered[0] and set(smallest) <= set(draw) and len(draw) == 4 for draw in draws)
+    assert {point for draw in draws for point in draw} == set(ordered)  # the others are drawn at random
+    assert sampler.passes_per_step() == 4
+    # The plain sandwich keeps only the last point by size: the 2-bit 3-1 point is never sure to train.
+    assert Sampler(ordered, SamplingSettings(policy="sandwich")).sample(0)[-1] == ordered[-1]
+    # One axis only: the minimal point is the smallest, as in the plain sandwich; equal axes count once.
+    chain = {SubNet("8-8-8", "6-6"): (8, 6), SubNet("4-4-8", "6-6"): (4, 6), SubNet("2-2-8", "6-6"): (2, 6),
+             SubNet("2-2-8", "6-6", "heads=4"): (2, 6)}
+    assert minimal_points(list(chain)[1:], chain.get) == [SubNet("2-2-8", "6-6")]
 
 
 def test_nested_quantizers_are_the_ordinary_quantizers_of_each_width(trained):

@@ -16,7 +16,7 @@ from a supernet checkpoint).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ from dq_lightning.distill.objective import DQObjective
 from dq_lightning.distill.recipe import (EvaluationSettings, ObjectiveSettings, OptimizerSettings, QuantSettings,
                                          Recipe, ShapeSettings, resolve)
 from dq_lightning.distill.student import TeacherAndStudent
-from dq_lightning.distill.width import Units
+from dq_lightning.distill.width import Units, Widths
 from dq_lightning.errors import UserError
 from dq_lightning.files import write_json_atomic
 from dq_lightning.metrics import GenerationMetrics
@@ -128,8 +128,14 @@ class DQSupernetModule(Seq2SeqModule):
                                  for subnet in self.grid}
             ordered = by_size(self.grid, lambda subnet: self._subnetworks[subnet].factory.size_report(
                 self._subnetworks[subnet].quant_config, "strict").size_mb)
-            self.sampler = Sampler(ordered, self.sampling)
+            self.sampler = Sampler(ordered, self.sampling, self._axes)
         return self._subnetworks
+
+    def _axes(self, subnet: SubNet) -> tuple[int, ...]:
+        """A point's size on every axis the grid varies: W, E, A bits, encoder and decoder depth, each width."""
+        width = self._subnetworks[subnet].factory.width
+        widths = width.student if width is not None else Widths.of(self.factory.teacher.config)
+        return (*subnet.widths, *subnet.layers, *astuple(widths))
 
     def _score_widths(self) -> Units:
         """ETD-Impt scores of the teacher's units (the supernet starts as its copy), on the first
