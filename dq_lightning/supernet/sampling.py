@@ -32,7 +32,8 @@ class SamplingSettings:
     every minimal point: none other is at or below it on every axis, and random_subnets others), uniform
     (random_subnets drawn at random) or all (every grid point every step)."""
     random_subnets: int = 1
-    """Sub-networks drawn at random each step, besides the largest and smallest under sandwich."""
+    """Sub-networks drawn at random each step, besides the largest and smallest (sandwich) or minimal points
+    (sandwich_minimal)."""
     seed: int = 0
     """Seed of the draws (with the step number: a resumed fit draws what an uninterrupted one would)."""
 
