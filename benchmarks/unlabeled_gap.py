@@ -15,7 +15,8 @@ sweep directory (the same `--runs`), each tested (`test_predictions.jsonl`):
 and prints, as markdown, each run's test metric with its 95% bootstrap interval and its label and probability
 loyalty, the paired differences (c)-(b), (d)-(c), (a)-(c), (d)-(b), (e)-(b) and (f)-(b) over the same test
 examples (interval, two-sided p), and the share of the gap (a)-(b) that (c) and (d) recover (the issue's goal:
-at least half). A run that is missing or not tested yet is named and left out. Nothing is trained here.
+at least half), in the metric and in label loyalty (with (e) and (f)). A run that is missing or not tested yet is
+named and left out. Nothing is trained here.
 """
 
 from __future__ import annotations
@@ -99,7 +100,24 @@ def report(args: argparse.Namespace) -> str:
                              "(the goal: at least half)")
             else:
                 lines.append(f"({ROLES[role][0]}): no gap to recover, (a) does not score above (b)")
+    lines += loyalty_gap(runs)
     return "\n".join(lines)
+
+
+def loyalty_gap(runs: dict) -> list[str]:
+    """The same shares in teacher-forced label loyalty, which separates the runs where a small test set's ROUGE
+    does not: corpus-level values (no per-example loyalty is written), so no interval."""
+    loyalty = {role: metrics.get("test/label_loyalty") for role, (_, metrics) in runs.items()}
+    if loyalty["all"] is None or loyalty["few"] is None:
+        return []
+    gap = loyalty["all"] - loyalty["few"]
+    lines = ["", f"label loyalty gap (a) - (b): {gap:+.3f} (corpus-level, no interval)"]
+    for role in ("mixed", "view", "unlabeled", "unlabeled_view"):
+        if loyalty[role] is None:
+            continue
+        share = f", {(loyalty[role] - loyalty['few']) / gap:.0%} of the gap" if gap > 0 else ""
+        lines.append(f"({ROLES[role][0]}) - (b): {loyalty[role] - loyalty['few']:+.3f}{share}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

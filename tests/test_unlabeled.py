@@ -651,3 +651,7 @@ def test_the_gap_benchmark_pairs_the_comparisons_runs(tmp_path, capsys):
         assert f"| {pair} | {difference} |" in out, out
     assert "(f) - (b)" not in out
     assert "gap (a) - (b): +10.00" in out and "(c) recovers 60% of it" in out and "(d) recovers 80% of it" in out
+    # label loyalty 0.5 + offset / 100: the gap 0.100, (c) +0.060 of it, (e) below (b)
+    assert "label loyalty gap (a) - (b): +0.100" in out
+    assert "(c) - (b): +0.060, 60% of the gap" in out and "(d) - (b): +0.080, 80% of the gap" in out
+    assert "(e) - (b): -0.020, -20% of the gap" in out and "(f) - (b): " not in out.split("label loyalty gap")[1]
