@@ -115,8 +115,9 @@ def loyalty_gap(runs: dict) -> list[str]:
     for role in ("mixed", "view", "unlabeled", "unlabeled_view"):
         if loyalty[role] is None:
             continue
-        share = f", {(loyalty[role] - loyalty['few']) / gap:.0%} of the gap" if gap > 0 else ""
-        lines.append(f"({ROLES[role][0]}) - (b): {loyalty[role] - loyalty['few']:+.3f}{share}")
+        gain = loyalty[role] - loyalty["few"]
+        share = f", {gain / gap:.0%} of the gap" if gap > 0 else ""
+        lines.append(f"({ROLES[role][0]}) - (b): {gain:+.3f}{share}")
     return lines
 
 
