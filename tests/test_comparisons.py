@@ -122,8 +122,9 @@ def test_seed_lists_must_be_integers(tmp_path, seeds, shown):
 # -- the sweep report, on run directories written by hand --------------------------------------------------
 
 def write_run(run_dir: Path, mode: str, bits: str, scores: list[float], seed: int | None = None,
-              references: list[str] | None = None) -> None:
-    params = {"model.mode": mode, "model.bits": bits, "model.depth": "6-3"}
+              references: list[str] | None = None, extra: dict | None = None,
+              test_extra: dict | None = None) -> None:
+    params = {"model.mode": mode, "model.bits": bits, "model.depth": "6-3", **(extra or {})}
     if seed is not None:
         params["seed_everything"] = seed
     compression = {"8-8-8": 4.5, "2-2-8": 11.7}.get(bits, 1.0)
@@ -131,7 +132,8 @@ def write_run(run_dir: Path, mode: str, bits: str, scores: list[float], seed: in
     write_json_atomic(run_dir / "fit_metrics.json", {"metrics": {"val/rougeL": float(np.mean(scores))},
                       "summary": {"mode": mode, "bits": bits, "encoder_layers": 6, "decoder_layers": 3}})
     write_json_atomic(run_dir / "test_metrics.json", {"metrics": {"test/rougeL": float(np.mean(scores)),
-                                                                  "test/compression": compression}})
+                                                                  "test/compression": compression,
+                                                                  **(test_extra or {})}})
     references = references or [f"reference {i}" for i in range(len(scores))]
     write_predictions(run_dir / FILE_NAME, [{"index": i, "reference": references[i], "prediction": "p",
                                              "rougeL": float(s)} for i, s in enumerate(scores)])
@@ -199,6 +201,71 @@ def test_seeds_are_aggregated_and_compared_as_seed_averaged_systems(tmp_path, ca
     assert "| 3/3 |" in printed and "dq better" in printed
     points = plot_points(rows, "rougeL")
     assert len(points) == 4 and all(p.seeds == 3 and p.high > p.low for p in points)
+
+
+def recipe_sweep_file(tmp_path) -> Path:
+    path = tmp_path / "recipes.yaml"
+    path.write_text(json.dumps({"method": "grid", "metric": {"name": "val/rougeL", "goal": "maximize"},
+                                "parameters": {"model.recipe": {"values": ["dq-bart", "tbt"]},
+                                               "model.mode": {"values": ["dq"]},
+                                               "model.bits": {"values": ["8-8-8", "2-2-8"]},
+                                               "model.depth": {"values": ["6-3"]}},
+                                "command": ["python", "-m", "dq_lightning", "fit", "${args}"]}))
+    return path
+
+
+def test_report_pairs_each_value_of_a_swept_parameter_against_the_first(tmp_path, capsys):
+    """A sweep over recipes: tbt minus dq-bart at every bit width, both sides' share of the teacher's score and
+    their loyalty, on run directories written by hand (tbt gains 3 points at 2-2-8 and nothing at 8-8-8)."""
+    rng = np.random.default_rng(3)
+    difficulty = rng.uniform(5, 40, size=60)
+    teacher_dir, sweep_dir = tmp_path / "teacher", tmp_path / "sweep"
+    teacher_score = float(difficulty.mean() + 4)
+    write_json_atomic(teacher_dir / "test_metrics.json", {"metrics": {"test/rougeL": teacher_score}})
+    write_predictions(teacher_dir / FILE_NAME, [{"index": i, "reference": f"reference {i}", "prediction": "p",
+                                                 "rougeL": float(s + 4)} for i, s in enumerate(difficulty)])
+    gains = {("dq-bart", "8-8-8"): 2.0, ("tbt", "8-8-8"): 2.0, ("dq-bart", "2-2-8"): -6.0, ("tbt", "2-2-8"): -3.0}
+    loyalty = {"dq-bart": 0.4, "tbt": 0.6}
+    for (recipe, bits), gain in gains.items():
+        write_run(sweep_dir / f"{recipe}_dq_{bits}_6-3", "dq", bits,
+                  list(difficulty + gain + rng.normal(0, 0.3, 60)), extra={"model.recipe": recipe},
+                  test_extra={"test/label_loyalty": loyalty[recipe], "test/prob_loyalty": loyalty[recipe] + 0.1})
+    path = recipe_sweep_file(tmp_path)
+    report(load_sweep(path), expand_grid(load_sweep(path), path), sweep_dir, teacher_dir, "t", "disabled")
+    printed = capsys.readouterr().out
+
+    assert "model.recipe: tbt minus dq-bart" in printed
+    assert "| tbt - dq-bart |" in printed
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in printed.splitlines() if line.startswith("| bits=")}
+    assert set(lines) == {"| bits=8-8-8 depth=6-3", "| bits=2-2-8 depth=6-3"}
+    low_bit = lines["| bits=2-2-8 depth=6-3"]
+    assert float(low_bit[7]) == pytest.approx(3.0, abs=0.3)  # the paired difference, tbt minus dq-bart
+    assert low_bit[10] == "tbt better"
+    assert lines["| bits=8-8-8 depth=6-3"][10] == "no difference shown"
+    mean = float(difficulty.mean())
+    expected = f"{100 * (mean - 6) / teacher_score:.0f}% / {100 * (mean - 3) / teacher_score:.0f}%"
+    assert low_bit[5] == expected  # each side's share of the teacher's score
+    assert low_bit[11:13] == ["0.400 / 0.600", "0.500 / 0.700 |"]
+    assert (sweep_dir / "report.md").read_text().strip() in printed
+
+
+def test_runs_that_name_no_seed_are_never_reported_as_seeds_of_one_point(tmp_path, capsys):
+    """Two runs another sweep file left in the directory, same bits and depth, different data: each keeps the
+    parameters its status.json records, and the report shows no "seeds" section pooling them."""
+    rng = np.random.default_rng(4)
+    sweep_dir = tmp_path / "sweep"
+    for examples, gain in ((200, 0.0), (800, 5.0)):
+        write_run(sweep_dir / f"labeled_{examples}", "dq", "2-2-8", list(rng.uniform(5, 40, 30) + gain),
+                  extra={"data.labeled_examples": examples})
+    path = sweep_file(tmp_path)
+    rows = report(load_sweep(path), expand_grid(load_sweep(path), path), sweep_dir, tmp_path / "none", "t",
+                  "disabled")
+    printed = capsys.readouterr().out
+    assert {row["run_id"]: row["params"].get("data.labeled_examples") for row in rows} == \
+        {"dq_8-8-8_6-3": None, "dq_2-2-8_6-3": None, "quant_only_8-8-8_6-3": None, "quant_only_2-2-8_6-3": None,
+         "labeled_200": 200, "labeled_800": 800}
+    assert "Seeds:" not in printed
+    assert "data.labeled_examples: 800 minus 200" in printed
 
 
 def test_plot_renders_error_bars(tmp_path):

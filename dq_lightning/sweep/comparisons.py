@@ -5,7 +5,10 @@ Every run's test wrote `test_predictions.jsonl` (`dq_lightning.evaluation.per_ex
 - the runs of one grid point over several seeds (`seed_everything` as a sweep parameter) as one point:
   mean, standard deviation and n of the metric;
 - at every grid point run both as `dq` and as `quant_only`, dq minus quant_only (the seed-averaged systems,
-  compared example by example) with its interval and paired p-value.
+  compared example by example) with its interval and paired p-value;
+- for every other sweep parameter with several values (a recipe, a data share, a loss weight), each value minus
+  the sweep file's first one at every grid point where both finished, paired the same way, with both sides'
+  share of the teacher's score and their loyalty.
 """
 
 from __future__ import annotations
@@ -167,7 +170,10 @@ def group_runs(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Group]:
 def seed_summary(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """One line per grid point and mode: the metric's mean, standard deviation (n - 1) and n over seeds."""
     summary = []
-    for group in group_runs(rows).values():
+    # Runs that name no seed are not seeds of one point, even when nothing else tells them apart (a results
+    # file without the sweep's parameters, or runs left by another sweep file in the same directory).
+    seeded = [row for row in rows if row.get("seed") not in (None, "")]
+    for group in group_runs(seeded).values():
         scores = group.scores(metric)
         if not scores:
             continue
@@ -190,6 +196,23 @@ def _averaged(runs: list[list[dict[str, Any]]], metric: str) -> list[dict[str, A
     return averaged
 
 
+def _add_paired(line: dict[str, Any], first: Group, second: Group, predictions: dict[str, list[dict]],
+                metric: str, bootstrap: Bootstrap) -> dict[str, Any]:
+    """`line` with the first group minus the second, their seed-averaged systems paired over test examples
+    (delta, low, high, p), or a note saying why there is no paired difference."""
+    sides = [[predictions.get(row["run_id"]) for row in group.rows] for group in (first, second)]
+    if not all(run is not None for side in sides for run in side):
+        line["note"] = "no per-example predictions (tested before they were written)"
+        return line
+    try:
+        difference: Difference = paired_difference(_averaged(sides[0], metric), _averaged(sides[1], metric),
+                                                   metric, bootstrap.resamples, bootstrap.seed)
+        line.update(delta=difference.point, low=difference.low, high=difference.high, p=difference.p_value)
+    except UserError as error:
+        line["note"] = str(error)
+    return line
+
+
 def distillation_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]], metric: str,
                        bootstrap: Bootstrap) -> list[dict[str, Any]]:
     """At every grid point with finished dq and quant_only runs: dq minus quant_only, paired over examples."""
@@ -202,32 +225,117 @@ def distillation_table(rows: list[dict[str, Any]], predictions: dict[str, list[d
         line: dict[str, Any] = {"point": key, "compression": dq.rows[0].get("compression"),
                                 "dq": dq.mean(metric), "quant_only": quant_only.mean(metric),
                                 "seeds": f"{len(dq.rows)}/{len(quant_only.rows)}"}
-        sides = [[predictions.get(row["run_id"]) for row in group.rows] for group in (dq, quant_only)]
-        if all(run is not None for side in sides for run in side):
-            try:
-                difference: Difference = paired_difference(_averaged(sides[0], metric), _averaged(sides[1], metric),
-                                                           metric, bootstrap.resamples, bootstrap.seed)
-                line.update(delta=difference.point, low=difference.low, high=difference.high,
-                            p=difference.p_value)
-            except UserError as error:
-                line["note"] = str(error)
-        else:
-            line["note"] = "no per-example predictions (tested before they were written)"
-        table.append(line)
+        table.append(_add_paired(line, dq, quant_only, predictions, metric, bootstrap))
     return table
 
 
-def distillation_verdict(line: dict[str, Any], alpha: float = 0.05) -> str:
-    """What a line of the table shows. The percentile interval and the shifted-null p-value are two readings of
-    the same resamples; on a skewed statistic (corpus BLEU) they can disagree near the edge, and then the
-    table says so rather than picking the one that declares a winner."""
+def distillation_verdict(line: dict[str, Any], alpha: float = 0.05, first: str = "dq",
+                         second: str = "quant_only") -> str:
+    """What a line of the table (`first` minus `second`) shows. The percentile interval and the shifted-null
+    p-value are two readings of the same resamples; on a skewed statistic (corpus BLEU) they can disagree near
+    the edge, and then the table says so rather than picking the one that declares a winner."""
     excludes_zero = line["low"] > 0 or line["high"] < 0
     significant = line.get("p") is not None and line["p"] < alpha
     if excludes_zero and significant:
-        return "dq better" if line["low"] > 0 else "quant_only better"
+        return f"{first} better" if line["low"] > 0 else f"{second} better"
     if excludes_zero or significant:
         return "borderline: interval and p disagree"
     return "no difference shown"
+
+
+# Parameters that are not contrasted value against value: the trade-off chart's axes, the mode (the distillation
+# table's), and the seed (averaged over).
+NOT_CONTRASTED = ("model.bits", "model.depth", "model.width", "model.mode", SEED_PARAMETER)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """One value of a sweep parameter against the sweep file's first value of it, the baseline."""
+
+    parameter: str
+    baseline: Any
+    value: Any
+
+
+def contrasts(rows: list[dict[str, Any]]) -> list[Contrast]:
+    """Every other value of every contrasted parameter that trained runs of the sweep hold more than one value
+    of, against the first value (the rows come in the sweep file's grid order, so its first listed value)."""
+    values: dict[str, list[Any]] = {}
+    for row in rows:
+        if row.get("mode") == "teacher" or row.get("source", "trained") != "trained":
+            continue
+        for name, value in (row.get("params") or {}).items():
+            if name not in NOT_CONTRASTED and value not in values.setdefault(name, []):
+                values[name].append(value)
+    return [Contrast(name, seen[0], value) for name, seen in values.items() for value in seen[1:]]
+
+
+def contrast_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]], metric: str,
+                   bootstrap: Bootstrap, contrast: Contrast) -> list[dict[str, Any]]:
+    """At every grid point (the other parameters, the mode) where both the contrast's value and its baseline
+    finished: value minus baseline over the seed-averaged systems, paired over test examples, each side's share
+    of the teacher's test score and its loyalty to the teacher."""
+    teacher = next((row.get(f"test/{metric}") for row in rows if row.get("mode") == "teacher"), None)
+    groups: dict[tuple[str, str, str], Group] = {}
+    for row in rows:
+        params = row.get("params") or {}
+        if row.get("mode") == "teacher" or row.get("status") != "finished" \
+                or row.get("source", "trained") != "trained" or contrast.parameter not in params:
+            continue
+        rest = {name: value for name, value in params.items() if name != contrast.parameter}
+        key = point_key({**row, "params": rest})
+        side = repr(params[contrast.parameter])
+        groups.setdefault((key, row.get("mode", ""), side), Group(key, row.get("mode", ""))).rows.append(row)
+
+    def mean_of(group: Group, column: str) -> float | None:
+        values = [float(row[column]) for row in group.rows if row.get(column) not in (None, "")]
+        return float(np.mean(values)) if values else None
+
+    table = []
+    for key, mode in dict.fromkeys((key, mode) for key, mode, _ in groups):
+        base, other = (groups.get((key, mode, repr(side))) for side in (contrast.baseline, contrast.value))
+        if base is None or other is None:
+            continue
+        line: dict[str, Any] = {"point": key, "mode": mode, "compression": other.rows[0].get("compression"),
+                                "baseline": base.mean(metric), "value": other.mean(metric),
+                                "seeds": f"{len(base.rows)}/{len(other.rows)}"}
+        for side, group in (("baseline", base), ("value", other)):
+            score = line[side]
+            line[f"{side}_of_teacher"] = (score / float(teacher) if score is not None
+                                          and teacher not in (None, "") and float(teacher) > 0 else None)
+            for name in ("label_loyalty", "prob_loyalty"):
+                line[f"{side}_{name}"] = mean_of(group, f"test/{name}")
+        table.append(_add_paired(line, other, base, predictions, metric, bootstrap))
+    return table
+
+
+def contrast_markdown(table: list[dict[str, Any]], metric: str, contrast: Contrast) -> str:
+    """The table of one contrast: `value` minus `baseline` at every grid point."""
+    base, value = str(contrast.baseline), str(contrast.value)
+    header = ["grid point", "mode", "compression", f"{base} {metric}", f"{value} {metric}",
+              "of teacher b/v", "seeds b/v", f"{value} - {base}", "95% interval", "p", "verdict",
+              "label loyalty b/v", "prob. loyalty b/v"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, digits=2):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    def share(value):
+        return "" if value is None else f"{100 * value:.0f}%"
+
+    for line in table:
+        if "delta" in line:
+            verdict = distillation_verdict(line, first=value, second=base)
+            span = f"[{line['low']:+.2f}, {line['high']:+.2f}]"
+        else:
+            verdict, span = line.get("note", ""), ""
+        lines.append("| " + " | ".join([
+            line["point"], line["mode"], fmt(line.get("compression"), 1), fmt(line["baseline"]), fmt(line["value"]),
+            f"{share(line['baseline_of_teacher'])} / {share(line['value_of_teacher'])}", line["seeds"],
+            f"{line['delta']:+.2f}" if "delta" in line else "", span, fmt(line.get("p"), 3), verdict,
+            f"{fmt(line['baseline_label_loyalty'], 3)} / {fmt(line['value_label_loyalty'], 3)}",
+            f"{fmt(line['baseline_prob_loyalty'], 3)} / {fmt(line['value_prob_loyalty'], 3)}"]) + " |")
+    return "\n".join(lines)
 
 
 def distillation_markdown(table: list[dict[str, Any]], metric: str) -> str:

@@ -51,7 +51,8 @@ def run_row(run_dir: Path, point: SweepPoint | None = None, test_dir: Path | Non
     fit = read_json(run_dir / "fit_metrics.json")
     test = read_json((test_dir or run_dir) / "test_metrics.json").get("metrics", {})
     summary = fit.get("summary", {})
-    params = point.params if point else {}
+    # A directory the sweep's grid does not name (an online agent's, another sweep file's) still says what it is.
+    params = point.params if point else status.get("params") or {}
     mode = summary.get("mode") or params.get("model.mode", "")
     bits = summary.get("bits") or params.get("model.bits", "")
     depth = (f"{summary['encoder_layers']}-{summary['decoder_layers']}" if "encoder_layers" in summary

@@ -38,8 +38,9 @@ from dq_lightning.data.tasks import TASKS, get_task
 from dq_lightning.errors import UserError, command_line, first_line
 from dq_lightning.evaluation.bootstrap import check_resamples
 from dq_lightning.evaluation.perturb import check_rate
-from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, distillation_markdown, distillation_table,
-                                            seed_summary, supernet_markdown, supernet_table)
+from dq_lightning.sweep.comparisons import (Bootstrap, add_intervals, contrast_markdown, contrast_table, contrasts,
+                                            distillation_markdown, distillation_table, seed_summary,
+                                            supernet_markdown, supernet_table)
 from dq_lightning.sweep.front import front_markdown, plot_points
 from dq_lightning.sweep.plot import plot_tradeoff
 from dq_lightning.sweep.report import (log_wandb_summary, markdown_table, run_row, seed_markdown, teacher_row,
@@ -571,6 +572,14 @@ def report(sweep: dict, points: list[SweepPoint], sweep_dir: Path, teacher_dir: 
         sections.append(f"Does distillation pay off? dq minus quant_only in test {metric}, paired over test examples "
                         f"({bootstrap.resamples} bootstrap resamples, seed {bootstrap.seed}; several seeds: their "
                         f"per-example mean)\n\n" + distillation_markdown(distillation, metric))
+    for contrast in contrasts(all_rows):
+        table = contrast_table(all_rows, predictions, metric, bootstrap, contrast)
+        if table:
+            sections.append(f"{contrast.parameter}: {contrast.value} minus {contrast.baseline} (the sweep file's first "
+                            f"value), test {metric} paired over test examples ({bootstrap.resamples} bootstrap "
+                            f"resamples, seed {bootstrap.seed}; several seeds: their per-example mean); of teacher: "
+                            f"each side's share of the teacher's test {metric}\n\n"
+                            + contrast_markdown(table, metric, contrast))
     extracted = supernet_table(all_rows, predictions, metric, bootstrap)
     if extracted:
         sections.append(f"Supernet vs separately trained: each point extracted from the supernet minus the same point "
