@@ -297,6 +297,6 @@ def test_plot_tells_a_thinner_student_from_a_shallower_one(tmp_path):
     (-1.59, -0.02, 0.055, "borderline"),  # measured on the wmt16_en_ro grid: corpus BLEU is skewed
     (-0.5, 0.5, 0.03, "borderline"), (-0.5, 0.5, 0.6, "no difference shown")])
 def test_a_winner_is_declared_only_when_interval_and_p_agree(low, high, p, verdict):
-    from dq_lightning.sweep.comparisons import distillation_verdict
+    from dq_lightning.sweep.comparisons import paired_verdict
 
-    assert distillation_verdict({"low": low, "high": high, "p": p}).startswith(verdict)
+    assert paired_verdict({"low": low, "high": high, "p": p}, "dq", "quant_only").startswith(verdict)

@@ -93,23 +93,25 @@ def supernet_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]
     return table
 
 
+def _number(value: Any, digits: int = 2) -> str:
+    """A table cell: the number to `digits` places, or empty for a missing one (None, "", NaN)."""
+    return "" if value in (None, "") or (isinstance(value, float) and math.isnan(value)) else \
+        f"{float(value):.{digits}f}"
+
+
 def supernet_markdown(table: list[dict[str, Any]], metric: str) -> str:
     """The "supernet vs separately trained" table."""
     header = ["point", "compression", f"supernet {metric}", f"trained {metric}", "supernet - trained",
               "95% interval", "p", "label loyalty s/t", "prob. loyalty s/t"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
-    def fmt(value, digits=2):
-        return "" if value in (None, "") or (isinstance(value, float) and math.isnan(value)) else \
-            f"{float(value):.{digits}f}"
-
     for line in table:
         span = f"[{line['low']:+.2f}, {line['high']:+.2f}]" if "delta" in line else line.get("note", "")
         lines.append("| " + " | ".join([
-            line["point"], fmt(line.get("compression"), 1), fmt(line["supernet"]), fmt(line["trained"]),
-            f"{line['delta']:+.2f}" if "delta" in line else "", span, fmt(line.get("p"), 3),
-            f"{fmt(line['supernet_label_loyalty'], 3)} / {fmt(line['trained_label_loyalty'], 3)}",
-            f"{fmt(line['supernet_prob_loyalty'], 3)} / {fmt(line['trained_prob_loyalty'], 3)}"]) + " |")
+            line["point"], _number(line.get("compression"), 1), _number(line["supernet"]), _number(line["trained"]),
+            f"{line['delta']:+.2f}" if "delta" in line else "", span, _number(line.get("p"), 3),
+            f"{_number(line['supernet_label_loyalty'], 3)} / {_number(line['trained_label_loyalty'], 3)}",
+            f"{_number(line['supernet_prob_loyalty'], 3)} / {_number(line['trained_prob_loyalty'], 3)}"]) + " |")
     return "\n".join(lines)
 
 
@@ -149,12 +151,18 @@ class Group:
     mode: str
     rows: list[dict[str, Any]] = field(default_factory=list)
 
+    def values(self, column: str) -> list[float]:
+        return [float(row[column]) for row in self.rows if row.get(column) not in (None, "")]
+
     def scores(self, metric: str) -> list[float]:
-        return [float(row[f"test/{metric}"]) for row in self.rows if row.get(f"test/{metric}") not in (None, "")]
+        return self.values(f"test/{metric}")
+
+    def average(self, column: str) -> float | None:
+        values = self.values(column)
+        return float(np.mean(values)) if values else None
 
     def mean(self, metric: str) -> float | None:
-        scores = self.scores(metric)
-        return float(np.mean(scores)) if scores else None
+        return self.average(f"test/{metric}")
 
 
 def group_runs(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Group]:
@@ -229,9 +237,8 @@ def distillation_table(rows: list[dict[str, Any]], predictions: dict[str, list[d
     return table
 
 
-def distillation_verdict(line: dict[str, Any], alpha: float = 0.05, first: str = "dq",
-                         second: str = "quant_only") -> str:
-    """What a line of the table (`first` minus `second`) shows. The percentile interval and the shifted-null
+def paired_verdict(line: dict[str, Any], first: str, second: str, alpha: float = 0.05) -> str:
+    """What a line of a paired table (`first` minus `second`) shows. The percentile interval and the shifted-null
     p-value are two readings of the same resamples; on a skewed statistic (corpus BLEU) they can disagree near
     the edge, and then the table says so rather than picking the one that declares a winner."""
     excludes_zero = line["low"] > 0 or line["high"] < 0
@@ -241,6 +248,13 @@ def distillation_verdict(line: dict[str, Any], alpha: float = 0.05, first: str =
     if excludes_zero or significant:
         return "borderline: interval and p disagree"
     return "no difference shown"
+
+
+def _verdict_and_interval(line: dict[str, Any], first: str, second: str) -> tuple[str, str]:
+    """A paired line's verdict and interval cells; a line without a difference shows why in the verdict's."""
+    if "delta" not in line:
+        return line.get("note", ""), ""
+    return paired_verdict(line, first, second), f"[{line['low']:+.2f}, {line['high']:+.2f}]"
 
 
 # Parameters that are not contrasted value against value: the trade-off chart's axes, the mode (the distillation
@@ -287,10 +301,6 @@ def contrast_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]
         side = repr(params[contrast.parameter])
         groups.setdefault((key, row.get("mode", ""), side), Group(key, row.get("mode", ""))).rows.append(row)
 
-    def mean_of(group: Group, column: str) -> float | None:
-        values = [float(row[column]) for row in group.rows if row.get(column) not in (None, "")]
-        return float(np.mean(values)) if values else None
-
     table = []
     for key, mode in dict.fromkeys((key, mode) for key, mode, _ in groups):
         base, other = (groups.get((key, mode, repr(side))) for side in (contrast.baseline, contrast.value))
@@ -304,7 +314,7 @@ def contrast_table(rows: list[dict[str, Any]], predictions: dict[str, list[dict]
             line[f"{side}_of_teacher"] = (score / float(teacher) if score is not None
                                           and teacher not in (None, "") and float(teacher) > 0 else None)
             for name in ("label_loyalty", "prob_loyalty"):
-                line[f"{side}_{name}"] = mean_of(group, f"test/{name}")
+                line[f"{side}_{name}"] = group.average(f"test/{name}")
         table.append(_add_paired(line, other, base, predictions, metric, bootstrap))
     return table
 
@@ -317,24 +327,18 @@ def contrast_markdown(table: list[dict[str, Any]], metric: str, contrast: Contra
               "label loyalty b/v", "prob. loyalty b/v"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
-    def fmt(value, digits=2):
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
     def share(value):
         return "" if value is None else f"{100 * value:.0f}%"
 
     for line in table:
-        if "delta" in line:
-            verdict = distillation_verdict(line, first=value, second=base)
-            span = f"[{line['low']:+.2f}, {line['high']:+.2f}]"
-        else:
-            verdict, span = line.get("note", ""), ""
+        verdict, span = _verdict_and_interval(line, value, base)
         lines.append("| " + " | ".join([
-            line["point"], line["mode"], fmt(line.get("compression"), 1), fmt(line["baseline"]), fmt(line["value"]),
+            line["point"], line["mode"], _number(line.get("compression"), 1), _number(line["baseline"]),
+            _number(line["value"]),
             f"{share(line['baseline_of_teacher'])} / {share(line['value_of_teacher'])}", line["seeds"],
-            f"{line['delta']:+.2f}" if "delta" in line else "", span, fmt(line.get("p"), 3), verdict,
-            f"{fmt(line['baseline_label_loyalty'], 3)} / {fmt(line['value_label_loyalty'], 3)}",
-            f"{fmt(line['baseline_prob_loyalty'], 3)} / {fmt(line['value_prob_loyalty'], 3)}"]) + " |")
+            f"{line['delta']:+.2f}" if "delta" in line else "", span, _number(line.get("p"), 3), verdict,
+            f"{_number(line['baseline_label_loyalty'], 3)} / {_number(line['value_label_loyalty'], 3)}",
+            f"{_number(line['baseline_prob_loyalty'], 3)} / {_number(line['value_prob_loyalty'], 3)}"]) + " |")
     return "\n".join(lines)
 
 
@@ -344,17 +348,10 @@ def distillation_markdown(table: list[dict[str, Any]], metric: str) -> str:
               "95% interval", "p", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
-    def fmt(value, digits=2):
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
     for line in table:
-        if "delta" in line:
-            verdict = distillation_verdict(line)
-            span = f"[{line['low']:+.2f}, {line['high']:+.2f}]"
-        else:
-            verdict, span = line.get("note", ""), ""
-        lines.append("| " + " | ".join([line["point"], fmt(line.get("compression"), 1), fmt(line.get("dq")),
-                                         fmt(line.get("quant_only")), line["seeds"],
+        verdict, span = _verdict_and_interval(line, "dq", "quant_only")
+        lines.append("| " + " | ".join([line["point"], _number(line.get("compression"), 1), _number(line.get("dq")),
+                                         _number(line.get("quant_only")), line["seeds"],
                                          f"{line['delta']:+.2f}" if "delta" in line else "", span,
-                                         fmt(line.get("p"), 3), verdict]) + " |")
+                                         _number(line.get("p"), 3), verdict]) + " |")
     return "\n".join(lines)
